@@ -1,0 +1,153 @@
+"""The service under load, on loopback with the embedded SQLite database and a tiny GPT-2.
+
+Measures (one JSON line each):
+* ``submit`` / ``get``: latency of SubmitJob and GetJob from 50 concurrent clients (API alone,
+  so the numbers are the API's and the database's, not the worker's), on SQLite and PostgreSQL,
+  two ways: ``closed`` (every client calls again as soon as its answer arrives: saturation, the
+  latency is then queueing behind the database's commit rate) and ``open`` (every client calls
+  at a steady RATE per second, as services calling us would); target p99 SubmitJob < 50 ms;
+* ``first_event``: with the model already loaded in the worker, time from SubmitJob returning to
+  the first pruning progress event reaching a watcher; target < 1 s;
+* ``watchers``: 100 concurrent WatchJob streams on one job; every watcher must receive every
+  event exactly once (missed = 0).
+
+Run: ``python -m bench service`` (``make bench`` runs it with the others).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from edgeprune.v1 import job_pb2, job_pb2_grpc
+from tests.service.harness import MODEL, Server, edge_pruning_spec
+from tests.tiny_models import tiny_gpt2
+
+CLIENTS = 50
+CALLS_PER_CLIENT = 20
+RATE = 1.0  # calls per second per client in the open-loop run
+WATCHERS = 100
+
+
+def emit(**values: object) -> None:
+    print(json.dumps({"bench": "service", **values}), flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def report(name: str, seconds: list[float], **extra: object) -> None:
+    ms = [s * 1000 for s in seconds]
+    emit(metric=name, calls=len(ms), p50_ms=round(percentile(ms, 50), 2),
+         p99_ms=round(percentile(ms, 99), 2), mean_ms=round(statistics.fmean(ms), 2), **extra)
+
+
+async def _client(target: str, spec: job_pb2.JobSpec, submit: list[float], get: list[float],
+                  index: int, rate: float | None) -> None:
+    """CALLS_PER_CLIENT SubmitJob + GetJob pairs; with ``rate``, started at that steady rate."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = job_pb2_grpc.JobServiceStub(channel)
+        begin = time.perf_counter() + (index / CLIENTS / rate if rate else 0.0)
+        for call in range(CALLS_PER_CLIENT):
+            if rate:
+                await asyncio.sleep(max(0.0, begin + call / rate - time.perf_counter()))
+            start = time.perf_counter()
+            job = await stub.SubmitJob(job_pb2.SubmitJobRequest(
+                spec=spec, request_id=f"bench-{rate}-{index}-{call}"), timeout=30)
+            submit.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            await stub.GetJob(job_pb2.GetJobRequest(name=job.name), timeout=30)
+            get.append(time.perf_counter() - start)
+
+
+async def latency(server: Server, backend: str) -> None:
+    spec = edge_pruning_spec()
+    target = f"127.0.0.1:{server.port}"
+    await _client(target, spec, [], [], -1, None)  # warm-up
+    for mode, rate in (("closed", None), ("open", RATE)):
+        submit: list[float] = []
+        get: list[float] = []
+        start = time.perf_counter()
+        await asyncio.gather(*(_client(target, spec, submit, get, i, rate)
+                               for i in range(CLIENTS)))
+        elapsed = time.perf_counter() - start
+        load = {"backend": backend, "mode": mode, "clients": CLIENTS,
+                "rate_per_client": rate, "calls_per_s": round(len(submit) / elapsed, 1)}
+        report("submit", submit, target_p99_ms=50, **load)
+        report("get", get, **load)
+
+
+async def _watch(stub: job_pb2_grpc.JobServiceStub, name: str) -> list[int]:
+    stream = stub.WatchJob(job_pb2.WatchJobRequest(name=name), timeout=600)
+    return [event.sequence async for event in stream]
+
+
+async def worker_figures(server: Server) -> None:
+    target = f"127.0.0.1:{server.port}"
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = job_pb2_grpc.JobServiceStub(channel)
+        start = time.perf_counter()
+        warm = await stub.SubmitJob(job_pb2.SubmitJobRequest(spec=edge_pruning_spec(steps=2)))
+        await _watch(stub, warm.name)  # the worker starts and loads the model
+        emit(metric="cold_job", seconds=round(time.perf_counter() - start, 2),
+             note="worker start + model load + 2 steps")
+
+        firsts = []
+        for _ in range(5):
+            start = time.perf_counter()
+            job = await stub.SubmitJob(job_pb2.SubmitJobRequest(spec=edge_pruning_spec(steps=3)))
+            submitted = time.perf_counter()
+            async for event in stub.WatchJob(job_pb2.WatchJobRequest(name=job.name)):
+                if event.progress.phase == "prune":
+                    firsts.append(time.perf_counter() - submitted)
+                    break
+            async for _ in stub.WatchJob(job_pb2.WatchJobRequest(
+                    name=job.name, after_sequence=event.sequence)):
+                pass
+        report("first_event", firsts, target_ms=1000, note="model already loaded")
+
+        job = await stub.SubmitJob(job_pb2.SubmitJobRequest(spec=edge_pruning_spec(steps=60)))
+        start = time.perf_counter()
+        results = await asyncio.gather(*(_watch(stub, job.name) for _ in range(WATCHERS)))
+        final = await stub.GetJob(job_pb2.GetJobRequest(name=job.name))
+        expected = list(range(1, final.last_event_sequence + 1))
+        missed = sum(len(set(expected) - set(r)) for r in results)
+        duplicated = sum(len(r) - len(set(r)) for r in results)
+        emit(metric="watchers", watchers=WATCHERS, events=len(expected), missed=missed,
+             duplicated=duplicated, seconds=round(time.perf_counter() - start, 2))
+
+
+def main() -> None:
+    from tests.storage.databases import fresh_postgres_database
+
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
+        root = Path(tmp)
+        model = tiny_gpt2(root / "model")
+        models = {MODEL: f"hf:{model}"}
+        with fresh_postgres_database() as pg_url:
+            for backend, url in (("sqlite", f"sqlite:///{root / 'api.db'}"),
+                                 ("postgresql", pg_url)):
+                api = Server(root / f"api-{backend}", url, models, workers=0,
+                             max_pending_jobs=100_000).start()
+                try:
+                    asyncio.run(latency(api, backend))
+                finally:
+                    api.stop()
+        url = f"sqlite:///{root / 'worker.db'}"
+        server = Server(root / "worker", url, models, progress_interval_s=0.05).start()
+        try:
+            asyncio.run(worker_figures(server))
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Entry points of `edgeprune serve` and `edgeprune worker` (the client's CLI calls these lazily).
+
+    serve_main(argv)   API server + `--workers` worker processes (default 1) on one database
+    worker_main(argv)  one worker against the same database (Kubernetes worker Deployment)
+
+Both read flags > EDGEPRUNE_* environment > --config file (see `config.py`) and exit with 2 on a
+bad setting, 1 when the database cannot be reached, with a one-line message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from edgeprune.service.config import Config, ConfigError, add_arguments, load_config
+from edgeprune.service.multiproc import prepare_metrics_dir
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+
+
+def _config(prog: str, args: argparse.Namespace) -> Config | None:
+    try:
+        return load_config(args)
+    except ConfigError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return None
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """`edgeprune serve`: the API, its metrics endpoint and worker processes."""
+    prog = "edgeprune serve"
+    args = _parser(prog, "Run the edgeprune gRPC API and its workers.").parse_args(argv)
+    config = _config(prog, args)
+    if config is None:
+        return 2
+    _setup_logging(config.log_level)
+    prepare_metrics_dir(fresh=True)
+    from edgeprune.service.server import serve
+    from edgeprune.storage import StorageError
+
+    try:
+        asyncio.run(serve(config))
+    except StorageError as err:
+        print(f"{prog}: database: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """`edgeprune worker`: one worker process (with its own metrics endpoint)."""
+    prog = "edgeprune worker"
+    parser = _parser(prog, "Run an edgeprune worker against the job database.")
+    parser.add_argument("--resolved-config", help=argparse.SUPPRESS)  # from `serve`
+    args = parser.parse_args(argv)
+    child = args.resolved_config is not None
+    if child:
+        config = Config.from_json(Path(args.resolved_config).read_text())
+    else:
+        config = _config(prog, args)
+        if config is None:
+            return 2
+    _setup_logging(config.log_level)
+    prepare_metrics_dir(fresh=not child)
+    from edgeprune.service import metrics
+    from edgeprune.service.worker import run_worker
+    from edgeprune.storage import StorageError
+
+    if not child and config.metrics_port >= 0:
+        _, port = metrics.serve(config.metrics_port, config.host)
+        print(f'{{"metrics_port": {port}}}', flush=True)
+    try:
+        code = run_worker(config)
+    except StorageError as err:
+        print(f"{prog}: database: {err}", file=sys.stderr)
+        code = 1
+    # Everything is stored; skip the seconds of interpreter teardown torch costs on exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

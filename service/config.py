@@ -1,0 +1,283 @@
+"""Server and worker configuration: command-line flags > environment (``EDGEPRUNE_*``) > a
+YAML/JSON file (``--config``) > defaults.
+
+Every setting has one name used everywhere: ``--max-steps`` on the command line,
+``EDGEPRUNE_MAX_STEPS`` in the environment, ``max_steps`` in the file (limits may also sit under a
+``limits:`` mapping there). The model allow-list maps the short names clients use onto engine
+references: ``--model gpt2=hf:/models/gpt2`` (repeatable), ``EDGEPRUNE_MODELS="a=hf:/x,b=tracr:/y"``
+or a ``models:`` mapping in the file. Clients can only name models on this list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+ENV_PREFIX = "EDGEPRUNE_"
+DEFAULT_MODELS = {"smollm2-135m": "smollm2-135m"}
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class ConfigError(ValueError):
+    """A setting is malformed; the message names it and where it came from."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; beyond them a call fails with INVALID_ARGUMENT or
+    RESOURCE_EXHAUSTED (and never reaches a worker)."""
+
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_dataset_bytes: int = 256 * 1024 * 1024
+    max_examples: int = 100_000
+    max_inline_examples: int = 10_000
+    max_steps: int = 100_000
+    max_sizes: int = 64
+    max_batch_size: int = 1024
+    max_page_size: int = 1000
+    max_pending_jobs: int = 10_000
+    max_labels: int = 64
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `edgeprune serve` and `edgeprune worker` read. Durations are in seconds."""
+
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9464  # 0: any free port; -1: no metrics endpoint
+    data_dir: str = "data"
+    database_url: str = ""  # "": sqlite:///<data_dir>/edgeprune.db
+    models: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_MODELS))
+    show_model_refs: bool = True  # GetServerInfo lists what each short name resolves to
+    workers: int = 1  # worker processes `serve` starts next to the API (0: API only)
+    device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1" ...
+    threads: int = 0  # torch CPU threads per worker (0: torch's default, one per core)
+    tls_cert: str = ""  # PEM files; both set -> the API only accepts TLS
+    tls_key: str = ""
+    auth_tokens: Sequence[str] = ()  # non-empty -> calls need "authorization: Bearer <token>"
+    limits: Limits = field(default_factory=Limits)
+    # Job defaults for fields a request leaves at zero.
+    default_steps: int = 300
+    default_batch_size: int = 16
+    default_examples: int = 128
+    default_edge_sparsity: float = 0.95
+    default_page_size: int = 50
+    # Worker behaviour.
+    lease_s: float = 30.0
+    heartbeat_s: float = 2.0
+    checkpoint_every: int = 50  # steps between checkpoints
+    progress_interval_s: float = 0.2  # at most one progress event per interval (and the last step)
+    poll_s: float = 0.2  # idle workers look for jobs, watchers for events, this often
+    max_attempts: int = 3
+    drain_grace_s: float = 20.0  # SIGTERM: in-flight calls and running jobs get this long
+    log_level: str = "INFO"
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        from edgeprune.storage import default_database_url
+
+        return default_database_url(self.data_dir)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        """Inverse of `to_json` (how `serve` hands its resolved config to its workers)."""
+        data = json.loads(text)
+        limits = Limits(**data.pop("limits"))
+        data["auth_tokens"] = tuple(data["auth_tokens"])
+        config = cls(limits=limits, **data)
+        validate(config)
+        return config
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+CONFIG_FIELDS = {k: v for k, v in _fields(Config).items() if k != "limits"}
+LIMIT_FIELDS = _fields(Limits)
+
+
+def _parse(name: str, kind: Any, raw: Any, source: str) -> Any:
+    """Convert a flag/env string (or a file value) to the setting's type."""
+    origin = get_origin(kind)
+    try:
+        if origin in (Union, types.UnionType):
+            kind = next(a for a in get_args(kind) if a is not type(None))
+            origin = get_origin(kind)
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {raw!r}")
+        if kind in (int, float, str):
+            if kind is int and isinstance(raw, float):
+                raise ValueError(f"not an integer: {raw!r}")
+            return kind(raw)
+        if origin is Mapping or kind is Mapping:
+            return _parse_mapping(raw)
+        if origin is Sequence:
+            if isinstance(raw, str):
+                return tuple(item.strip() for item in raw.split(",") if item.strip())
+            return tuple(str(item) for item in raw)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{name} (from {source}): {err}") from err
+    raise ConfigError(f"{name}: unsupported setting type {kind}")
+
+
+def _parse_mapping(raw: Any) -> dict[str, str]:
+    """``{"a": "hf:x"}``, ``"a=hf:x,b=tracr:y"`` or ``["a=hf:x", ...]`` -> dict."""
+    if isinstance(raw, Mapping):
+        return {str(k): str(v) for k, v in raw.items()}
+    items = raw.split(",") if isinstance(raw, str) else list(raw)
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = str(item).strip().partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"expected NAME=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"config file {path}: {err}") from err
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        raise ConfigError(f"config file {path}: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    limits = data.pop("limits", None) or {}
+    if not isinstance(limits, dict):
+        raise ConfigError(f"config file {path}: `limits` must be a mapping")
+    data.update(limits)
+    unknown = sorted(set(data) - set(CONFIG_FIELDS) - set(LIMIT_FIELDS))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown settings {', '.join(unknown)}")
+    return data
+
+
+HELP = {
+    "host": "address the API and the metrics endpoint listen on",
+    "port": "API port (0: any free port)",
+    "metrics_port": "Prometheus /metrics port (0: any free port; -1: none)",
+    "data_dir": "folder of the embedded SQLite database",
+    "database_url": "sqlite:///path or postgresql+psycopg://... (default: SQLite in data_dir)",
+    "show_model_refs": "GetServerInfo shows what each allow-listed name resolves to",
+    "workers": "worker processes `serve` starts (0: API only)",
+    "device": "auto, cpu, cuda or cuda:N",
+    "threads": "torch CPU threads per worker (0: one per core)",
+    "tls_cert": "PEM certificate chain (with --tls-key: TLS only)",
+    "tls_key": "PEM private key",
+    "lease_s": "a job's lease; a worker silent this long loses it",
+    "heartbeat_s": "how often a worker extends its lease",
+    "checkpoint_every": "pruning steps between checkpoints",
+    "progress_interval_s": "at most one progress event per interval",
+    "poll_s": "how often idle workers and watchers poll the database",
+    "max_attempts": "attempts before a job whose workers keep dying fails",
+    "drain_grace_s": "SIGTERM: time for calls and jobs to wind down",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per setting (default None: "not given")."""
+    parser.add_argument("--config", help="YAML or JSON config file")
+    for name in [*CONFIG_FIELDS, *LIMIT_FIELDS]:
+        flag = "--" + name.replace("_", "-")
+        if name == "models":
+            parser.add_argument("--model", dest="models", action="append", metavar="NAME=REF",
+                                help="allow-list entry (repeatable; replaces the default list)")
+        elif name == "auth_tokens":
+            parser.add_argument("--auth-token", dest="auth_tokens", action="append",
+                                metavar="TOKEN", help="accepted bearer token (repeatable)")
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(),
+                                help=HELP.get(name, name.replace("_", " ")))
+
+
+def load_config(
+    args: argparse.Namespace | None = None, *, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Merge defaults < file < environment < flags into a validated `Config`."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, tuple[Any, str]] = {}
+    config_file = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        values.update({k: (v, config_file) for k, v in _read_file(config_file).items()})
+    for name in [*CONFIG_FIELDS, *LIMIT_FIELDS]:
+        env_name = ENV_PREFIX + name.upper()
+        if env_name in environ:
+            values[name] = (environ[env_name], env_name)
+        flag = getattr(args, name, None) if args is not None else None
+        if flag is not None:
+            values[name] = (flag, "--" + name.replace("_", "-"))
+    kinds = {**CONFIG_FIELDS, **LIMIT_FIELDS}
+    parsed = {name: _parse(name, kinds[name], raw, src) for name, (raw, src) in values.items()}
+    limits = Limits(**{k: v for k, v in parsed.items() if k in LIMIT_FIELDS})
+    config = Config(limits=limits, **{k: v for k, v in parsed.items() if k in CONFIG_FIELDS})
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Reject settings that cannot work, naming them."""
+    if not 0 <= config.port <= 65535:
+        raise ConfigError(f"port: {config.port} is not a TCP port")
+    if not -1 <= config.metrics_port <= 65535:
+        raise ConfigError(f"metrics_port: {config.metrics_port} is not a TCP port (-1: off)")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("tls_cert and tls_key must be given together")
+    for path in (config.tls_cert, config.tls_key):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"TLS file {path} does not exist")
+    if not config.models:
+        raise ConfigError("models: the allow-list is empty")
+    for name, ref in config.models.items():
+        if not MODEL_NAME.fullmatch(name):
+            raise ConfigError(f"models: bad short name {name!r} (letters, digits, . _ -)")
+        if not ref:
+            raise ConfigError(f"models: {name!r} has no reference")
+    for name in ("workers", "threads", "checkpoint_every", "max_attempts", "default_steps",
+                 "default_batch_size", "default_examples", "default_page_size"):
+        if getattr(config, name) < 0 or (name not in ("workers", "threads")
+                                          and getattr(config, name) == 0):
+            raise ConfigError(f"{name}: must be positive, got {getattr(config, name)}")
+    for name in ("lease_s", "heartbeat_s", "poll_s", "drain_grace_s"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name}: must be positive, got {getattr(config, name)}")
+    if config.heartbeat_s >= config.lease_s:
+        raise ConfigError("heartbeat_s must be shorter than lease_s")
+    for name, value in dataclasses.asdict(config.limits).items():
+        if value <= 0:
+            raise ConfigError(f"{name}: must be positive, got {value}")
+    if not 0 < config.default_edge_sparsity <= 1.2:
+        raise ConfigError("default_edge_sparsity must be in (0, 1.2]")

@@ -1,0 +1,203 @@
+"""Storage records <-> protobuf messages. Pure functions; nothing here touches gRPC or the DB."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from edgeprune.service.errors import status_of_job_error
+from edgeprune.storage import CircuitRecord, DatasetRecord, EventRecord, JobRecord, JobState
+from edgeprune.v1 import circuit_pb2, common_pb2, dataset_pb2, job_pb2
+
+KIND_DISCOVERY = "discovery"
+KIND_EVALUATION = "evaluation"
+EVENT_STATE = "state"
+EVENT_PROGRESS = "progress"
+
+# Engine method names <-> the Method enum.
+METHOD_NAMES = {
+    common_pb2.METHOD_EDGE_PRUNING: "edge_pruning",
+    common_pb2.METHOD_EAP: "eap",
+    common_pb2.METHOD_EAP_IG: "eap_ig",
+    common_pb2.METHOD_ACDC: "acdc",
+}
+METHODS_BY_NAME = {name: method for method, name in METHOD_NAMES.items()}
+STATES = {state: job_pb2.JobState.Value(f"JOB_STATE_{state.value}") for state in JobState}
+STATES_BY_PROTO = {proto: state for state, proto in STATES.items()}
+
+
+def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(_jsonable(value))
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """A JSON-safe copy (Struct cannot hold NaN keys or non-str keys)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def float_map(value: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of a metrics dict."""
+    return {k: float(v) for k, v in value.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# ------------------------------------------------------------------------------------ datasets
+
+
+def dataset_to_proto(record: DatasetRecord) -> dataset_pb2.Dataset:
+    return dataset_pb2.Dataset(
+        name=f"datasets/{record.id}",
+        display_name=record.display_name,
+        example_count=record.example_count,
+        size_bytes=_size(record),
+        content_sha256=record.content_hash,
+        create_time=timestamp(record.created_at),
+        labels={k: str(v) for k, v in record.labels.items()},
+    )
+
+
+def _size(record: DatasetRecord) -> int:
+    """Upload size, kept in the record's `source` as ``upload:<bytes>``."""
+    kind, _, size = record.source.partition(":")
+    return int(size) if kind == "upload" and size.isdigit() else 0
+
+
+# ---------------------------------------------------------------------------------------- jobs
+
+
+def parse_spec(record: JobRecord) -> job_pb2.JobSpec | job_pb2.EvaluationSpec:
+    """The stored spec message of a job (JobSpec or EvaluationSpec by the job's kind)."""
+    message = job_pb2.EvaluationSpec() if record.kind == KIND_EVALUATION else job_pb2.JobSpec()
+    message.ParseFromString(record.spec)
+    return message
+
+
+def progress_to_proto(payload: Mapping[str, Any]) -> job_pb2.JobProgress:
+    return json_format.ParseDict(_jsonable(payload), job_pb2.JobProgress(),
+                                 ignore_unknown_fields=True)
+
+
+def result_to_proto(result: Mapping[str, Any]) -> job_pb2.JobResult:
+    return job_pb2.JobResult(
+        circuits=[f"circuits/{c}" for c in result.get("circuits", [])],
+        metrics=float_map(result.get("metrics", {})),
+    )
+
+
+def job_to_proto(record: JobRecord, *, full: bool = False) -> job_pb2.Job:
+    """A Job message. BASIC leaves out inline examples and task parameters."""
+    job = job_pb2.Job(
+        name=f"jobs/{record.id}",
+        state=STATES[record.state],
+        priority=record.priority,
+        labels={k: str(v) for k, v in record.labels.items()},
+        create_time=timestamp(record.created_at),
+        start_time=timestamp(record.started_at),
+        end_time=timestamp(record.finished_at),
+        attempt=record.attempt,
+        cancel_requested=record.cancel_requested,
+        last_event_sequence=record.last_event_seq,
+    )
+    spec = parse_spec(record)
+    if not full:
+        spec.data.examples.ClearField("examples")
+    if isinstance(spec, job_pb2.EvaluationSpec):
+        job.type = job_pb2.JOB_TYPE_EVALUATION
+        job.evaluation.CopyFrom(spec)
+    else:
+        job.type = job_pb2.JOB_TYPE_DISCOVERY
+        job.spec.CopyFrom(spec)
+    if record.progress:
+        job.progress.CopyFrom(progress_to_proto(record.progress))
+    if record.state == JobState.SUCCEEDED:
+        job.result.CopyFrom(result_to_proto(record.result))
+    if record.error is not None and record.state in (JobState.FAILED, JobState.CANCELLED):
+        job.error.CopyFrom(status_of_job_error(record.error, record.error_reason))
+    return job
+
+
+def event_to_proto(event: EventRecord, job: JobRecord | None = None) -> job_pb2.JobEvent:
+    """A JobEvent. ``job`` (the job as stored now) fills in the result or error of a final
+    state change."""
+    out = job_pb2.JobEvent(job=f"jobs/{event.job_id}", sequence=event.seq,
+                           time=timestamp(event.created_at))
+    if event.kind == EVENT_PROGRESS:
+        out.progress.CopyFrom(progress_to_proto(event.payload))
+        return out
+    state = JobState(event.payload.get("state", "PENDING"))
+    change = out.state_change
+    change.state = STATES[state]
+    change.attempt = int(event.payload.get("attempt", event.attempt))
+    change.reason = str(event.payload.get("reason") or "")
+    if job is not None and state == JobState.SUCCEEDED:
+        change.result.CopyFrom(result_to_proto(job.result))
+    if job is not None and state in (JobState.FAILED, JobState.CANCELLED) and job.error:
+        change.error.CopyFrom(status_of_job_error(job.error, job.error_reason))
+    return out
+
+
+def is_final_event(event: EventRecord) -> bool:
+    return event.kind == EVENT_STATE and JobState(event.payload.get("state", "PENDING")).final
+
+
+# ------------------------------------------------------------------------------------ circuits
+
+
+def size_to_proto(target: Mapping[str, Any]) -> common_pb2.CircuitSize:
+    size = common_pb2.CircuitSize()
+    for key in ("edge_sparsity", "edge_count", "edge_fraction"):
+        if key in target:
+            setattr(size, key, target[key])
+            break
+    return size
+
+
+def size_to_dict(size: common_pb2.CircuitSize) -> dict[str, Any]:
+    kind = size.WhichOneof("size")
+    return {kind: getattr(size, kind)} if kind else {}
+
+
+def circuit_to_proto(record: CircuitRecord, *, full: bool = False) -> circuit_pb2.Circuit:
+    circuit = circuit_pb2.Circuit(
+        name=f"circuits/{record.id}",
+        job=f"jobs/{record.job_id}" if record.job_id else "",
+        model=record.model,
+        method=METHODS_BY_NAME.get(record.method, common_pb2.METHOD_UNSPECIFIED),
+        task=record.task,
+        dataset=f"datasets/{record.dataset_id}" if record.dataset_id else "",
+        edge_count=record.n_edges,
+        node_count=record.n_nodes,
+        total_edge_count=record.n_edges_total,
+        edge_sparsity=record.sparsity,
+        target=size_to_proto(record.target),
+        metrics=float_map(record.metrics),
+        create_time=timestamp(record.created_at),
+    )
+    if full:
+        scores = record.edge_scores or {}
+        circuit.edges.extend(circuit_pb2.Edge(name=e, score=scores.get(e, 0.0))
+                             for e in record.edges or [])
+        circuit.nodes.extend(record.nodes or [])
+        circuit.settings.CopyFrom(struct(record.settings))
+        circuit.provenance.CopyFrom(struct(record.provenance))
+    return circuit

@@ -1,0 +1,111 @@
+"""Circuits: get, list with filters, export, compare."""
+
+from __future__ import annotations
+
+from edgeprune.service.config import Config
+from edgeprune.service.converters import METHOD_NAMES
+from edgeprune.service.errors import FailedPrecondition, InvalidArgument
+from edgeprune.service.validation import Violations, check_page, parse_name
+from edgeprune.storage import BlobStore, CircuitFilter, CircuitRecord, CircuitRepo, Page
+from edgeprune.v1 import circuit_pb2, common_pb2
+
+EXPORT_CHUNK_BYTES = 256 * 1024
+# format -> (engine export format, file suffix, media type)
+EXPORTS = {
+    circuit_pb2.EXPORT_FORMAT_JSON: ("json", "json", "application/json"),
+    circuit_pb2.EXPORT_FORMAT_DOT: ("dot", "dot", "text/vnd.graphviz"),
+    circuit_pb2.EXPORT_FORMAT_SVG: ("svg", "svg", "image/svg+xml"),
+}
+
+
+def render(record: CircuitRecord, fmt: str) -> str:
+    """A stored circuit through the engine's exporter (the same files the library writes)."""
+    from edgeprune.engine.export import export_circuit  # imports torch: only on first export
+
+    return export_circuit({
+        "model": record.model, "method": record.method, "edges": record.edges or [],
+        "edge_scores": record.edge_scores or {}, "nodes": record.nodes or [],
+        "n_edges_total": record.n_edges_total, "target": record.target,
+        "settings": record.settings, "provenance": {**record.provenance, "circuit": record.id,
+                                                    "job": record.job_id},
+        "metrics": record.metrics,
+    }, fmt)
+
+
+class CircuitHandler:
+    def __init__(self, circuits: CircuitRepo, blobs: BlobStore, config: Config) -> None:
+        self.circuits = circuits
+        self.blobs = blobs
+        self.config = config
+
+    def get(self, circuit_id: str, *, full: bool) -> CircuitRecord:
+        return self.circuits.get(circuit_id, full=full)
+
+    def list(self, request: circuit_pb2.ListCircuitsRequest) -> Page[CircuitRecord]:
+        v = Violations()
+        size = check_page(v, request.page_size, self.config)
+        if request.method not in common_pb2.Method.values():
+            v.bad("method", f"unknown value {request.method}")
+        if request.min_edge_count < 0:
+            v.bad("min_edge_count", "must not be negative")
+        if request.max_edge_count < 0:
+            v.bad("max_edge_count", "must not be negative")
+        elif request.max_edge_count and request.max_edge_count < request.min_edge_count:
+            v.bad("max_edge_count", "must not be below min_edge_count")
+        dataset_id = job_id = None
+        for field, collection in (("dataset", "datasets"), ("job", "jobs")):
+            value = getattr(request, field)
+            if value:
+                try:
+                    parsed = parse_name(value, collection, field=field)
+                except InvalidArgument as err:
+                    v.bad(field, err.violations[0][1])
+                    continue
+                dataset_id, job_id = (parsed, job_id) if field == "dataset" else (dataset_id, parsed)
+        v.raise_if_any()
+        filter = CircuitFilter(
+            model=request.model or None,
+            task=request.task or None,
+            dataset_id=dataset_id,
+            method=METHOD_NAMES.get(request.method),
+            job_id=job_id,
+            min_edges=request.min_edge_count or None,
+            max_edges=request.max_edge_count or None,
+            contains_edges=[request.contains_edge] if request.contains_edge else [],
+            contains_nodes=[request.contains_node] if request.contains_node else [],
+        )
+        return self.circuits.list(filter, page_size=size, page_token=request.page_token or None,
+                                  full=request.view == common_pb2.VIEW_FULL)
+
+    def export(self, circuit_id: str, fmt: int) -> tuple[str, str, bytes]:
+        """(content type, file name, bytes) of a circuit in an export format."""
+        if fmt == circuit_pb2.EXPORT_FORMAT_UNSPECIFIED or fmt not in circuit_pb2.ExportFormat.values():
+            raise InvalidArgument("format", "one of JSON, DOT, SVG or SAFETENSORS is required")
+        record = self.circuits.get(circuit_id, full=True)
+        stem = f"circuit-{record.id}"
+        if fmt == circuit_pb2.EXPORT_FORMAT_SAFETENSORS:
+            if record.mask_blob is None:
+                raise FailedPrecondition("this circuit was stored without masks",
+                                         reason="NO_MASKS")
+            return "application/octet-stream", f"{stem}.safetensors", self.blobs.get(record.mask_blob)
+        kind, suffix, content_type = EXPORTS[fmt]
+        return content_type, f"{stem}.{suffix}", render(record, kind).encode()
+
+    def compare(self, request: circuit_pb2.CompareCircuitsRequest) -> circuit_pb2.CompareCircuitsResponse:
+        first = self.circuits.get(parse_name(request.first, "circuits", field="first"))
+        second = self.circuits.get(parse_name(request.second, "circuits", field="second"))
+        if first.model != second.model:
+            raise FailedPrecondition(f"the circuits belong to different models ({first.model!r}, "
+                                     f"{second.model!r})", reason="MODEL_MISMATCH")
+        e1, e2 = set(first.edges or ()), set(second.edges or ())
+        n1, n2 = set(first.nodes or ()), set(second.nodes or ())
+        return circuit_pb2.CompareCircuitsResponse(
+            shared_edges=sorted(e1 & e2), first_only_edges=sorted(e1 - e2),
+            second_only_edges=sorted(e2 - e1), shared_nodes=sorted(n1 & n2),
+            first_only_nodes=sorted(n1 - n2), second_only_nodes=sorted(n2 - n1),
+            edge_jaccard=_jaccard(e1, e2), node_jaccard=_jaccard(n1, n2),
+        )
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0

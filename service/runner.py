@@ -1,0 +1,360 @@
+"""One job on the engine: a stored JobSpec / EvaluationSpec in, circuits and metrics out.
+
+The worker supplies `Hooks` (progress, checkpoint, stop) and stores what `run_discovery` /
+`run_evaluation` return. Edge Pruning runs one pruning run per requested size; its checkpoint is
+a small container (``EPJOB1``): a JSON header with the index of the size in progress and the
+circuits of the sizes already done, then the engine's own checkpoint bytes of the current run.
+No pickle anywhere: JSON and safetensors only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from edgeprune.engine import attribution, sweep
+from edgeprune.engine.circuit import Circuit
+from edgeprune.engine.errors import InvalidArgument
+from edgeprune.engine.loading import load_model
+from edgeprune.engine.masked import CircuitModel
+from edgeprune.engine.metrics import evaluate_many
+from edgeprune.engine.prune import ProgressEvent, PruneConfig, prune
+from edgeprune.engine.tasks import Example, TaskDataset, build_task, from_examples
+from edgeprune.service.converters import METHOD_NAMES, float_map, size_to_dict
+from edgeprune.storage import CircuitRecord, DatasetRepo
+from edgeprune.v1 import common_pb2, job_pb2
+
+CHECKPOINT_MAGIC = b"EPJOB1\n"
+ABLATIONS = {common_pb2.ABLATION_CORRUPTED: "corrupted", common_pb2.ABLATION_ZERO: "zero",
+             common_pb2.ABLATION_MEAN: "mean"}
+LOSSES = {common_pb2.LOSS_KL: "kl", common_pb2.LOSS_LOGIT_DIFF: "logit_diff"}
+DTYPES = {common_pb2.DTYPE_FLOAT32: torch.float32, common_pb2.DTYPE_BFLOAT16: torch.bfloat16,
+          common_pb2.DTYPE_FLOAT16: torch.float16}
+MODEL_CACHE_SIZE = 2
+
+
+@dataclass
+class Hooks:
+    """How a job talks to its worker."""
+
+    progress: Callable[[dict[str, Any]], None]  # JobProgress fields
+    checkpoint: Callable[[bytes], None]
+    should_stop: Callable[[], bool]
+    resume: bytes | None = None
+    checkpoint_every: int = 0
+
+
+@dataclass
+class Outcome:
+    """What a job produced. ``stopped``: it was asked to stop and checkpointed."""
+
+    circuits: list[Circuit] = field(default_factory=list)
+    targets: list[dict[str, Any]] = field(default_factory=list)  # proto-form size per circuit
+    metrics: dict[str, float] = field(default_factory=dict)
+    stopped: bool = False
+    task: str = ""
+    model: CircuitModel | None = None
+
+
+class ModelCache:
+    """Models loaded in this worker process, least recently used dropped first."""
+
+    def __init__(self, size: int = MODEL_CACHE_SIZE,
+                 on_load: Callable[[str, float], None] | None = None) -> None:
+        self.size = size
+        self.on_load = on_load  # (ref, seconds) after each load
+        self.models: OrderedDict[tuple[str, str, torch.dtype], CircuitModel] = OrderedDict()
+
+    def get(self, ref: str, device: str, dtype: torch.dtype) -> CircuitModel:
+        key = (ref, device, dtype)
+        if key in self.models:
+            self.models.move_to_end(key)
+            return self.models[key]
+        start = time.perf_counter()
+        model = load_model(ref, device=device, dtype=dtype)
+        if self.on_load is not None:
+            self.on_load(ref, time.perf_counter() - start)
+        self.models[key] = model
+        while len(self.models) > self.size:
+            self.models.popitem(last=False)
+        return model
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def resolve_dtype(dtype: int, device: str) -> torch.dtype:
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+def _examples(data: job_pb2.DataSpec, datasets: DatasetRepo) -> tuple[str, list[Example]]:
+    """(dataset name, examples) of an uploaded dataset or inline examples."""
+    if data.WhichOneof("source") == "dataset":
+        dataset_id = data.dataset.removeprefix("datasets/")
+        rows = [row for batch in datasets.iter_examples(dataset_id) for row in batch]
+        return data.dataset, [Example(**row) for row in rows]
+    return "custom", [Example(clean=e.clean, corrupted=e.corrupted, target=e.target or None,
+                              distractor=e.distractor or None) for e in data.examples.examples]
+
+
+def build_data(data: job_pb2.DataSpec, model: CircuitModel, datasets: DatasetRepo, *,
+               seed: int, all_positions: bool) -> tuple[TaskDataset, TaskDataset]:
+    """(train, eval) datasets. Built-in tasks use their validation split for eval; uploaded and
+    inline examples are split by ``eval_fraction`` (eval = train when too few examples)."""
+    tokenizer = model.tokenizer
+    if data.WhichOneof("source") == "task":
+        task = data.task
+        n_eval = max(1, round(task.example_count * data.eval_fraction))
+        train = build_task(task.name, tokenizer, n=task.example_count, seed=task.seed,
+                           split="train")
+        return train, build_task(task.name, tokenizer, n=n_eval, seed=task.seed, split="validation")
+    name, examples = _examples(data, datasets)
+    # Tokenise and validate all examples at once, so errors name their index in the request.
+    full = from_examples(examples, tokenizer, name=name,
+                         all_positions=all_positions or data.examples.all_positions)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = round(len(examples) * data.eval_fraction) if len(examples) >= 2 else 0
+    if n_eval == 0:
+        return full, full
+    train = full.subset(sorted(order[n_eval:]))
+    return train, dataclasses.replace(full.subset(sorted(order[:n_eval])), split="validation")
+
+
+def build_eval_data(data: job_pb2.DataSpec, model: CircuitModel,
+                    datasets: DatasetRepo) -> TaskDataset:
+    """Every example of the data (a built-in task's validation split)."""
+    if data.WhichOneof("source") == "task":
+        return build_task(data.task.name, model.tokenizer, n=data.task.example_count,
+                          seed=data.task.seed, split="validation")
+    name, examples = _examples(data, datasets)
+    return from_examples(examples, model.tokenizer, name=name, split="validation",
+                         all_positions=data.examples.all_positions)
+
+
+def task_name(data: job_pb2.DataSpec) -> str:
+    source = data.WhichOneof("source")
+    if source == "task":
+        return data.task.name
+    return data.dataset if source == "dataset" else "custom"
+
+
+# ---------------------------------------------------------------------------------- checkpoint
+
+
+def pack_checkpoint(size_index: int, done: list[Circuit], engine_state: bytes) -> bytes:
+    header = json.dumps({"size_index": size_index,
+                         "done": [c.to_dict() for c in done]}).encode()
+    return CHECKPOINT_MAGIC + struct.pack("<Q", len(header)) + header + engine_state
+
+
+def unpack_checkpoint(data: bytes) -> tuple[int, list[Circuit], bytes | None]:
+    if not data.startswith(CHECKPOINT_MAGIC):
+        raise InvalidArgument("the job's checkpoint is not an edgeprune job checkpoint",
+                              field="checkpoint")
+    offset = len(CHECKPOINT_MAGIC)
+    (length,) = struct.unpack_from("<Q", data, offset)
+    header = json.loads(data[offset + 8: offset + 8 + length])
+    rest = data[offset + 8 + length:]
+    return (int(header["size_index"]), [Circuit.from_dict(c) for c in header["done"]],
+            rest or None)
+
+
+# ------------------------------------------------------------------------------------ methods
+
+
+def _size_kwargs(size: dict[str, Any], n_edges_total: int) -> dict[str, Any]:
+    """Proto-form size -> engine keywords (n_edges / sparsity / edge_target)."""
+    if "edge_count" in size:
+        return {"n_edges": min(int(size["edge_count"]), n_edges_total)}
+    if "edge_fraction" in size:
+        return {"n_edges": max(1, round(float(size["edge_fraction"]) * n_edges_total))}
+    sparsity = float(size.get("edge_sparsity", 0.0))
+    if sparsity > 1.0:  # an overshooting Lagrangian target: the masks decide the size
+        return {"edge_target": sparsity}
+    return {"sparsity": sparsity}
+
+
+def prune_config(spec: job_pb2.JobSpec, size: dict[str, Any], n_edges_total: int) -> PruneConfig:
+    ep = spec.edge_pruning
+    return PruneConfig(
+        steps=ep.steps,
+        batch_size=spec.batch_size,
+        edge_lr=ep.mask_learning_rate,
+        node_lr=ep.mask_learning_rate,
+        lambda_lr=ep.lambda_learning_rate,
+        target_warmup_steps=ep.warmup_steps,
+        node_masks=ep.node_masks,
+        node_loss=ep.HasField("node_sparsity"),
+        node_target=ep.node_sparsity if ep.HasField("node_sparsity") else 0.5,
+        loss=LOSSES.get(spec.loss, "kl"),
+        ablation=ABLATIONS[spec.ablation],
+        seed=spec.seed,
+        warm_start="eap_ig" if ep.warm_start == job_pb2.WARM_START_EAP_IG else None,
+        **_size_kwargs(size, n_edges_total),
+    )
+
+
+def _progress_fields(event: ProgressEvent, *, size_index: int, size_count: int) -> dict[str, Any]:
+    remaining = (event.total_steps - event.step) + (size_count - size_index - 1) * event.total_steps
+    return {
+        "phase": "prune",
+        "step": event.step,
+        "total_steps": event.total_steps,
+        "size_index": size_index,
+        "size_count": size_count,
+        "loss": event.loss,
+        "kl": event.task_loss,
+        "sparsity_loss": event.sparsity_loss,
+        "expected_edge_sparsity": event.expected_sparsity,
+        "expected_node_sparsity": event.node_sparsity or 0.0,
+        "target_edge_sparsity": event.target,
+        "lambdas": list(event.lambdas.values()),
+        "steps_per_second": event.steps_per_s,
+        "eta_seconds": remaining / event.steps_per_s if event.steps_per_s > 0 else 0.0,
+    }
+
+
+def run_edge_pruning(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobSpec,
+                     sizes: list[dict[str, Any]], hooks: Hooks) -> tuple[list[Circuit], bool]:
+    """One pruning run per size, resumable between and within sizes."""
+    start_index, done, engine_state = 0, [], None
+    if hooks.resume is not None:
+        start_index, done, engine_state = unpack_checkpoint(hooks.resume)
+    for index in range(start_index, len(sizes)):
+        config = prune_config(spec, sizes[index], model.graph.n_edges)
+        result = prune(
+            model, train, config,
+            progress=lambda e, i=index: hooks.progress(
+                _progress_fields(e, size_index=i, size_count=len(sizes))),
+            checkpoint_every=hooks.checkpoint_every,
+            on_checkpoint=lambda data, i=index: hooks.checkpoint(pack_checkpoint(i, done, data)),
+            resume=engine_state,
+            should_stop=hooks.should_stop,
+        )
+        engine_state = None
+        if result.stopped:
+            return done, True
+        done.append(result.circuit)
+        if index + 1 < len(sizes):  # the next size starts from scratch: checkpoint the boundary
+            hooks.checkpoint(pack_checkpoint(index + 1, done, b""))
+    return done, False
+
+
+def run_attribution(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobSpec,
+                    sizes: list[dict[str, Any]], hooks: Hooks) -> list[Circuit]:
+    method = METHOD_NAMES[spec.method]
+    ablation = ABLATIONS[spec.ablation]
+    if method == "acdc":
+        hooks.progress({"phase": "attribute", "step": 0, "total_steps": 0})
+        threshold = spec.attribution.acdc_threshold or 0.01
+        result = attribution.acdc(model, train, threshold=threshold, ablation=ablation,
+                                  batch_size=spec.batch_size)
+        return [result.circuit]
+    hooks.progress({"phase": "attribute", "step": 0, "total_steps": 1})
+    scores = attribution.attribute(model, train, method, ablation=ablation,
+                                   ig_steps=spec.attribution.ig_steps or 5,
+                                   batch_size=spec.batch_size)
+    circuits = []
+    for size in sizes:
+        kwargs = _size_kwargs(size, model.graph.n_edges)
+        kwargs.pop("edge_target", None)
+        if not kwargs:
+            kwargs = {"sparsity": 1.0}
+        circuits.append(attribution.scored_circuit(model, train, scores, method=method,
+                                                   settings={"ablation": ablation}, **kwargs))
+    hooks.progress({"phase": "attribute", "step": 1, "total_steps": 1})
+    return circuits
+
+
+def _clean_metrics(values: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe metrics (PostgreSQL's JSON has no NaN): non-finite numbers become None."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in values.items()}
+
+
+def evaluate_circuits(model: CircuitModel, circuits: list[Circuit], data: TaskDataset,
+                      ablation: str, batch_size: int) -> dict[str, float]:
+    """Evaluate every circuit in place; returns the job summary (first circuit + CPR/CMD)."""
+    results = evaluate_many(model, circuits, data, ablation=ablation, batch_size=batch_size)
+    for circuit, values in zip(circuits, results, strict=True):
+        circuit.metrics = _clean_metrics(values)
+    summary = float_map({k: v for k, v in circuits[0].metrics.items() if v is not None})
+    if len(circuits) > 1:
+        fractions = [float(r.get("edge_fraction", 0.0)) for r in results]
+        faith = [float(r.get("faithfulness", math.nan)) for r in results]
+        summary["cpr"] = sweep.cpr(fractions, faith)
+        summary["cmd"] = sweep.cmd(fractions, faith)
+    return summary
+
+
+def run_discovery(spec: job_pb2.JobSpec, ref: str, models: ModelCache, datasets: DatasetRepo,
+                  device: str, hooks: Hooks) -> Outcome:
+    hooks.progress({"phase": "load_model"})
+    model = models.get(ref, device, resolve_dtype(spec.dtype, device))
+    hooks.progress({"phase": "prepare_data"})
+    train, held_out = build_data(spec.data, model, datasets, seed=spec.seed,
+                                 all_positions=spec.positions == common_pb2.POSITION_MODE_ALL)
+    sizes = [size_to_dict(s) for s in spec.sizes]
+    if spec.method == common_pb2.METHOD_EDGE_PRUNING:
+        circuits, stopped = run_edge_pruning(model, train, spec, sizes, hooks)
+        if stopped:
+            return Outcome(stopped=True)
+    else:
+        circuits = run_attribution(model, train, spec, sizes, hooks)
+        if hooks.should_stop():
+            return Outcome(stopped=True)
+    hooks.progress({"phase": "evaluate"})
+    summary = evaluate_circuits(model, circuits, held_out, ABLATIONS[spec.ablation],
+                                spec.batch_size)
+    targets = sizes if len(sizes) == len(circuits) else [{} for _ in circuits]
+    return Outcome(circuits=circuits, targets=targets, metrics=summary, task=task_name(spec.data),
+                   model=model)
+
+
+def run_evaluation(spec: job_pb2.EvaluationSpec, record: CircuitRecord, ref: str,
+                   models: ModelCache, datasets: DatasetRepo, device: str, hooks: Hooks) -> Outcome:
+    hooks.progress({"phase": "load_model"})
+    model = models.get(ref, device, resolve_dtype(spec.dtype, device))
+    hooks.progress({"phase": "prepare_data"})
+    held_out = build_eval_data(spec.data, model, datasets)
+    circuit = Circuit(model=record.model, method=record.method, edges=list(record.edges or []),
+                      edge_scores=dict(record.edge_scores or {}), nodes=list(record.nodes or []),
+                      n_edges_total=record.n_edges_total)
+    ablation = ABLATIONS.get(spec.ablation) or record.settings.get("ablation", "corrupted")
+    hooks.progress({"phase": "evaluate"})
+    results = evaluate_many(model, [circuit], held_out, ablation=ablation,
+                            batch_size=spec.batch_size)
+    return Outcome(metrics=float_map(_clean_metrics(results[0])), model=model)
+
+
+def masks_blob(model: CircuitModel, circuit: Circuit) -> bytes:
+    """The circuit's binary edge mask [E] and node mask [W] (graph order) as safetensors."""
+    graph = model.graph
+    tensors = {"edge_mask": circuit.edge_mask(graph).float().contiguous(),
+               "node_mask": circuit.node_mask(graph).float().contiguous()}
+    return save_safetensors(tensors, metadata={"model": circuit.model, "method": circuit.method,
+                                               "edges_total": str(graph.n_edges)})
+
+
+__all__ = ["Hooks", "ModelCache", "Outcome", "masks_blob", "resolve_device", "run_discovery",
+           "run_evaluation"]

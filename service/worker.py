@@ -1,0 +1,266 @@
+"""A worker process: claim jobs from the database queue and run them on the engine.
+
+One job at a time. While a job runs, a heartbeat thread extends the lease every
+``heartbeat_s`` and learns of cancellation; the job checks the flags before every step, so a
+cancel or a drain (SIGTERM) takes effect within one step. Drained jobs checkpoint and go back to
+PENDING; a job whose lease was lost (the worker stalled and another took over) is dropped without
+writing anything — the attempt number fences every write. Results are stored with SUCCEEDED in one
+transaction (`Queue.complete`); the mask blobs go in first (content-addressed, so a retry
+reuses them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from edgeprune.service import metrics, runner
+from edgeprune.service.config import Config
+from edgeprune.service.converters import KIND_EVALUATION, METHOD_NAMES, parse_spec
+from edgeprune.service.errors import FailedPrecondition, classify
+from edgeprune.storage import (
+    BlobStore,
+    CircuitRepo,
+    Claim,
+    Database,
+    DatasetRepo,
+    JobState,
+    LeaseLost,
+    NewCircuit,
+    Queue,
+    StorageError,
+    Unavailable,
+)
+from edgeprune.v1 import job_pb2
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat(threading.Thread):
+    """Extends a claim's lease; sets ``cancelled`` / ``lost`` when the queue says so."""
+
+    def __init__(self, queue: Queue, claim: Claim, every_s: float) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{claim.job_id}")
+        self.queue, self.claim, self.every_s = queue, claim, every_s
+        self.cancelled = threading.Event()
+        self.lost = threading.Event()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every_s):
+            try:
+                if self.queue.heartbeat(self.claim):
+                    self.cancelled.set()
+            except LeaseLost:
+                self.lost.set()
+                return
+            except StorageError as err:  # transient: the lease outlives a few misses
+                log.warning("heartbeat of job %s failed: %s", self.claim.job_id, err)
+
+
+class Worker:
+    def __init__(self, config: Config, db: Database, *, worker_id: str | None = None) -> None:
+        self.config = config
+        self.queue = Queue(db, max_attempts=config.max_attempts)
+        self.blobs = BlobStore(db)
+        self.circuits = CircuitRepo(db)
+        self.datasets = DatasetRepo(db)
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.device = runner.resolve_device(config.device)
+        self.models = runner.ModelCache(on_load=self._model_loaded)
+        self.draining = threading.Event()
+        self.parent_pid = int(os.environ.get("EDGEPRUNE_PARENT_PID", "0"))
+
+    def drain(self, *_: Any) -> None:
+        """Stop after the current step (signal handler)."""
+        self.draining.set()
+
+    def parent_gone(self) -> bool:
+        return bool(self.parent_pid) and os.getppid() != self.parent_pid
+
+    def run_forever(self) -> None:
+        metrics.WORKERS.inc()
+        log.info("worker %s on %s", self.worker_id, self.device)
+        try:
+            while not self.draining.is_set():
+                if self.parent_gone():
+                    log.warning("the serving process is gone; stopping")
+                    break
+                try:
+                    claim = self.queue.claim(self.worker_id, self.config.lease_s)
+                except StorageError as err:
+                    log.warning("claim failed: %s", err)
+                    claim = None
+                if claim is None:
+                    self.draining.wait(self.config.poll_s)
+                    continue
+                self.run_job(claim)
+        finally:
+            metrics.WORKERS.dec()
+
+    # ------------------------------------------------------------------------------------ job
+
+    def run_job(self, claim: Claim) -> None:
+        job = claim.job
+        log.info("job %s attempt %d started", job.id, claim.attempt)
+        metrics.WORKERS_BUSY.inc()
+        beat = Heartbeat(self.queue, claim, self.config.heartbeat_s)
+        beat.start()
+        reporter = _Reporter(self.queue, claim, self.config.progress_interval_s, self.device)
+        try:
+            hooks = runner.Hooks(
+                progress=reporter.progress,
+                checkpoint=lambda data: self.queue.checkpoint(claim, data),
+                should_stop=lambda: (self.draining.is_set() or beat.cancelled.is_set()
+                                     or beat.lost.is_set() or self.parent_gone()),
+                resume=self.blobs.get(job.checkpoint_blob) if job.checkpoint_blob else None,
+                checkpoint_every=self.config.checkpoint_every,
+            )
+            outcome = self._execute(claim, hooks)
+            reporter.flush()
+            if beat.lost.is_set():
+                log.warning("job %s: lease lost; dropping attempt %d", job.id, claim.attempt)
+            elif beat.cancelled.is_set():
+                self._finish(claim, JobState.CANCELLED, self.queue.acknowledge_cancel)
+            elif outcome.stopped:
+                self.queue.release(claim)
+                log.info("job %s released (draining)", job.id)
+            else:
+                self._complete(claim, outcome)
+        except LeaseLost as err:
+            log.warning("job %s: %s", job.id, err)
+        except Unavailable as err:  # the database, not the job: let another attempt run it
+            log.warning("job %s: %s; releasing it", job.id, err)
+            with contextlib.suppress(StorageError):
+                self.queue.release(claim)
+        except Exception as exc:  # noqa: BLE001 - the job fails, the worker lives on
+            self._fail(claim, exc)
+        finally:
+            beat.done.set()
+            metrics.WORKERS_BUSY.dec()
+            metrics.STEPS_PER_SECOND.set(0)
+
+    def _execute(self, claim: Claim, hooks: runner.Hooks) -> runner.Outcome:
+        job = claim.job
+        spec = parse_spec(job)
+        if job.kind == KIND_EVALUATION:
+            assert isinstance(spec, job_pb2.EvaluationSpec)
+            record = self.circuits.get(spec.circuit.removeprefix("circuits/"), full=True)
+            return runner.run_evaluation(spec, record, self._ref(record.model), self.models,
+                                         self.datasets, self.device, hooks)
+        assert isinstance(spec, job_pb2.JobSpec)
+        return runner.run_discovery(spec, self._ref(spec.model), self.models, self.datasets,
+                                    self.device, hooks)
+
+    def _ref(self, name: str) -> str:
+        ref = self.config.models.get(name)
+        if ref is None:
+            raise FailedPrecondition(f"model {name!r} is not on this worker's allow-list",
+                                     reason="MODEL_NOT_ALLOWED")
+        return ref
+
+    def _model_loaded(self, ref: str, seconds: float) -> None:
+        names = [name for name, r in self.config.models.items() if r == ref]
+        metrics.MODEL_LOAD_SECONDS.labels(names[0] if names else ref).observe(seconds)
+
+    def _complete(self, claim: Claim, outcome: runner.Outcome) -> None:
+        job = claim.job
+        spec = parse_spec(job)
+        news = []
+        for circuit, target in zip(outcome.circuits, outcome.targets, strict=True):
+            assert outcome.model is not None and isinstance(spec, job_pb2.JobSpec)
+            mask = self.blobs.put(runner.masks_blob(outcome.model, circuit),
+                                  media_type="application/x-safetensors")
+            dataset = spec.data.dataset.removeprefix("datasets/") or None
+            news.append(NewCircuit(
+                model=spec.model, method=METHOD_NAMES[spec.method], edges=circuit.edges,
+                n_edges_total=circuit.n_edges_total, nodes=circuit.nodes,
+                n_nodes_total=outcome.model.graph.n_writers + 1,  # writers and "logits"
+                edge_scores=circuit.edge_scores,
+                task=outcome.task, dataset_id=dataset, job_id=job.id, target=target,
+                settings=circuit.settings, provenance=circuit.provenance, metrics=circuit.metrics,
+                mask_blob=mask,
+            ))
+        # Storage adds the ids of the circuits it stores; an evaluation names the one it read.
+        result: dict[str, Any] = {"metrics": outcome.metrics}
+        if isinstance(spec, job_pb2.EvaluationSpec):
+            result["circuits"] = [spec.circuit.removeprefix("circuits/")]
+        _, records = self.queue.complete(claim, news, result=result)
+        self._observe(claim, JobState.SUCCEEDED)
+        log.info("job %s succeeded (%d circuits)", job.id, len(records))
+
+    def _fail(self, claim: Claim, exc: BaseException) -> None:
+        error = classify(exc)
+        message = error.message if error.code != "INTERNAL" else f"internal error: {exc!r}"
+        log.warning("job %s failed: %s", claim.job_id, message, exc_info=error.code == "INTERNAL")
+        try:
+            self.queue.fail(claim, message, reason=error.code)
+            self._observe(claim, JobState.FAILED)
+        except LeaseLost as err:
+            log.warning("job %s: %s", claim.job_id, err)
+
+    def _finish(self, claim: Claim, state: JobState, action: Callable[[Claim], Any]) -> None:
+        action(claim)
+        self._observe(claim, state)
+        log.info("job %s %s", claim.job_id, state.value.lower())
+
+    def _observe(self, claim: Claim, state: JobState) -> None:
+        started = claim.job.started_at
+        metrics.JOBS_FINISHED.labels(claim.job.kind, state.value).inc()
+        if started is not None:
+            elapsed = time.time() - started.timestamp()
+            metrics.JOB_SECONDS.labels(claim.job.kind, state.value).observe(max(elapsed, 0.0))
+
+
+class _Reporter:
+    """Turns engine progress into job events, at most one per interval (plus phase ends)."""
+
+    def __init__(self, queue: Queue, claim: Claim, interval_s: float, device: str) -> None:
+        self.queue, self.claim, self.interval_s, self.device = queue, claim, interval_s, device
+        self.last_sent = 0.0
+        self.pending: dict[str, Any] | None = None
+
+    def progress(self, fields: dict[str, Any]) -> None:
+        if "steps_per_second" in fields and fields["steps_per_second"] > 0:
+            metrics.STEP_SECONDS.observe(1.0 / fields["steps_per_second"])
+            metrics.STEPS_PER_SECOND.set(fields["steps_per_second"])
+        now = time.monotonic()
+        phase_end = fields.get("step") == fields.get("total_steps")
+        if now - self.last_sent < self.interval_s and not phase_end:
+            self.pending = fields
+            return
+        self.send(fields, now)
+
+    def send(self, fields: dict[str, Any], now: float) -> None:
+        self.pending = None
+        self.last_sent = now
+        metrics.DEVICE_MEMORY.labels(self.device).set(metrics.device_memory(self.device))
+        self.queue.report(self.claim, "progress", fields)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self.send(self.pending, time.monotonic())
+
+
+def run_worker(config: Config) -> int:
+    """Run one worker in this process until SIGTERM/SIGINT (drain) or the parent exits."""
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    db = Database(config.effective_database_url)
+    worker = Worker(config, db)
+    signal.signal(signal.SIGTERM, worker.drain)
+    signal.signal(signal.SIGINT, worker.drain)
+    try:
+        worker.run_forever()
+    finally:
+        db.dispose()
+    return 0
