@@ -1,0 +1,68 @@
+"""Datasets: examples stored in order and read back in batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from edgeprune.storage import (
+    AlreadyExists,
+    Database,
+    DatasetRepo,
+    InvalidArgument,
+    NewDataset,
+    NotFound,
+)
+
+N = 2500
+
+
+def examples(n: int = N) -> list[dict]:
+    return [{"clean": f"When Mary and John {i}", "corrupted": f"When Amy and Tom {i}",
+             "target": " Mary", "distractor": " John"} for i in range(n)]
+
+
+def test_create_and_read_in_batches(db: Database) -> None:
+    repo = DatasetRepo(db)
+    record = repo.create(NewDataset(id="ioi-train", task="ioi", model="smollm2-135m"), examples())
+    assert record.example_count == N and repo.get("ioi-train") == record
+    lines = b"".join(
+        json.dumps(e, sort_keys=True, separators=(",", ":")).encode() + b"\n" for e in examples()
+    )
+    assert record.content_hash == hashlib.sha256(lines).hexdigest()
+    assert repo.examples("ioi-train", offset=1000, limit=3) == examples()[1000:1003]
+    batches = list(repo.iter_examples("ioi-train", batch_size=1000))
+    assert [len(b) for b in batches] == [1000, 1000, 500]
+    assert [e for b in batches for e in b] == examples()
+
+
+def test_ids_are_unique_and_validated(db: Database) -> None:
+    repo = DatasetRepo(db)
+    repo.create(NewDataset(id="a"), examples(2))
+    with pytest.raises(AlreadyExists):
+        repo.create(NewDataset(id="a"), examples(2))
+    with pytest.raises(InvalidArgument):
+        repo.create(NewDataset(id="Bad Id"), examples(2))
+    with pytest.raises(InvalidArgument, match=r"examples\[1\]"):
+        repo.create(NewDataset(id="b"), [{"ok": 1}, "not an object"])  # type: ignore[list-item]
+    with pytest.raises(NotFound):
+        repo.get("b")  # the failed create left nothing behind
+    generated = repo.create(NewDataset(), [])
+    assert generated.example_count == 0 and repo.get(generated.id) == generated
+
+
+def test_list_and_delete(db: Database) -> None:
+    repo = DatasetRepo(db)
+    for i in range(5):
+        repo.create(NewDataset(id=f"d{i}", task="ioi" if i % 2 else "gp"), examples(1))
+    first = repo.list(page_size=2)
+    second = repo.list(page_size=2, page_token=first.next_page_token)
+    assert [d.id for d in first.items + second.items] == ["d4", "d3", "d2", "d1"]
+    assert [d.id for d in repo.list(task="ioi").items] == ["d3", "d1"]
+    repo.delete("d3")
+    with pytest.raises(NotFound):
+        repo.examples("d3")
+    with pytest.raises(NotFound):
+        repo.delete("d3")
