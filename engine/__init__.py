@@ -11,6 +11,16 @@ from edgeprune.engine.errors import (
 
 # Public names imported on first use, so that importing the errors does not load torch/transformers.
 _LAZY = {"load_model": "edgeprune.engine.loading"}
+_LAZY.update(dict.fromkeys(["evaluate", "evaluate_many"], "edgeprune.engine.metrics"))
+_TASK_NAMES = ["Example", "TaskDataset", "build_task", "from_examples", "load_jsonl"]
+_LAZY.update(dict.fromkeys(_TASK_NAMES, "edgeprune.engine.tasks"))
+_LAZY["export_circuit"] = "edgeprune.engine.export"
+_LAZY.update(dict.fromkeys(["prune", "PruneConfig", "PruneResult", "ProgressEvent"], "edgeprune.engine.prune"))
+_LAZY.update(dict.fromkeys(["attribute", "acdc", "scored_circuit"], "edgeprune.engine.attribution"))
+_LAZY.update(dict.fromkeys(["sweep", "SweepResult", "MIB_SIZES"], "edgeprune.engine.sweep"))
+_LAZY["Circuit"] = "edgeprune.engine.circuit"
+_LAZY["CircuitModel"] = "edgeprune.engine.masked"
+_LAZY["Graph"] = "edgeprune.engine.graph"
 
 
 def __getattr__(name: str) -> object:
@@ -22,11 +32,32 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "MIB_SIZES",
+    "Circuit",
+    "CircuitModel",
     "EngineError",
+    "Example",
+    "Graph",
     "InvalidArgument",
     "ModelNotFound",
     "NotSupported",
+    "ProgressEvent",
+    "PruneConfig",
+    "PruneResult",
     "ResourceExhausted",
+    "SweepResult",
+    "TaskDataset",
     "UnsupportedArchitecture",
+    "acdc",
+    "attribute",
+    "build_task",
+    "evaluate",
+    "evaluate_many",
+    "export_circuit",
+    "from_examples",
+    "load_jsonl",
     "load_model",
+    "prune",
+    "scored_circuit",
+    "sweep",
 ]

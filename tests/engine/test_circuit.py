@@ -1,0 +1,132 @@
+"""Circuits: dead-edge removal, bisection to a requested size, serialisation (no model needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeprune.engine.circuit import (
+    Circuit,
+    build_circuit,
+    effective_sparsity,
+    live_edges,
+    nodes_of_edges,
+    requested_edges,
+    select_top,
+    top_edges,
+)
+from edgeprune.engine.errors import InvalidArgument
+from edgeprune.engine.graph import Graph
+
+GRAPH = Graph.build(n_layers=2, n_heads=2, n_kv_heads=1, has_pos=True)
+
+
+def keep_of(*edges: str) -> torch.Tensor:
+    keep = torch.zeros(GRAPH.n_edges, dtype=torch.bool)  # [E]
+    for edge in edges:
+        keep[GRAPH.edge_index(edge)] = True
+    return keep
+
+
+def names(mask: torch.Tensor) -> set[str]:
+    return {GRAPH.edges[i] for i in torch.nonzero(mask).flatten().tolist()}
+
+
+def test_a_complete_path_is_live() -> None:
+    path = ("tok->a0.h1.q", "a0.h1->m1", "m1->logits")
+    assert names(live_edges(GRAPH, keep_of(*path))) == set(path)
+
+
+def test_edges_off_any_path_are_dead() -> None:
+    # a0.h0 is reached but reaches nothing; m1 reaches logits but nothing reaches it.
+    keep = keep_of("tok->a0.h0.q", "m1->logits", "pos->logits")
+    assert names(live_edges(GRAPH, keep)) == {"pos->logits"}
+
+
+def test_kv_reader_feeds_every_head_of_its_group() -> None:
+    # One KV head: a1.h0.k feeds both a1.h0 and a1.h1.
+    keep = keep_of("tok->a1.h0.k", "a1.h1->logits")
+    assert names(live_edges(GRAPH, keep)) == {"tok->a1.h0.k", "a1.h1->logits"}
+
+
+def test_a_node_off_kills_its_edges() -> None:
+    path = ("tok->a0.h1.q", "a0.h1->m1", "m1->logits")
+    nodes = torch.ones(GRAPH.n_writers, dtype=torch.bool)  # [W]
+    nodes[GRAPH.writer_index("a0.h1")] = False
+    assert names(live_edges(GRAPH, keep_of(*path), nodes)) == set()
+    assert effective_sparsity(GRAPH, keep_of(*path), nodes) == 1.0
+    assert effective_sparsity(GRAPH, keep_of(*path)) == pytest.approx(1 - 3 / GRAPH.n_edges)
+
+
+def test_full_graph_is_all_live() -> None:
+    assert bool(live_edges(GRAPH, torch.ones(GRAPH.n_edges, dtype=torch.bool)).all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(0, GRAPH.n_edges))
+def test_select_top_is_the_largest_cut_within_the_size(seed: int, k: int) -> None:
+    scores = torch.randn(GRAPH.n_edges, generator=torch.Generator().manual_seed(seed))  # [E]
+    keep = select_top(GRAPH, scores, k)
+    assert int(keep.sum()) <= k
+    assert torch.equal(keep, live_edges(GRAPH, keep))  # nothing dead left
+    # Live counts grow with the number of top edges taken, so taking one more would overshoot.
+    counts = [int(live_edges(GRAPH, top_edges(GRAPH, scores, m)).sum()) for m in range(GRAPH.n_edges + 1)]
+    assert counts == sorted(counts)
+    m = max(i for i, c in enumerate(counts) if c <= k)
+    assert torch.equal(keep, live_edges(GRAPH, top_edges(GRAPH, scores, m)))
+
+
+def test_select_top_without_dead_edge_removal_takes_exactly_k() -> None:
+    scores = torch.arange(GRAPH.n_edges, dtype=torch.float32)  # [E]
+    keep = select_top(GRAPH, scores, 7, prune_dead=False)
+    assert torch.equal(torch.nonzero(keep).flatten(), torch.arange(GRAPH.n_edges - 7, GRAPH.n_edges))
+
+
+def test_requested_edges() -> None:
+    assert requested_edges(GRAPH, n_edges=5) == 5
+    assert requested_edges(GRAPH, sparsity=1.0) == 0
+    assert requested_edges(GRAPH, sparsity=0.0) == GRAPH.n_edges
+    assert requested_edges(GRAPH) is None
+    for bad in ({"n_edges": -1}, {"n_edges": GRAPH.n_edges + 1}, {"sparsity": 1.5},
+                {"n_edges": 3, "sparsity": 0.5}, {"sparsity": float("nan")}, {"n_edges": 2.5}):
+        with pytest.raises(InvalidArgument):
+            requested_edges(GRAPH, **bad)
+
+
+def test_circuit_round_trip_and_masks() -> None:
+    scores = torch.randn(GRAPH.n_edges, generator=torch.Generator().manual_seed(0))  # [E]
+    circuit = build_circuit(GRAPH, scores, n_edges=12, model="m", method="eap",
+                            provenance={"dataset": "ioi"})
+    again = Circuit.from_dict(json.loads(json.dumps(circuit.to_dict())))
+    assert again == circuit
+    mask = circuit.edge_mask(GRAPH)  # [E]
+    assert names(mask.bool()) == set(circuit.edges)
+    assert circuit.n_edges == int(mask.sum()) <= 12
+    assert circuit.sparsity == pytest.approx(1 - circuit.n_edges / GRAPH.n_edges)
+    assert set(circuit.edge_scores) == set(circuit.edges)
+    nodes = circuit.node_mask(GRAPH)  # [W]
+    writers = {e.split("->")[0] for e in circuit.edges}
+    assert {w for w, on in zip(GRAPH.writers, nodes.tolist()) if on} >= writers
+
+
+def test_nodes_of_edges_uses_the_kv_group() -> None:
+    assert nodes_of_edges(["tok->a1.h0.k"], GRAPH) == ["tok", "a1.h0", "a1.h1"]
+
+
+def test_from_dict_errors_name_the_field() -> None:
+    with pytest.raises(InvalidArgument) as err:
+        Circuit.from_dict({"model": "m", "method": "eap", "n_edges_total": 3})
+    assert err.value.field == "circuit.edges"
+    with pytest.raises(InvalidArgument):
+        Circuit.from_dict([1, 2])  # type: ignore[arg-type]
+    bad = Circuit(model="m", method="eap", edges=["tok->nowhere"], edge_scores={}, nodes=[],
+                  n_edges_total=GRAPH.n_edges)
+    with pytest.raises(InvalidArgument):
+        bad.edge_mask(GRAPH)
+    other = Circuit(model="m", method="eap", edges=[], edge_scores={}, nodes=[], n_edges_total=5)
+    with pytest.raises(InvalidArgument):
+        other.edge_mask(GRAPH)
