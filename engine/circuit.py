@@ -293,5 +293,12 @@ def circuit_from_keep(
         n_edges_total=graph.n_edges,
         target=dict(target),
         settings=dict(settings or {}),
-        provenance=dict(provenance or {}),
+        # the graph's shape lets exports place GQA key/value readers without the model at hand
+        provenance={"graph": graph_shape(graph), **(provenance or {})},
     )
+
+
+def graph_shape(graph: Graph) -> dict[str, Any]:
+    """The numbers that rebuild ``graph`` with :meth:`Graph.build`."""
+    return {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "n_kv_heads": graph.n_kv_heads,
+            "has_pos": graph.has_pos}

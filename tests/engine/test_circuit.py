@@ -20,6 +20,7 @@ from edgeprune.engine.circuit import (
     top_edges,
 )
 from edgeprune.engine.errors import InvalidArgument
+from edgeprune.engine.export import graph_of
 from edgeprune.engine.graph import Graph
 
 GRAPH = Graph.build(n_layers=2, n_heads=2, n_kv_heads=1, has_pos=True)
@@ -111,6 +112,14 @@ def test_circuit_round_trip_and_masks() -> None:
     nodes = circuit.node_mask(GRAPH)  # [W]
     writers = {e.split("->")[0] for e in circuit.edges}
     assert {w for w, on in zip(GRAPH.writers, nodes.tolist()) if on} >= writers
+
+
+def test_circuit_records_its_graph_shape() -> None:
+    scores = torch.randn(GRAPH.n_edges, generator=torch.Generator().manual_seed(1))  # [E]
+    circuit = build_circuit(GRAPH, scores, n_edges=5, model="m", method="eap",
+                            provenance={"dataset": "ioi"})
+    assert circuit.provenance["dataset"] == "ioi"
+    assert graph_of(circuit) == GRAPH
 
 
 def test_nodes_of_edges_uses_the_kv_group() -> None:
