@@ -1,0 +1,43 @@
+"""Per-family adapters for the generic masked forward, found through the ``ADAPTERS`` registry.
+
+Keys are Hugging Face ``config.model_type`` values, plus ``"tracr"`` for
+``edgeprune.engine.tracr_model.TracrModel`` instances.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from edgeprune.engine.adapters.base import Adapter
+from edgeprune.engine.adapters.gpt2 import GPT2Adapter
+from edgeprune.engine.adapters.llama import LlamaAdapter
+from edgeprune.engine.adapters.tracr import TracrAdapter
+from edgeprune.engine.errors import UnsupportedArchitecture
+
+ADAPTERS: dict[str, type[Adapter]] = {
+    "gpt2": GPT2Adapter,
+    "llama": LlamaAdapter,
+    "qwen2": LlamaAdapter,
+    "mistral": LlamaAdapter,
+    "tracr": TracrAdapter,
+}
+
+
+def model_type(module: nn.Module) -> str:
+    """The registry key for ``module``: "tracr" for a TracrModel, else its HF ``config.model_type``."""
+    if type(module).__name__ == "TracrModel":
+        return "tracr"
+    return str(getattr(getattr(module, "config", None), "model_type", type(module).__name__))
+
+
+def adapter_for(module: nn.Module) -> Adapter:
+    """The adapter for ``module``; UnsupportedArchitecture naming the supported ones otherwise."""
+    kind = model_type(module)
+    if kind not in ADAPTERS:
+        raise UnsupportedArchitecture(
+            f"architecture {kind!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[kind](module)
+
+
+__all__ = ["ADAPTERS", "Adapter", "adapter_for", "model_type"]

@@ -1,0 +1,71 @@
+"""GPT-2 family adapter (``GPT2LMHeadModel``): LayerNorm, learned positions, fused Conv1D q/k/v.
+
+Conv1D stores weights as [in, out] (y = x @ W + b); c_attn's columns are q | k | v, each
+H blocks of K columns, so head h of q is ``W[:, h*K:(h+1)*K]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgeprune.engine.adapters._norm_project import layer_norm_project
+from edgeprune.engine.adapters.base import Adapter, output_heads
+
+
+class GPT2Adapter(Adapter):
+    """Adapter over a Hugging Face ``GPT2LMHeadModel``."""
+
+    arch = "gpt2"
+    has_pos = True
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        config = module.config
+        self.body = module.transformer
+        self.n_layers = config.n_layer
+        self.n_heads = self.n_kv_heads = config.n_head
+        self.d_model = config.n_embd
+        self.head_dim = self.d_model // self.n_heads
+        self.vocab_size = config.vocab_size
+        self.input_vocab_size = self.body.wte.num_embeddings
+        self.max_positions = config.n_positions
+        self._scale_weights = config.scale_attn_weights
+        self._scale_by_layer = config.scale_attn_by_inverse_layer_idx
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        tok = self.body.wte(input_ids)  # [B, T, D]
+        pos = self.body.wpe(position_ids).expand_as(tok)  # [B, T, D]
+        return torch.stack([tok, pos])  # [2, B, T, D]
+
+    def qkv(self, layer, xq, xk, xv, position_ids):
+        block = self.body.h[layer]
+        c_attn = block.attn.c_attn
+        D, H, K = self.d_model, self.n_heads, self.head_dim
+        # c_attn.weight [D, 3D] -> q, k, v each [H, K, D] (views)
+        w = c_attn.weight.view(D, 3, H, K).permute(1, 2, 3, 0)  # [3, H, K, D]
+        b = c_attn.bias.view(3, H, K)  # [3, H, K]
+        # per-reader LayerNorm + head projection, the norm's scale applied after the projection
+        q = layer_norm_project(xq, block.ln_1, w[0]) + b[0][None, :, None, :]  # [B, H, T, K]
+        k = layer_norm_project(xk, block.ln_1, w[1]) + b[1][None, :, None, :]  # [B, H, T, K]
+        v = layer_norm_project(xv, block.ln_1, w[2]) + b[2][None, :, None, :]  # [B, H, T, K]
+        return q, k, v
+
+    def attn_scale(self, layer: int) -> float:
+        scale = self.head_dim**-0.5 if self._scale_weights else 1.0
+        return scale / (layer + 1) if self._scale_by_layer else scale
+
+    def heads_out(self, layer, z):
+        c_proj = self.body.h[layer].attn.c_proj
+        w = c_proj.weight.view(self.n_heads, self.head_dim, self.d_model)  # [H, K, D]
+        return output_heads(z, w, c_proj.bias)  # [H, B, T, D]
+
+    def mlp(self, layer, x):
+        block = self.body.h[layer]
+        return block.mlp(block.ln_2(x))  # [..., D]
+
+    def unembed(self, x):
+        return self.module.lm_head(self.body.ln_f(x))  # [..., V]
+
+    def reference_logits(self, input_ids, attention_mask):
+        return self.module(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]

@@ -1,0 +1,347 @@
+"""The masked forward pass: every edge between its clean and its ablated value (DESIGN.md §1-2).
+
+Reader r's input is ``x_r = A_r + sum_{w < n_r} M[r, w] * d_w`` where ``d_w = y_w - y~_w`` is
+writer w's output minus its ablation value, ``A_r = sum_{w < n_r} y~_w`` the ablated residual over
+r's upstream prefix, and ``M[r, w] = z_wr * z_w`` (edge mask times node mask). All masks 1 gives the
+clean residual, all masks 0 the ablated one. The deltas live in one buffer [W, B, T, D] written in
+place; readers are mixed by matmuls over their upstream slices, a block of layers at a time (see
+``masked_forward`` and _autograd.py).
+
+``masked_forward`` knows nothing of model families: an :class:`~edgeprune.engine.adapters.Adapter`
+supplies embeddings, per-head q/k/v, head outputs, MLPs and the unembedding.
+
+Shapes: B batch, T tokens, W writers, R readers, H query heads, KV key/value heads, K head width,
+D model width, E edges, V vocab, N answer positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeprune.engine import _checks
+from edgeprune.engine._autograd import DeltaBuffer, mix, prefix, read, write
+from edgeprune.engine._checks import Mask
+from edgeprune.engine.adapters import Adapter, adapter_for
+from edgeprune.engine.errors import InvalidArgument
+from edgeprune.engine.graph import Graph, ReaderGroup
+
+
+def attention_mask_4d(valid: torch.Tensor, *, causal: bool, window: int | None) -> torch.Tensor:
+    """Which keys each query attends to: valid [B, T] (bool, right padding) -> [B, 1, T, T].
+
+    Padded queries attend to every key, so no row is empty (an empty row would give NaN, which the
+    mixing would spread); their outputs are never read by real tokens.
+    """
+    T = valid.shape[1]
+    allowed = valid[:, None, None, :]  # [B, 1, 1, T]
+    q = torch.arange(T, device=valid.device)[:, None]  # [T, 1]
+    k = torch.arange(T, device=valid.device)[None, :]  # [1, T]
+    if causal:
+        allowed = allowed & (k <= q)  # [B, 1, T, T]
+    if window is not None:
+        allowed = allowed & (k > q - window)  # [B, 1, T, T]
+    return allowed | ~valid[:, None, :, None]  # [B, 1, T, T]
+
+
+def block_layers(n_layers: int) -> int:
+    """Layers per mixing block: about sqrt(L) balances prefix reads against in-block reads."""
+    return max(1, round(math.sqrt(n_layers)))
+
+
+def ablated_residuals(graph: Graph, ablated: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """A_r = sum of y~_w over each reader group's upstream prefix, in group order (attention and
+    MLP of every layer, then logits): 2L + 1 tensors [B|1, T, D] (all None for zero ablation)."""
+    groups = [f(j) for j in range(graph.n_layers) for f in (graph.attn_group, graph.mlp_group)]
+    groups.append(graph.logits_group())
+    if ablated is None:
+        return [None] * len(groups)
+    out, total, done = [], ablated[0].new_zeros(ablated.shape[1:]), 0  # [B|1, T, D]
+    for group in groups:
+        total = total + ablated[done : group.n_upstream].sum(0)  # [B|1, T, D]
+        done = group.n_upstream
+        out.append(total)
+    return out
+
+
+def _block_prefix(
+    graph: Graph,
+    weights: torch.Tensor,
+    bases: list[torch.Tensor | None],
+    start: int,
+    stop: int,
+) -> tuple[torch.Tensor, tuple[tuple[int, int, torch.Tensor | None], ...]]:
+    """Mixing weights of the readers of layers start..stop-1 over the writers before ``start``
+    [R_blk, n], and each reader group's (first row, row count, ablated residual A_r)."""
+    first = graph.layer_start(start)
+    groups = [f(i) for i in range(start, stop) for f in (graph.attn_group, graph.mlp_group)]
+    m = torch.cat([weights[g.edges].view(-1, g.n_upstream)[:, :first] for g in groups])
+    layout, row = [], 0
+    for i, group in enumerate(groups):
+        count = group.readers.stop - group.readers.start
+        layout.append((row, count, bases[2 * start + i]))
+        row += count
+    return m, tuple(layout)  # [R_blk, first], one entry per group
+
+
+def masked_forward(
+    adapter: Adapter,
+    graph: Graph,
+    input_ids: torch.Tensor,
+    valid: torch.Tensor,
+    weights: torch.Tensor,
+    ablated: torch.Tensor | None,
+    index: torch.Tensor | None = None,
+    *,
+    logits: bool = True,
+) -> tuple[torch.Tensor | None, DeltaBuffer]:
+    """Logits of the masked model, and the delta buffer.
+
+    input_ids [B, T]; valid [B, T] bool; weights [E] (M[r, w] in edge order); ablated [W, B|1, T, D]
+    or None (zero ablation); index [N] rows of the flat (B*T) axis to unembed, None for all.
+    Returns logits [B, T, V] (or [N, V]; None when ``logits`` is False) and the buffer, whose ``d``
+    holds every writer's output minus its ablation value.
+
+    Mixing is blocked: at the first layer of every block of ``block_layers(L)`` layers, one matmul
+    mixes the block's readers over the writers before the block (reading that prefix of the buffer
+    once per block, not once per layer); each reader then adds the writers inside the block.
+    """
+    B, T = input_ids.shape
+    H, KV, L = adapter.n_heads, adapter.n_kv_heads, adapter.n_layers
+    position_ids = torch.arange(T, device=input_ids.device)[None]  # [1, T]
+    emb = adapter.embed(input_ids, position_ids)  # [n_embed, B, T, D]
+    buf = DeltaBuffer(graph.n_writers, B, T, adapter.d_model, like=emb)  # d [W, B, T, D]
+
+    def ablation(start: int, stop: int) -> torch.Tensor | None:
+        return None if ablated is None else ablated[start:stop]  # [n, B|1, T, D]
+
+    bases = ablated_residuals(graph, ablated)  # A_r per reader group, 2L + 1 of [B|1, T, D] or None
+    masks: dict[int | None, torch.Tensor] = {}  # attention masks by sliding window
+    size = block_layers(L)
+    R_attn = H + 2 * KV
+
+    def reader_inputs(
+        group: ReaderGroup, row: int, split: tuple[int, ...]
+    ) -> tuple[torch.Tensor, ...]:
+        m = weights[group.edges].view(-1, group.n_upstream)[:, first:]  # [R, writers in the block]
+        return read(buf, token, block, block_token, m, row=row, start=first, split=split)
+
+    token = write(buf, emb.new_zeros(()), 0, emb, ablation(0, graph.n_embed))
+    for layer in range(L):
+        j = layer % size  # position in the block
+        if j == 0:
+            first = graph.layer_start(layer)  # writers before the block
+            m, layout = _block_prefix(graph, weights, bases, layer, min(L, layer + size))
+            block, block_token = prefix(buf, token, m, layout)
+
+        row = j * (R_attn + 1)
+        q_in, k_in, v_in = reader_inputs(graph.attn_group(layer), row, (H, KV, KV))
+        q, k, v = adapter.qkv(layer, q_in, k_in, v_in, position_ids)  # [B, H|KV, T, K]
+        window = adapter.sliding_window(layer)
+        if window not in masks:
+            masks[window] = attention_mask_4d(valid, causal=adapter.causal, window=window)
+        z = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=masks[window], scale=adapter.attn_scale(layer), enable_gqa=H != KV
+        )  # [B, H, T, K]
+        heads = graph.layer_start(layer)
+        token = write(buf, token, heads, adapter.heads_out(layer, z), ablation(heads, heads + H))
+        (x,) = reader_inputs(graph.mlp_group(layer), row + R_attn, (1,))  # [1, B, T, D]
+        token = write(
+            buf, token, heads + H, adapter.mlp(layer, x), ablation(heads + H, heads + H + 1)
+        )
+
+    if not logits:
+        return None, buf
+    base = bases[-1]  # [B|1, T, D] or None
+    if index is not None and base is not None:
+        base = base.expand(B, T, -1).reshape(B * T, -1)[index]  # [N, D]
+    m = weights[graph.logits_group().edges].view(1, -1)  # [1, W]
+    x = mix(buf, token, m, base, index, last=True)  # [1, B, T, D] | [1, N, D]
+    return adapter.unembed(x[0]), buf  # [B, T, V] | [N, V]
+
+
+class CircuitModel(nn.Module):
+    """A frozen language model whose every edge can be masked between clean and ablated values.
+
+    ``CircuitModel(module, tokenizer)`` takes a Hugging Face causal LM (gpt2, llama, qwen2, mistral)
+    or an ``edgeprune.engine.tracr_model.TracrModel``. The module's weights are frozen and used in
+    place. See CONTRACT.md / the README for the mask and ablation conventions.
+    """
+
+    def __init__(self, module: nn.Module, tokenizer: object = None, *, name: str = "") -> None:
+        super().__init__()
+        self.adapter = adapter_for(module)  # UnsupportedArchitecture for unknown families
+        module.eval()
+        module.requires_grad_(False)
+        self.module = module
+        self.tokenizer = tokenizer
+        self.name = name
+        a = self.adapter
+        self.arch = a.arch
+        self.n_layers, self.n_heads, self.n_kv_heads = a.n_layers, a.n_heads, a.n_kv_heads
+        self.d_model, self.vocab_size = a.d_model, a.vocab_size
+        self.graph = Graph.build(a.n_layers, a.n_heads, a.n_kv_heads, a.has_pos)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    # ---- public API ------------------------------------------------------------------------
+
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        corrupted_ids: torch.Tensor | None = None,
+        edge_mask: Mask = None,
+        node_mask: Mask = None,
+        ablation: str = "corrupted",
+        ablated: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of the masked model: [B, T, V], or [B, V] / [B, P, V] at ``positions`` [B] / [B, P].
+
+        Masks are None (all 1), a dict {name: value} (absent names are 1) or a dense tensor ([E] for
+        edges, [W] for nodes, graph order); the result is differentiable w.r.t. dense masks. The
+        ablation values y~ are ``ablated`` [W, B|1, T, D] when given, else the corrupted run's writer
+        outputs (``corrupted_ids`` [B, T], same attention mask), zero, or the per-position mean over
+        the batch (``corrupted_ids`` if given, else ``input_ids``).
+        """
+        ids, valid = self._check_batch(input_ids, attention_mask)
+        ablation = _checks.check_ablation(ablation)
+        B, T = ids.shape
+        index = _checks.check_positions(positions, B, T)
+        index = None if index is None else index.to(self.device)
+        weights = self._edge_weights(edge_mask, node_mask)  # [E]
+        y_tilde = self._ablation_values(
+            ids, valid, attention_mask, corrupted_ids, ablation, ablated
+        )
+        out, _ = masked_forward(self.adapter, self.graph, ids, valid, weights, y_tilde, index)
+        assert out is not None
+        if positions is None:
+            return out  # [B, T, V]
+        return out.view(*positions.shape, -1)  # [B, V] | [B, P, V]
+
+    @torch.no_grad()
+    def ablation_outputs(
+        self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Every writer's output in the plain (unmasked) run on these ids: [W, B, T, D], no grad."""
+        ids, valid = self._check_batch(input_ids, attention_mask)
+        ones = torch.ones(self.graph.n_edges, device=self.device, dtype=self.dtype)  # [E]
+        _, buf = masked_forward(self.adapter, self.graph, ids, valid, ones, None, logits=False)
+        return buf.d  # zero ablation: d_w = y_w  [W, B, T, D]
+
+    @torch.no_grad()
+    def mean_ablation(
+        self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-position mean of every writer's output over the examples, pads excluded: [W, 1, T, D]."""
+        outputs = self.ablation_outputs(input_ids, attention_mask=attention_mask)  # [W, B, T, D]
+        _, valid = self._check_batch(input_ids, attention_mask)
+        weight = valid.to(outputs.dtype)[None, :, :, None]  # [1, B, T, 1]
+        count = weight.sum(1, keepdim=True).clamp(min=1)  # [1, 1, T, 1]
+        return (outputs * weight).sum(1, keepdim=True) / count  # [W, 1, T, D]
+
+    @torch.no_grad()
+    def reference_logits(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The original module's logits: [B, T, V], or at ``positions`` as in :meth:`logits`."""
+        ids, valid = self._check_batch(input_ids, attention_mask)
+        B, T = ids.shape
+        index = _checks.check_positions(positions, B, T)
+        out = self.adapter.reference_logits(ids, valid.long())  # [B, T, V]
+        if index is None:
+            return out
+        return out.reshape(B * T, -1)[index.to(out.device)].view(*positions.shape, -1)  # type: ignore[union-attr]
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _check_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated ids [B, T] (long) and padding mask [B, T] (bool) on the model's device."""
+        a = self.adapter
+        ids = _checks.check_ids(
+            input_ids,
+            "input_ids",
+            vocab=a.input_vocab_size,
+            max_len=a.max_positions,
+            device=self.device,
+        )
+        return ids, _checks.check_attention_mask(attention_mask, ids.shape, self.device)
+
+    def _edge_weights(self, edge_mask: Mask, node_mask: Mask) -> torch.Tensor:
+        """Effective edge weights M = z_wr * z_w, dense [E]."""
+        like = torch.empty((), device=self.device, dtype=self.dtype)
+        g = self.graph
+        edges = _checks.dense_mask(edge_mask, g.n_edges, g.edge_index, "edge_mask", like)  # [E]
+        nodes = _checks.dense_mask(node_mask, g.n_writers, g.writer_index, "node_mask", like)  # [W]
+        if edges is None:
+            edges = torch.ones(g.n_edges, device=self.device, dtype=self.dtype)  # [E]
+        if nodes is None:
+            return edges
+        return edges * nodes[g.edge_writer.to(self.device)]  # [E]
+
+    def _ablation_values(
+        self,
+        ids: torch.Tensor,
+        valid: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        corrupted_ids: torch.Tensor | None,
+        ablation: str,
+        ablated: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """y~ [W, B|1, T, D] for this batch (None for zero ablation)."""
+        B, T = ids.shape
+        if ablation == "zero":
+            if ablated is not None:
+                raise InvalidArgument(
+                    "ablated values make no sense with ablation='zero'", field="ablated"
+                )
+            return None
+        if corrupted_ids is not None:
+            if not isinstance(corrupted_ids, torch.Tensor) or corrupted_ids.shape != ids.shape:
+                raise InvalidArgument(
+                    f"corrupted_ids must have the shape of input_ids {tuple(ids.shape)}",
+                    field="corrupted_ids",
+                )
+            corrupted_ids = _checks.check_ids(
+                corrupted_ids,
+                "corrupted_ids",
+                vocab=self.adapter.input_vocab_size,
+                max_len=None,
+                device=self.device,
+            )
+        if ablated is not None:
+            like = torch.empty((), device=self.device, dtype=self.dtype)
+            return _checks.check_ablated(
+                ablated,
+                writers=self.graph.n_writers,
+                batch=B,
+                tokens=T,
+                width=self.d_model,
+                like=like,
+            )
+        if ablation == "mean":
+            source = ids if corrupted_ids is None else corrupted_ids
+            return self.mean_ablation(source, attention_mask=valid.long())  # [W, 1, T, D]
+        if corrupted_ids is None:
+            raise InvalidArgument(
+                "ablation='corrupted' needs corrupted_ids or precomputed ablated values",
+                field="corrupted_ids",
+            )
+        return self.ablation_outputs(corrupted_ids, attention_mask=valid.long())  # [W, B, T, D]
