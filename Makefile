@@ -24,7 +24,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(PY) -m edgeprune.engine.demo
+	$(VENV)/bin/edgeprune demo
 
 bench: install
 	$(PY) -m bench
