@@ -6,6 +6,8 @@ fresh subprocess so that peak memories are separable (VmHWM from /proc/self/stat
 * ``masked``: one ``CircuitModel.logits`` forward at the last position with dense edge and node
   masks that require grad, the corrupted run precomputed (``ablated=``), KL to cached clean logits,
   backward to the masks;
+* ``masked_checkpointed``: the same with activation checkpointing (only on request:
+  ``python -m bench.bench_forward --measure gpt2-small masked_checkpointed``);
 * ``hf``: one plain forward of the Hugging Face module (eval mode, weights requiring grad), the
   same KL at the last position, backward to the weights.
 
@@ -109,7 +111,8 @@ def measure(shape: str, kind: str) -> dict:
     model = CircuitModel(module)
     target = model.reference_logits(ids, attention_mask=mask, positions=last).log_softmax(-1)
 
-    if kind == "masked":
+    if kind in ("masked", "masked_checkpointed"):
+        model.checkpoint_layers = kind == "masked_checkpointed"
         ablated = model.ablation_outputs(corrupted, attention_mask=mask)  # cached corrupted run
         edge = torch.rand(model.graph.n_edges, generator=gen).requires_grad_()
         node = torch.rand(model.graph.n_writers, generator=gen).requires_grad_()

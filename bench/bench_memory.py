@@ -28,6 +28,8 @@ CASES: list[dict[str, Any]] = [
     {"preset": "gpt2-small", "batch": 8, "seq": 32},
     {"preset": "smollm2-135m", "batch": 8, "seq": 24},
 ]
+# measured by main() with and without activation checkpointing
+CHECKPOINTING_CASE: dict[str, Any] = {"preset": "gpt2-small", "batch": 8, "seq": 64}
 
 
 def random_model(shape: ModelShape, dtype: torch.dtype = torch.float32) -> Any:
@@ -76,23 +78,29 @@ def random_dataset(vocab_size: int, n: int, seq_len: int, seed: int = 0) -> Any:
     return from_examples(examples, None, name="random", vocab_size=vocab_size)
 
 
-def _prune_steps(model: Any, dataset: Any, batch: int, steps: int) -> None:
+def _prune_steps(
+    model: Any, dataset: Any, batch: int, steps: int, checkpointing: bool = False
+) -> None:
     from edgeprune.engine.prune import PruneConfig, prune
 
-    prune(model, dataset, PruneConfig(steps=steps, batch_size=batch, seed=0))
+    config = PruneConfig(
+        steps=steps, batch_size=batch, seed=0, activation_checkpointing=checkpointing
+    )
+    prune(model, dataset, config)
 
 
 def measure(case: dict[str, Any]) -> dict[str, Any]:
     """Run in *this* process: measured peak of two pruning steps and the estimate, in bytes.
 
     ``case``: "preset" (a name in PRESETS) or "shape" (ModelShape fields), "batch", "seq",
-    optional "examples" (default: batch; all are cached, as prune does within its budget) and
-    "dtype" (default "float32").
+    optional "examples" (default: batch; all are cached, as prune does within its budget),
+    "dtype" (default "float32") and "activation_checkpointing" (default false).
     """
     shape = PRESETS[case["preset"]] if "preset" in case else ModelShape(**case["shape"])
     batch, seq = int(case["batch"]), int(case["seq"])
     examples = int(case.get("examples", batch))
     dtype = case.get("dtype", "float32")
+    checkpointing = bool(case.get("activation_checkpointing", False))
     # warm up: load every library and kernel a pruning step touches, then take the baseline
     tiny = ModelShape(
         1,
@@ -112,9 +120,14 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
     with track_peak_memory("cpu") as peak:
         model = random_model(shape, getattr(torch, dtype))
         dataset = random_dataset(shape.vocab_size, examples, seq)
-        _prune_steps(model, dataset, batch, 2)
+        _prune_steps(model, dataset, batch, 2, checkpointing)
     estimate = estimate_job_memory(
-        shape, batch_size=batch, seq_len=seq, n_examples=examples, dtype=dtype
+        shape,
+        batch_size=batch,
+        seq_len=seq,
+        n_examples=examples,
+        dtype=dtype,
+        activation_checkpointing=checkpointing,
     )
     return {
         "model": shape.name,
@@ -122,6 +135,7 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
         "seq": seq,
         "examples": examples,
         "dtype": dtype,
+        "activation_checkpointing": checkpointing,
         "measured_bytes": peak.peak - base.start,
         "estimate_bytes": estimate.total,
         "estimate": estimate.terms(),
@@ -150,6 +164,24 @@ def main() -> None:
         result = measure_in_subprocess(case)
         result["ratio"] = round(result["estimate_bytes"] / result["measured_bytes"], 3)
         print(json.dumps({"bench": "memory", **result}), flush=True)
+    plain, checkpointed = (
+        measure_in_subprocess({**CHECKPOINTING_CASE, "activation_checkpointing": on})
+        for on in (False, True)
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "memory_checkpointing",
+                **CHECKPOINTING_CASE,
+                "measured_mib": round(plain["measured_bytes"] / 2**20, 1),
+                "checkpointed_mib": round(checkpointed["measured_bytes"] / 2**20, 1),
+                "ratio": round(checkpointed["measured_bytes"] / plain["measured_bytes"], 3),
+                "estimate_mib": round(plain["estimate_bytes"] / 2**20, 1),
+                "checkpointed_estimate_mib": round(checkpointed["estimate_bytes"] / 2**20, 1),
+            }
+        ),
+        flush=True,
+    )
     for name in PRESETS:
         for dtype, ckpt in (("float32", False), ("bfloat16", False), ("bfloat16", True)):
             est = estimate_job_memory(

@@ -16,10 +16,14 @@ D model width, E edges, V vocab, N answer positions.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from edgeprune.engine import _checks
@@ -87,6 +91,36 @@ def _block_prefix(
     return m, tuple(layout)  # [R_blk, first], one entry per group
 
 
+def attention_heads(
+    adapter: Adapter,
+    layer: int,
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    position_ids: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """One layer's attention from its readers' inputs to its heads' outputs, a pure function:
+    xq [H, B, T, D], xk and xv [KV, B, T, D], mask [B, 1, T, T] -> [H, B, T, D]."""
+    H, KV = adapter.n_heads, adapter.n_kv_heads
+    q, k, v = adapter.qkv(layer, xq, xk, xv, position_ids)  # [B, H|KV, T, K]
+    z = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=adapter.attn_scale(layer), enable_gqa=H != KV
+    )  # [B, H, T, K]
+    return adapter.heads_out(layer, z)  # [H, B, T, D]
+
+
+def _call(fn: Callable[..., torch.Tensor], *args: object, recompute: bool) -> torch.Tensor:
+    """``fn(*args)``; with ``recompute`` its intermediates are not kept but recomputed during the
+    backward pass (activation checkpointing; ``fn`` must be pure)."""
+    if not (recompute and torch.is_grad_enabled()):
+        return fn(*args)
+    # a frozen model in eval mode draws no random numbers: no RNG state to preserve
+    return torch.utils.checkpoint.checkpoint(
+        fn, *args, use_reentrant=False, preserve_rng_state=False
+    )
+
+
 def masked_forward(
     adapter: Adapter,
     graph: Graph,
@@ -97,6 +131,7 @@ def masked_forward(
     index: torch.Tensor | None = None,
     *,
     logits: bool = True,
+    checkpoint_layers: bool = False,
 ) -> tuple[torch.Tensor | None, DeltaBuffer]:
     """Logits of the masked model, and the delta buffer.
 
@@ -108,6 +143,12 @@ def masked_forward(
     Mixing is blocked: at the first layer of every block of ``block_layers(L)`` layers, one matmul
     mixes the block's readers over the writers before the block (reading that prefix of the buffer
     once per block, not once per layer); each reader then adds the writers inside the block.
+
+    With ``checkpoint_layers`` every layer's attention (from its q/k/v readers' inputs to its heads'
+    outputs) and MLP (from its reader's input to its output) keep none of their intermediates
+    (normalised inputs, q/k/v, attention, hidden activations) for the backward pass, which
+    recomputes them. Both are pure functions of their inputs, which live in the block's reader
+    inputs until the backward pass is done with them; the buffer's writes and reads stay outside.
     """
     B, T = input_ids.shape
     H, KV, L = adapter.n_heads, adapter.n_kv_heads, adapter.n_layers
@@ -139,19 +180,18 @@ def masked_forward(
 
         row = j * (R_attn + 1)
         q_in, k_in, v_in = reader_inputs(graph.attn_group(layer), row, (H, KV, KV))
-        q, k, v = adapter.qkv(layer, q_in, k_in, v_in, position_ids)  # [B, H|KV, T, K]
         window = adapter.sliding_window(layer)
         if window not in masks:
             masks[window] = attention_mask_4d(valid, causal=adapter.causal, window=window)
-        z = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=masks[window], scale=adapter.attn_scale(layer), enable_gqa=H != KV
-        )  # [B, H, T, K]
-        heads = graph.layer_start(layer)
-        token = write(buf, token, heads, adapter.heads_out(layer, z), ablation(heads, heads + H))
-        (x,) = reader_inputs(graph.mlp_group(layer), row + R_attn, (1,))  # [1, B, T, D]
-        token = write(
-            buf, token, heads + H, adapter.mlp(layer, x), ablation(heads + H, heads + H + 1)
+        attend = functools.partial(
+            attention_heads, adapter, layer, position_ids=position_ids, mask=masks[window]
         )
+        y = _call(attend, q_in, k_in, v_in, recompute=checkpoint_layers)  # [H, B, T, D]
+        heads = graph.layer_start(layer)
+        token = write(buf, token, heads, y, ablation(heads, heads + H))
+        (x,) = reader_inputs(graph.mlp_group(layer), row + R_attn, (1,))  # [1, B, T, D]
+        y = _call(adapter.mlp, layer, x, recompute=checkpoint_layers)  # [1, B, T, D]
+        token = write(buf, token, heads + H, y, ablation(heads + H, heads + H + 1))
 
     if not logits:
         return None, buf
@@ -169,9 +209,20 @@ class CircuitModel(nn.Module):
     ``CircuitModel(module, tokenizer)`` takes a Hugging Face causal LM (gpt2, llama, qwen2, mistral)
     or an ``edgeprune.engine.tracr_model.TracrModel``. The module's weights are frozen and used in
     place. See CONTRACT.md / the README for the mask and ablation conventions.
+
+    ``checkpoint_layers`` (also settable, or on for a ``with model.checkpointing():`` block) trades
+    compute for memory: every layer's attention and MLP intermediates are recomputed during the
+    backward pass instead of kept (see :func:`masked_forward`); results are unchanged.
     """
 
-    def __init__(self, module: nn.Module, tokenizer: object = None, *, name: str = "") -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        tokenizer: object = None,
+        *,
+        name: str = "",
+        checkpoint_layers: bool = False,
+    ) -> None:
         super().__init__()
         self.adapter = adapter_for(module)  # UnsupportedArchitecture for unknown families
         module.eval()
@@ -184,6 +235,7 @@ class CircuitModel(nn.Module):
         self.n_layers, self.n_heads, self.n_kv_heads = a.n_layers, a.n_heads, a.n_kv_heads
         self.d_model, self.vocab_size = a.d_model, a.vocab_size
         self.graph = Graph.build(a.n_layers, a.n_heads, a.n_kv_heads, a.has_pos)
+        self.checkpoint_layers = checkpoint_layers
 
     @property
     def device(self) -> torch.device:
@@ -192,6 +244,16 @@ class CircuitModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.module.parameters()).dtype
+
+    @contextlib.contextmanager
+    def checkpointing(self, enabled: bool = True) -> Iterator[None]:
+        """Checkpoint layers inside the ``with`` block when ``enabled`` (or already on)."""
+        previous = self.checkpoint_layers
+        self.checkpoint_layers = previous or enabled
+        try:
+            yield
+        finally:
+            self.checkpoint_layers = previous
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -224,7 +286,16 @@ class CircuitModel(nn.Module):
         y_tilde = self._ablation_values(
             ids, valid, attention_mask, corrupted_ids, ablation, ablated
         )
-        out, _ = masked_forward(self.adapter, self.graph, ids, valid, weights, y_tilde, index)
+        out, _ = masked_forward(
+            self.adapter,
+            self.graph,
+            ids,
+            valid,
+            weights,
+            y_tilde,
+            index,
+            checkpoint_layers=self.checkpoint_layers,
+        )
         assert out is not None
         if positions is None:
             return out  # [B, T, V]
@@ -285,16 +356,22 @@ class CircuitModel(nn.Module):
         return ids, _checks.check_attention_mask(attention_mask, ids.shape, self.device)
 
     def _edge_weights(self, edge_mask: Mask, node_mask: Mask) -> torch.Tensor:
-        """Effective edge weights M = z_wr * z_w, dense [E]."""
-        like = torch.empty((), device=self.device, dtype=self.dtype)
+        """Effective edge weights M = z_wr * z_w, dense [E] in the model's dtype.
+
+        The product is taken in at least float32 and rounded to the model's dtype once, so a bf16
+        model sees the masks as closely as bf16 allows; gradients flow back through the casts to
+        the masks in their own dtype (float32 log-alphas stay float32).
+        """
+        precise = torch.promote_types(self.dtype, torch.float32)
+        like = torch.empty((), device=self.device, dtype=precise)
         g = self.graph
         edges = _checks.dense_mask(edge_mask, g.n_edges, g.edge_index, "edge_mask", like)  # [E]
         nodes = _checks.dense_mask(node_mask, g.n_writers, g.writer_index, "node_mask", like)  # [W]
         if edges is None:
-            edges = torch.ones(g.n_edges, device=self.device, dtype=self.dtype)  # [E]
-        if nodes is None:
-            return edges
-        return edges * nodes[g.edge_writer.to(self.device)]  # [E]
+            edges = torch.ones(g.n_edges, device=self.device, dtype=precise)  # [E]
+        if nodes is not None:
+            edges = edges * nodes[g.edge_writer.to(self.device)]  # [E]
+        return edges.to(self.dtype)  # [E]
 
     def _ablation_values(
         self,

@@ -96,6 +96,7 @@ class PruneConfig:
     warm_start_scale: float = 3.0  # warm-start log_alphas are clamped to [-scale, scale]
     cache_bytes: int = DEFAULT_BUDGET_BYTES
     distributed: bool = False
+    activation_checkpointing: bool = False  # recompute layer internals in backward (less memory)
 
     def validate(self, model: CircuitModel, dataset: TaskDataset) -> None:
         """InvalidArgument naming the first bad field."""
@@ -130,6 +131,9 @@ class PruneConfig:
         if self.warm_start not in (None, "eap_ig"):
             raise InvalidArgument(f"warm_start must be None or 'eap_ig', got {self.warm_start!r}",
                                   field="warm_start")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise InvalidArgument("activation_checkpointing must be true or false",
+                                  field="activation_checkpointing")
         if self.node_loss and not self.node_masks:
             raise InvalidArgument("node_loss needs node_masks", field="node_loss")
         objective.check_loss(self.loss, dataset)
@@ -310,7 +314,8 @@ class _Run:
         index = batch_rows(len(self.dataset), config.batch_size, config.seed, step)  # [B]
         mine = index[rank::world]  # this rank's share [B / world]
         batch = cache.batch(mine)
-        logits = cache.logits(batch, z_edges, z_nodes)  # [b, P, V]
+        with model.checkpointing(config.activation_checkpointing):  # decided in the forward pass
+            logits = cache.logits(batch, z_edges, z_nodes)  # [b, P, V]
         # Weighted so that the mean over ranks of the local losses is the loss of the whole batch.
         task = objective.loss(config.loss, batch, logits) * (len(mine) * world / len(index))
 
@@ -360,7 +365,7 @@ class _Run:
         state = from_bytes(data)
         saved = state.extra.get("config", {})
         mine = dataclasses.asdict(self.config)
-        changed = sorted(k for k in mine if k != "distributed" and saved.get(k) != mine[k])
+        changed = sorted(k for k in mine if k not in _RESULT_NEUTRAL and saved.get(k) != mine[k])
         if changed:
             raise InvalidArgument(
                 f"the checkpoint was made with other settings ({', '.join(changed)})", field="resume"
@@ -382,6 +387,10 @@ class _Run:
         self.step = state.step
         self.history = list(state.extra["history"])
         self.start_sparsity = float(state.extra["start_sparsity"])
+
+
+# Settings that change how a run computes, not what: a run may resume with other values.
+_RESULT_NEUTRAL = frozenset({"distributed", "activation_checkpointing"})
 
 
 def _lagrangian(
