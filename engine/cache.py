@@ -16,11 +16,11 @@ import torch
 
 from edgeprune.engine.errors import InvalidArgument
 from edgeprune.engine.masked import CircuitModel
+from edgeprune.engine.memory import DEFAULT_BUDGET_BYTES
 from edgeprune.engine.tasks import TaskDataset
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUDGET_BYTES = 1 << 30
 CHUNK = 16  # examples per forward while filling the cache
 
 

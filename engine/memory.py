@@ -1,7 +1,9 @@
 """How much memory a pruning job needs, from the model config alone (DESIGN.md §2, issue 7).
 
 The server calls :func:`estimate_job_memory` before it accepts a job and rejects one that cannot
-fit its device (:func:`check_fits` raises ``ResourceExhausted`` with the estimate). The estimate
+fit its device (:func:`check_fits` raises ``ResourceExhausted`` with the estimate; the estimate is
+plain arithmetic and this module imports torch only inside :func:`device_memory` and
+:func:`track_peak_memory`, so the API process uses it without loading torch). The estimate
 follows what the masked forward + backward of one pruning step keeps alive at its peak (the start
 of the backward pass), term by term:
 
@@ -36,15 +38,16 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from edgeprune.engine.cache import DEFAULT_BUDGET_BYTES
 from edgeprune.engine.errors import InvalidArgument, ResourceExhausted
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "CALIBRATION_TOLERANCE",
+    "DEFAULT_BUDGET_BYTES",
     "PRESETS",
     "MemoryEstimate",
     "ModelShape",
@@ -56,6 +59,10 @@ __all__ = [
 ]
 
 GiB = 1024**3
+
+# What a run may keep of per-example activations (engine/cache.py); defined here, where no torch
+# is imported, so that the API server can estimate a job without loading torch.
+DEFAULT_BUDGET_BYTES = 1 << 30
 
 # The estimate stays within this relative error of a measured CPU peak (see the tests).
 CALIBRATION_TOLERANCE = 0.25
@@ -72,13 +79,14 @@ _BACKWARD_COPIES = 2.0  # one layer's input and hidden gradients alive during it
 _LOGIT_COPIES = 6.0  # clean and masked logits, their log-softmaxes, KL terms, gradient [B, P, V]
 _MASK_BYTES_PER_ENTRY = 4 * 12  # fp32: log_alpha, grad, 2 AdamW moments, ~8 sampling temporaries
 
+# dtype name (or alias) -> (canonical name, bytes per element); torch dtypes are named "torch.x".
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+    "float32": ("float32", 4),
+    "fp32": ("float32", 4),
+    "bfloat16": ("bfloat16", 2),
+    "bf16": ("bfloat16", 2),
+    "float16": ("float16", 2),
+    "fp16": ("float16", 2),
 }
 
 
@@ -268,11 +276,10 @@ class MemoryEstimate:
         return f"{self.total / GiB:.2f} GiB ({parts} GiB)"
 
 
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
+def _dtype(dtype: str | torch.dtype) -> tuple[str, int]:
+    """(canonical name, bytes per element) of a dtype name or a torch dtype."""
     try:
-        return _DTYPES[dtype.lower()]
+        return _DTYPES[str(dtype).removeprefix("torch.").lower()]
     except KeyError:
         raise InvalidArgument(
             f"unknown dtype {dtype!r}; expected one of {sorted(set(_DTYPES))}", field="dtype"
@@ -284,7 +291,7 @@ def estimate_job_memory(
     *,
     batch_size: int,
     seq_len: int,
-    dtype: str | torch.dtype = torch.float32,
+    dtype: str | torch.dtype = "float32",
     activation_checkpointing: bool = False,
     answer_positions: int = 1,
     n_examples: int = 0,
@@ -314,8 +321,7 @@ def estimate_job_memory(
         )
     if n_examples < 0:
         raise InvalidArgument(f"n_examples must be >= 0, got {n_examples}", field="n_examples")
-    dt = _dtype(dtype)
-    s = torch.finfo(dt).bits // 8  # bytes per element of activations and weights
+    dtype_name, s = _dtype(dtype)  # s: bytes per element of activations and weights
     B = -(-batch_size // world_size)  # this rank's share of the batch
     T, D, F, K = seq_len, shape.d_model, shape.d_ff, shape.head_dim
     H, KV, L, W = shape.n_heads, shape.n_kv_heads, shape.n_layers, shape.n_writers
@@ -347,7 +353,7 @@ def estimate_job_memory(
             "model": shape.name,
             "batch_size": batch_size,
             "seq_len": seq_len,
-            "dtype": str(dt).removeprefix("torch."),
+            "dtype": dtype_name,
             "activation_checkpointing": activation_checkpointing,
             "answer_positions": answer_positions,
             "n_examples": n_examples,
@@ -372,6 +378,8 @@ def _shape(model: Any) -> ModelShape:
 
 def device_memory(device: str | torch.device) -> int | None:
     """Bytes a job may use on ``device``: the GPU's total memory, or None (CPU: not enforced)."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).total_memory
@@ -426,6 +434,8 @@ def track_peak_memory(device: str | torch.device = "cpu") -> Iterator[PeakMemory
     VmHWM; large tensors are only returned to the OS promptly when glibc's mmap threshold is fixed
     (run with ``MALLOC_MMAP_THRESHOLD_=65536``), so measure in a fresh process.
     """
+    import torch
+
     device = torch.device(device)
     result = PeakMemory()
     if device.type == "cuda":

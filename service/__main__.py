@@ -1,16 +1,18 @@
-"""``python -m edgeprune.service serve|worker [flags]`` (what `edgeprune serve|worker` runs)."""
+"""``python -m edgeprune.service serve|worker|migrate [flags]`` (what `edgeprune serve|worker`
+runs; ``migrate`` upgrades the database schema and exits)."""
 
 from __future__ import annotations
 
 import sys
 
-from edgeprune.service.cli import serve_main, worker_main
+from edgeprune.service.cli import migrate_main, serve_main, worker_main
 
 
 def main(argv: list[str]) -> int:
-    commands = {"serve": serve_main, "worker": worker_main}
+    commands = {"serve": serve_main, "worker": worker_main, "migrate": migrate_main}
     if not argv or argv[0] not in commands:
-        print("usage: python -m edgeprune.service {serve,worker} [flags]", file=sys.stderr)
+        print("usage: python -m edgeprune.service {serve,worker,migrate} [flags]",
+              file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
 

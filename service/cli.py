@@ -1,7 +1,9 @@
 """Entry points of `edgeprune serve` and `edgeprune worker` (the client's CLI calls these lazily).
 
-    serve_main(argv)   API server + `--workers` worker processes (default 1) on one database
-    worker_main(argv)  one worker against the same database (Kubernetes worker Deployment)
+    serve_main(argv)    API server + `--workers` worker processes (default 1) on one database
+    worker_main(argv)   one worker against the same database (Kubernetes worker Deployment)
+    migrate_main(argv)  migrate the configured database to the newest schema and exit
+                        (idempotent; the Kubernetes migration Job)
 
 Both read flags > EDGEPRUNE_* environment > --config file (see `config.py`) and exit with 2 on a
 bad setting, 1 when the database cannot be reached, with a one-line message, never a traceback.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -95,3 +98,30 @@ def worker_main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def migrate_main(argv: list[str] | None = None) -> int:
+    """`python -m edgeprune.service migrate`: upgrade the database schema, print its revision."""
+    prog = "edgeprune migrate"
+    args = _parser(prog, "Apply the database migrations of edgeprune and exit.").parse_args(argv)
+    config = _config(prog, args)
+    if config is None:
+        return 2
+    _setup_logging(config.log_level)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from edgeprune.storage import Database, StorageError
+
+    try:
+        db = Database(config.effective_database_url)
+        try:
+            db.migrate()
+            revision = db.current_revision()
+        finally:
+            db.dispose()
+    except (StorageError, SQLAlchemyError) as err:
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        print(f"{prog}: database: {reason}", file=sys.stderr)
+        return 1
+    print(json.dumps({"revision": revision}), flush=True)
+    return 0

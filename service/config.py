@@ -47,6 +47,7 @@ class Limits:
     max_page_size: int = 1000
     max_pending_jobs: int = 10_000
     max_labels: int = 64
+    max_data_parallel: int = 1  # processes of one data-parallel Edge Pruning job (GPUs of a worker)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Config:
     workers: int = 1  # worker processes `serve` starts next to the API (0: API only)
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1" ...
     threads: int = 0  # torch CPU threads per worker (0: torch's default, one per core)
+    worker_memory_bytes: int = 0  # one job's memory on a worker (0: auto, see memory_check.py)
     tls_cert: str = ""  # PEM files; both set -> the API only accepts TLS
     tls_key: str = ""
     auth_tokens: Sequence[str] = ()  # non-empty -> calls need "authorization: Bearer <token>"
@@ -196,6 +198,9 @@ HELP = {
     "workers": "worker processes `serve` starts (0: API only)",
     "device": "auto, cpu, cuda or cuda:N",
     "threads": "torch CPU threads per worker (0: one per core)",
+    "worker_memory_bytes": "memory one job may use on a worker device; SubmitJob rejects jobs "
+                           "estimated above it (0: half the RAM for CPU workers, unchecked for GPUs)",
+    "max_data_parallel": "most processes (devices) one data-parallel Edge Pruning job may use",
     "tls_cert": "PEM certificate chain (with --tls-key: TLS only)",
     "tls_key": "PEM private key",
     "lease_s": "a job's lease; a worker silent this long loses it",
@@ -266,11 +271,12 @@ def validate(config: Config) -> None:
             raise ConfigError(f"models: bad short name {name!r} (letters, digits, . _ -)")
         if not ref:
             raise ConfigError(f"models: {name!r} has no reference")
-    for name in ("workers", "threads", "checkpoint_every", "max_attempts", "default_steps",
+    zero_allowed = ("workers", "threads", "worker_memory_bytes")
+    for name in (*zero_allowed, "checkpoint_every", "max_attempts", "default_steps",
                  "default_batch_size", "default_examples", "default_page_size"):
-        if getattr(config, name) < 0 or (name not in ("workers", "threads")
-                                          and getattr(config, name) == 0):
-            raise ConfigError(f"{name}: must be positive, got {getattr(config, name)}")
+        value = getattr(config, name)
+        if value < 0 or (value == 0 and name not in zero_allowed):
+            raise ConfigError(f"{name}: must be positive, got {value}")
     for name in ("lease_s", "heartbeat_s", "poll_s", "drain_grace_s"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name}: must be positive, got {getattr(config, name)}")

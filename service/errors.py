@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -41,11 +41,13 @@ class ServiceError(Exception):
     code = "INTERNAL"
 
     def __init__(self, message: str, *, reason: str | None = None,
-                 violations: Sequence[tuple[str, str]] = ()) -> None:
+                 violations: Sequence[tuple[str, str]] = (),
+                 metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.code
         self.violations = list(violations)  # (field path, description)
+        self.metadata = dict(metadata or {})  # ErrorInfo.metadata (e.g. a memory estimate)
 
 
 class InvalidArgument(ServiceError):
@@ -124,7 +126,8 @@ def to_status(exc: BaseException) -> status_pb2.Status:
     """The google.rpc.Status for an exception, with ErrorInfo and BadRequest details."""
     error = classify(exc)
     status = status_pb2.Status(code=code_pb2.Code.Value(error.code), message=error.message)
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN)
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN,
+                                       metadata=error.metadata)
     status.details.add().Pack(info)
     if error.violations:
         bad = error_details_pb2.BadRequest(field_violations=[

@@ -25,12 +25,15 @@ from safetensors.torch import save as save_safetensors
 
 from edgeprune.engine import attribution, sweep
 from edgeprune.engine.circuit import Circuit
+from edgeprune.engine.distributed import ModelSpec, prune_data_parallel
 from edgeprune.engine.errors import InvalidArgument
 from edgeprune.engine.loading import load_model
 from edgeprune.engine.masked import CircuitModel
+from edgeprune.engine.memory import ModelShape, check_fits
 from edgeprune.engine.metrics import evaluate_many
 from edgeprune.engine.prune import ProgressEvent, PruneConfig, prune
 from edgeprune.engine.tasks import Example, TaskDataset, build_task, from_examples
+from edgeprune.service import memory_check
 from edgeprune.service.converters import METHOD_NAMES, float_map, size_to_dict
 from edgeprune.storage import CircuitRecord, DatasetRepo
 from edgeprune.v1 import common_pb2, job_pb2
@@ -234,16 +237,31 @@ def _progress_fields(event: ProgressEvent, *, size_index: int, size_count: int) 
     }
 
 
+def _pruner(model: CircuitModel, spec: job_pb2.JobSpec, ref: str) -> Callable[..., Any]:
+    """`prune` on this process's model, or over ``data_parallel_workers`` spawned processes
+    (one per GPU of the worker, or CPU processes under gloo) that load ``ref`` themselves."""
+    workers = spec.data_parallel_workers
+    if workers <= 1:
+        return lambda train, config, **hooks: prune(model, train, config, **hooks)
+    device_type = model.device.type
+    model_spec = ModelSpec(ref, dtype=str(model.dtype).removeprefix("torch."))
+    return lambda train, config, **hooks: prune_data_parallel(
+        model_spec, train, config, world_size=workers, device_type=device_type, **hooks)
+
+
 def run_edge_pruning(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobSpec,
-                     sizes: list[dict[str, Any]], hooks: Hooks) -> tuple[list[Circuit], bool]:
-    """One pruning run per size, resumable between and within sizes."""
+                     sizes: list[dict[str, Any]], hooks: Hooks, *, ref: str,
+                     ) -> tuple[list[Circuit], bool]:
+    """One pruning run per size, resumable between and within sizes (the same checkpoints
+    whether the job runs in one process or data parallel)."""
     start_index, done, engine_state = 0, [], None
     if hooks.resume is not None:
         start_index, done, engine_state = unpack_checkpoint(hooks.resume)
+    run = _pruner(model, spec, ref)
     for index in range(start_index, len(sizes)):
         config = prune_config(spec, sizes[index], model.graph.n_edges)
-        result = prune(
-            model, train, config,
+        result = run(
+            train, config,
             progress=lambda e, i=index: hooks.progress(
                 _progress_fields(e, size_index=i, size_count=len(sizes))),
             checkpoint_every=hooks.checkpoint_every,
@@ -307,16 +325,30 @@ def evaluate_circuits(model: CircuitModel, circuits: list[Circuit], data: TaskDa
     return summary
 
 
+def check_memory(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobSpec,
+                 budget: int | None) -> None:
+    """ResourceExhausted (with the estimate) when a pruning step on the tokenised data cannot
+    fit ``budget`` bytes (the API checked a lower bound of the sequence length already)."""
+    if budget is None:
+        return
+    n_tokens, n_positions = train.clean_ids.shape[1], train.positions.shape[1]  # T, P
+    check_fits(memory_check.estimate(
+        spec, ModelShape.from_model(model), seq_len=n_tokens, n_examples=len(train),
+        answer_positions=n_positions, dtype=str(model.dtype).removeprefix("torch."),
+        on_gpu=model.device.type == "cuda"), budget)
+
+
 def run_discovery(spec: job_pb2.JobSpec, ref: str, models: ModelCache, datasets: DatasetRepo,
-                  device: str, hooks: Hooks) -> Outcome:
+                  device: str, hooks: Hooks, *, memory_budget: int | None = None) -> Outcome:
     hooks.progress({"phase": "load_model"})
     model = models.get(ref, device, resolve_dtype(spec.dtype, device))
     hooks.progress({"phase": "prepare_data"})
     train, held_out = build_data(spec.data, model, datasets, seed=spec.seed,
                                  all_positions=spec.positions == common_pb2.POSITION_MODE_ALL)
+    check_memory(model, train, spec, memory_budget)
     sizes = [size_to_dict(s) for s in spec.sizes]
     if spec.method == common_pb2.METHOD_EDGE_PRUNING:
-        circuits, stopped = run_edge_pruning(model, train, spec, sizes, hooks)
+        circuits, stopped = run_edge_pruning(model, train, spec, sizes, hooks, ref=ref)
         if stopped:
             return Outcome(stopped=True)
     else:

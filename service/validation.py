@@ -217,6 +217,20 @@ def check_edge_pruning(v: Violations, spec: job_pb2.JobSpec, config: Config) -> 
     v.enum("spec.edge_pruning.warm_start", ep.warm_start, job_pb2.WarmStart)
 
 
+def check_data_parallel(v: Violations, spec: job_pb2.JobSpec, config: Config) -> None:
+    """``data_parallel_workers``: Edge Pruning only, within the server's limit and the batch."""
+    field, workers = "spec.data_parallel_workers", spec.data_parallel_workers
+    limit = config.limits.max_data_parallel
+    if workers < 0:
+        v.bad(field, f"must not be negative, got {workers}")
+    elif workers > limit:
+        v.bad(field, f"{workers} exceeds the server's max_data_parallel of {limit}")
+    elif workers > 1 and spec.method != common_pb2.METHOD_EDGE_PRUNING:
+        v.bad(field, "only METHOD_EDGE_PRUNING runs data parallel")
+    elif workers > spec.batch_size:
+        v.bad(field, f"{workers} processes cannot share a batch of {spec.batch_size}")
+
+
 def check_attribution(v: Violations, spec: job_pb2.JobSpec) -> None:
     att = spec.attribution
     if spec.method == common_pb2.METHOD_EDGE_PRUNING and spec.HasField("attribution"):
@@ -249,6 +263,7 @@ def normalize_job_spec(spec: job_pb2.JobSpec, config: Config, v: Violations) -> 
     if spec.ablation == common_pb2.ABLATION_UNSPECIFIED:
         spec.ablation = common_pb2.ABLATION_CORRUPTED
     check_edge_pruning(v, spec, config)
+    check_data_parallel(v, spec, config)
     check_attribution(v, spec)
     if spec.loss == common_pb2.LOSS_UNSPECIFIED and spec.method == common_pb2.METHOD_EDGE_PRUNING:
         spec.loss = common_pb2.LOSS_KL

@@ -25,6 +25,7 @@ from edgeprune.service import metrics, runner
 from edgeprune.service.config import Config
 from edgeprune.service.converters import KIND_EVALUATION, METHOD_NAMES, parse_spec
 from edgeprune.service.errors import FailedPrecondition, classify
+from edgeprune.service.memory_check import worker_memory_budget
 from edgeprune.storage import (
     BlobStore,
     CircuitRepo,
@@ -74,6 +75,7 @@ class Worker:
         self.datasets = DatasetRepo(db)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.device = runner.resolve_device(config.device)
+        self.memory_budget = worker_memory_budget(config, self.device)
         self.models = runner.ModelCache(on_load=self._model_loaded)
         self.draining = threading.Event()
         self.parent_pid = int(os.environ.get("EDGEPRUNE_PARENT_PID", "0"))
@@ -157,7 +159,7 @@ class Worker:
                                          self.datasets, self.device, hooks)
         assert isinstance(spec, job_pb2.JobSpec)
         return runner.run_discovery(spec, self._ref(spec.model), self.models, self.datasets,
-                                    self.device, hooks)
+                                    self.device, hooks, memory_budget=self.memory_budget)
 
     def _ref(self, name: str) -> str:
         ref = self.config.models.get(name)

@@ -9,6 +9,7 @@ from google.protobuf import json_format
 from edgeprune.service.config import Config
 from edgeprune.service.converters import KIND_DISCOVERY, KIND_EVALUATION, STATES_BY_PROTO
 from edgeprune.service.errors import FailedPrecondition, NotFound, ResourceExhausted
+from edgeprune.service.memory_check import check_job_memory, min_tokens
 from edgeprune.service.validation import (
     Violations,
     check_common,
@@ -42,6 +43,7 @@ class JobHandler:
         self.datasets = datasets
         self.circuits = circuits
         self.config = config
+        self._dataset_shapes: dict[str, tuple[int, int]] = {}  # datasets never change
 
     # ---------------------------------------------------------------------------- submit
 
@@ -58,6 +60,7 @@ class JobHandler:
                      request_id=request.request_id, config=self.config)
         v.raise_if_any()
         self._check_references(spec.data, "spec.data")
+        check_job_memory(spec, self.config.models[spec.model], self.config, self._dataset_shape)
         return self._create(spec, KIND_DISCOVERY, request.priority, request.labels,
                             request.request_id, caller)
 
@@ -90,6 +93,15 @@ class JobHandler:
             except StorageNotFound as err:
                 raise NotFound(f"{field}.dataset: {data.dataset} does not exist",
                                reason="DATASET_NOT_FOUND") from err
+
+    def _dataset_shape(self, dataset_id: str) -> tuple[int, int]:
+        """(fewest tokens of its longest example, example count) of a stored dataset."""
+        if dataset_id not in self._dataset_shapes:
+            texts = (row["clean"] for batch in self.datasets.iter_examples(dataset_id)
+                     for row in batch)
+            count = self.datasets.get(dataset_id).example_count
+            self._dataset_shapes[dataset_id] = (min_tokens(texts), count)
+        return self._dataset_shapes[dataset_id]
 
     def _create(self, spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, kind: str, priority: int,
                 labels: dict[str, str], request_id: str, caller: str) -> JobRecord:

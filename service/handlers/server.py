@@ -7,6 +7,7 @@ import functools
 from importlib import metadata
 
 from edgeprune.service.config import Config
+from edgeprune.service.memory_check import memory_budget
 from edgeprune.service.validation import BUILTIN_TASKS
 from edgeprune.v1 import common_pb2, server_pb2
 
@@ -47,7 +48,7 @@ class ServerHandler:
             f.name: getattr(config.limits, f.name)
             for f in dataclasses.fields(config.limits)
             if f.name in server_pb2.Limits.DESCRIPTOR.fields_by_name
-        })
+        }, worker_memory_bytes=memory_budget(config) or 0)
         return server_pb2.GetServerInfoResponse(
             version=version(),
             models=[server_pb2.ModelInfo(name=name, ref=ref if config.show_model_refs else "")

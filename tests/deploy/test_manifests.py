@@ -372,10 +372,10 @@ def test_migration_job_migrates_a_database(overlay: tuple[str, list[Doc]], tmp_p
     spec = job["spec"]["template"]["spec"]
     assert spec["restartPolicy"] in ("OnFailure", "Never") and job["spec"]["backoffLimit"] >= 1
     command = spec["containers"][0]["command"]
-    assert command[:2] == ["python", "-c"]
+    assert command == ["python", "-m", "edgeprune.service", "migrate"]
     url = f"sqlite:///{tmp_path / 'edgeprune.db'}"
     out = subprocess.run(
-        [sys.executable, "-c", command[2]],
+        [sys.executable, *command[1:]],
         env={**os.environ, "EDGEPRUNE_DATABASE_URL": url},
         capture_output=True,
         text=True,

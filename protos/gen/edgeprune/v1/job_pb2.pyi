@@ -323,6 +323,7 @@ class JobSpec(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     EDGE_PRUNING_FIELD_NUMBER: _builtins.int
     ATTRIBUTION_FIELD_NUMBER: _builtins.int
+    DATA_PARALLEL_WORKERS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A model reference on the server's allow-list (see GetServerInfo), e.g. `smollm2-135m`."""
     method: _common_pb2.Method.ValueType
@@ -339,6 +340,11 @@ class JobSpec(_message.Message):
     """Answer positions."""
     dtype: _common_pb2.Dtype.ValueType
     """Model dtype."""
+    data_parallel_workers: _builtins.int
+    """Edge Pruning over this many devices of one worker (data parallel: each process takes a
+    share of every batch; mask gradients are all-reduced). 0 or 1: one process. At most the
+    server's `max_data_parallel` (see GetServerInfo); at most `batch_size`.
+    """
     @_builtins.property
     def data(self) -> Global___DataSpec:
         """The examples."""
@@ -372,10 +378,11 @@ class JobSpec(_message.Message):
         dtype: _common_pb2.Dtype.ValueType = ...,
         edge_pruning: Global___EdgePruningOptions | None = ...,
         attribution: Global___AttributionOptions | None = ...,
+        data_parallel_workers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "data", b"data", "edge_pruning", b"edge_pruning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ablation", b"ablation", "attribution", b"attribution", "batch_size", b"batch_size", "data", b"data", "dtype", b"dtype", "edge_pruning", b"edge_pruning", "loss", b"loss", "method", b"method", "model", b"model", "positions", b"positions", "seed", b"seed", "sizes", b"sizes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ablation", b"ablation", "attribution", b"attribution", "batch_size", b"batch_size", "data", b"data", "data_parallel_workers", b"data_parallel_workers", "dtype", b"dtype", "edge_pruning", b"edge_pruning", "loss", b"loss", "method", b"method", "model", b"model", "positions", b"positions", "seed", b"seed", "sizes", b"sizes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from edgeprune.v1 import common_pb2 as edgeprune_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geprune/v1/server.proto\x12\x0c\x65\x64geprune.v1\x1a\x19\x65\x64geprune/v1/common.proto\"&\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\"A\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\"\xe0\x01\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x19\n\x11max_dataset_bytes\x18\x02 \x01(\x03\x12\x14\n\x0cmax_examples\x18\x03 \x01(\x03\x12\x1b\n\x13max_inline_examples\x18\x04 \x01(\x03\x12\x11\n\tmax_steps\x18\x05 \x01(\x03\x12\x11\n\tmax_sizes\x18\x06 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x03\x12\x15\n\rmax_page_size\x18\x08 \x01(\x03\x12\x18\n\x10max_pending_jobs\x18\t \x01(\x03\"\x16\n\x14GetServerInfoRequest\"\xd4\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\'\n\x06models\x18\x02 \x03(\x0b\x32\x17.edgeprune.v1.ModelInfo\x12%\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x14.edgeprune.v1.Device\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.edgeprune.v1.Limits\x12\r\n\x05tasks\x18\x05 \x03(\t\x12%\n\x07methods\x18\x06 \x03(\x0e\x32\x14.edgeprune.v1.Method2i\n\rServerService\x12X\n\rGetServerInfo\x12\".edgeprune.v1.GetServerInfoRequest\x1a#.edgeprune.v1.GetServerInfoResponseBp\n\x10\x64\x65v.edgeprune.v1B\x0bServerProtoP\x01Z>github.com/edgeprune/edgeprune/gen/go/edgeprune/v1;edgeprunev1\xaa\x02\x0c\x45\x64geprune.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geprune/v1/server.proto\x12\x0c\x65\x64geprune.v1\x1a\x19\x65\x64geprune/v1/common.proto\"&\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\"A\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\"\x98\x02\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x19\n\x11max_dataset_bytes\x18\x02 \x01(\x03\x12\x14\n\x0cmax_examples\x18\x03 \x01(\x03\x12\x1b\n\x13max_inline_examples\x18\x04 \x01(\x03\x12\x11\n\tmax_steps\x18\x05 \x01(\x03\x12\x11\n\tmax_sizes\x18\x06 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x03\x12\x15\n\rmax_page_size\x18\x08 \x01(\x03\x12\x18\n\x10max_pending_jobs\x18\t \x01(\x03\x12\x19\n\x11max_data_parallel\x18\n \x01(\x03\x12\x1b\n\x13worker_memory_bytes\x18\x0b \x01(\x03\"\x16\n\x14GetServerInfoRequest\"\xd4\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\'\n\x06models\x18\x02 \x03(\x0b\x32\x17.edgeprune.v1.ModelInfo\x12%\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x14.edgeprune.v1.Device\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.edgeprune.v1.Limits\x12\r\n\x05tasks\x18\x05 \x03(\t\x12%\n\x07methods\x18\x06 \x03(\x0e\x32\x14.edgeprune.v1.Method2i\n\rServerService\x12X\n\rGetServerInfo\x12\".edgeprune.v1.GetServerInfoRequest\x1a#.edgeprune.v1.GetServerInfoResponseBp\n\x10\x64\x65v.edgeprune.v1B\x0bServerProtoP\x01Z>github.com/edgeprune/edgeprune/gen/go/edgeprune/v1;edgeprunev1\xaa\x02\x0c\x45\x64geprune.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,11 +38,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICE']._serialized_start=110
   _globals['_DEVICE']._serialized_end=175
   _globals['_LIMITS']._serialized_start=178
-  _globals['_LIMITS']._serialized_end=402
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=404
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=426
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=429
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=641
-  _globals['_SERVERSERVICE']._serialized_start=643
-  _globals['_SERVERSERVICE']._serialized_end=748
+  _globals['_LIMITS']._serialized_end=458
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=460
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=482
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=485
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=697
+  _globals['_SERVERSERVICE']._serialized_start=699
+  _globals['_SERVERSERVICE']._serialized_end=804
 # @@protoc_insertion_point(module_scope)

@@ -90,6 +90,8 @@ class Limits(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MAX_PAGE_SIZE_FIELD_NUMBER: _builtins.int
     MAX_PENDING_JOBS_FIELD_NUMBER: _builtins.int
+    MAX_DATA_PARALLEL_FIELD_NUMBER: _builtins.int
+    WORKER_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """Largest request message in bytes."""
     max_dataset_bytes: _builtins.int
@@ -108,6 +110,12 @@ class Limits(_message.Message):
     """Largest page size of List calls."""
     max_pending_jobs: _builtins.int
     """Most jobs waiting in the queue."""
+    max_data_parallel: _builtins.int
+    """Most data-parallel processes of one Edge Pruning job (JobSpec.data_parallel_workers)."""
+    worker_memory_bytes: _builtins.int
+    """Memory budget of one job on a worker device, in bytes; SubmitJob rejects a job whose
+    estimated peak does not fit (RESOURCE_EXHAUSTED). 0: not checked when the job is submitted.
+    """
     def __init__(
         self,
         *,
@@ -120,10 +128,12 @@ class Limits(_message.Message):
         max_batch_size: _builtins.int = ...,
         max_page_size: _builtins.int = ...,
         max_pending_jobs: _builtins.int = ...,
+        max_data_parallel: _builtins.int = ...,
+        worker_memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_dataset_bytes", b"max_dataset_bytes", "max_examples", b"max_examples", "max_inline_examples", b"max_inline_examples", "max_message_bytes", b"max_message_bytes", "max_page_size", b"max_page_size", "max_pending_jobs", b"max_pending_jobs", "max_sizes", b"max_sizes", "max_steps", b"max_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_data_parallel", b"max_data_parallel", "max_dataset_bytes", b"max_dataset_bytes", "max_examples", b"max_examples", "max_inline_examples", b"max_inline_examples", "max_message_bytes", b"max_message_bytes", "max_page_size", b"max_page_size", "max_pending_jobs", b"max_pending_jobs", "max_sizes", b"max_sizes", "max_steps", b"max_steps", "worker_memory_bytes", b"worker_memory_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

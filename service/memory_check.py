@@ -1,0 +1,147 @@
+"""Does a job fit a worker's memory? Checked at SubmitJob, from the model's config alone.
+
+The API process estimates the peak memory of one pruning step with the engine's arithmetic
+(`edgeprune.engine.memory`, which imports no torch) from:
+
+* the model's shape: the `smollm2-135m` preset, or the ``config.json`` of an ``hf:<dir>`` /
+  ``tracr:<dir>`` checkpoint (no weights are read; a hub id the API cannot see is not checked);
+* the job's batch size, dtype, answer positions and data-parallel share of the batch;
+* a sequence length that the job's longest example cannot be shorter than: one token per
+  whitespace-separated word (every tokenizer we load splits at whitespace), or a built-in task's
+  shortest prompt. The check therefore rejects only jobs that cannot fit even then.
+
+The budget is `Config.worker_memory_bytes`; 0 means half of this host's physical memory when the
+workers run on the CPU (``device`` cpu or auto) and no check for ``cuda`` workers, whose GPU the
+API cannot see. `check_fits` keeps 10 % headroom. Workers check again once the data is tokenised
+(`runner.check_memory`, exact sequence length, their own device's memory).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from edgeprune.engine import errors as engine_errors
+from edgeprune.engine.memory import (
+    PRESETS,
+    MemoryEstimate,
+    ModelShape,
+    check_fits,
+    device_memory,
+)
+from edgeprune.engine.memory import estimate_job_memory as engine_estimate
+from edgeprune.service.config import Config
+from edgeprune.service.errors import ResourceExhausted
+from edgeprune.v1 import common_pb2, job_pb2
+
+log = logging.getLogger(__name__)
+
+CPU_MEMORY_FRACTION = 0.5  # of physical memory, when worker_memory_bytes is 0 on CPU workers
+# Fewest tokens of the longest prompt a built-in task generates (words of its shortest template;
+# tests/service/test_memory_check.py checks them against the engine's generators).
+TASK_MIN_TOKENS = {"ioi": 12, "gendered_pronoun": 5, "greater_than": 10}
+TRACR_MIN_TOKENS = 2  # BOS and one input token
+DTYPE_NAMES = {common_pb2.DTYPE_FLOAT32: "float32", common_pb2.DTYPE_BFLOAT16: "bfloat16",
+               common_pb2.DTYPE_FLOAT16: "float16"}
+
+
+def host_memory_budget() -> int:
+    """The default budget of a CPU worker: a fraction of this host's physical memory."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * CPU_MEMORY_FRACTION)
+
+
+def memory_budget(config: Config) -> int | None:
+    """Bytes one job may use on a worker, or None when the API cannot know (GPU workers)."""
+    if config.worker_memory_bytes > 0:
+        return config.worker_memory_bytes
+    return host_memory_budget() if config.device in ("cpu", "auto") else None
+
+
+def worker_memory_budget(config: Config, device: str) -> int:
+    """What a worker on ``device`` checks a job against once its data is tokenised: the setting,
+    else its GPU's memory, else the host's default budget."""
+    if config.worker_memory_bytes > 0:
+        return config.worker_memory_bytes
+    if device.startswith("cuda"):
+        return device_memory(device) or host_memory_budget()  # imports torch: workers only
+    return host_memory_budget()
+
+
+@functools.lru_cache(maxsize=64)
+def model_shape(ref: str) -> ModelShape | None:
+    """The shape of an allow-listed model reference, or None when its config is out of reach."""
+    if ref in PRESETS:
+        return PRESETS[ref]
+    kind, _, target = ref.partition(":")
+    if kind not in ("hf", "tracr") or not (Path(target) / "config.json").is_file():
+        return None
+    try:
+        return ModelShape.from_config_file(target)
+    except engine_errors.InvalidArgument as err:  # the worker reports the real problem
+        log.warning("no memory estimate for %s: %s", ref, err)
+        return None
+
+
+def min_tokens(texts: Iterable[str]) -> int:
+    """The fewest tokens the longest of ``texts`` can have (one per whitespace-separated word)."""
+    return max((len(text.split()) for text in texts), default=1)
+
+
+def data_shape(data: job_pb2.DataSpec,
+               dataset_texts: Callable[[str], tuple[int, int]]) -> tuple[int, int]:
+    """(sequence length lower bound, number of training examples) of a normalised job's data.
+    ``dataset_texts(id)`` gives (length bound, example count) of an uploaded dataset."""
+    source = data.WhichOneof("source")
+    if source == "task":  # the held-out examples are generated apart
+        return TASK_MIN_TOKENS.get(data.task.name, TRACR_MIN_TOKENS), data.task.example_count
+    if source == "dataset":
+        tokens, count = dataset_texts(data.dataset.removeprefix("datasets/"))
+    else:
+        examples = data.examples.examples
+        tokens, count = min_tokens(e.clean for e in examples), len(examples)
+    held_out = round(count * data.eval_fraction) if count >= 2 else 0  # as runner.build_data
+    return tokens, count - held_out
+
+
+def estimate(spec: job_pb2.JobSpec, shape: ModelShape, *, seq_len: int, n_examples: int,
+             answer_positions: int, dtype: str, on_gpu: bool) -> MemoryEstimate:
+    """The peak of one pruning step of ``spec`` (a normalised spec) on one worker device (the API
+    and the workers both call this). Data-parallel ranks on GPUs each hold their share of the
+    batch; on the CPU they share one memory, so the whole batch counts."""
+    world = max(1, spec.data_parallel_workers) if on_gpu else 1
+    batch = min(spec.batch_size, n_examples) if n_examples else spec.batch_size
+    return engine_estimate(shape, batch_size=batch, seq_len=seq_len, dtype=dtype,
+                           answer_positions=min(answer_positions, seq_len), n_examples=n_examples,
+                           world_size=world)
+
+
+def check_job_memory(spec: job_pb2.JobSpec, ref: str, config: Config,
+                     dataset_texts: Callable[[str], tuple[int, int]]) -> MemoryEstimate | None:
+    """RESOURCE_EXHAUSTED (reason INSUFFICIENT_DEVICE_MEMORY, the estimate in the message and in
+    ErrorInfo metadata) when the job cannot fit; the estimate, or None when not checked."""
+    budget = memory_budget(config)
+    shape = model_shape(ref)
+    if budget is None or shape is None:
+        return None
+    seq_len, n_examples = data_shape(spec.data, dataset_texts)
+    on_gpu = config.device.startswith("cuda")
+    all_positions = (spec.positions == common_pb2.POSITION_MODE_ALL
+                     or spec.data.examples.all_positions)
+    est = estimate(spec, shape, seq_len=seq_len, n_examples=n_examples,
+                   answer_positions=seq_len if all_positions else 1,
+                   dtype=DTYPE_NAMES.get(spec.dtype, "bfloat16" if on_gpu else "float32"),
+                   on_gpu=on_gpu)
+    try:
+        check_fits(est, budget)
+    except engine_errors.ResourceExhausted as err:
+        raise ResourceExhausted(str(err), reason="INSUFFICIENT_DEVICE_MEMORY", metadata={
+            "estimate_bytes": str(est.total),
+            "budget_bytes": str(budget),
+            "seq_len_at_least": str(seq_len),
+            "batch_size": str(spec.batch_size),
+            "dtype": est.settings["dtype"],
+        }) from err
+    return est

@@ -1,0 +1,154 @@
+"""SubmitJob's memory check over a real server with a small worker memory budget, and the token
+bounds the check rests on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from edgeprune.engine.loading import load_model
+from edgeprune.engine.memory import estimate_job_memory
+from edgeprune.engine.tasks import Example, build_task, from_examples
+from edgeprune.service.memory_check import TASK_MIN_TOKENS, min_tokens
+from edgeprune.v1 import common_pb2, job_pb2, server_pb2
+from tests.service.conftest import running
+from tests.service.errors import fails
+from tests.service.harness import Server, edge_pruning_spec, inline_examples
+
+BUDGET = 32 * 2**20  # a tiny GPT-2 job of batch 4 needs ~2 MiB, one of batch 1024 ~260 MiB
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Iterator[Server]:
+    folder = tmp_path_factory.mktemp("memory")
+    url = f"sqlite:///{folder / 'edgeprune.db'}"
+    with running(folder, url, tiny_gpt2_dir, workers=0, worker_memory_bytes=BUDGET,
+                 max_data_parallel=2) as server:
+        yield server
+
+
+def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(err)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert any(d.Unpack(info) for d in status.details if d.Is(info.DESCRIPTOR))
+    return info
+
+
+def ioi_spec(example_count: int, batch_size: int) -> job_pb2.JobSpec:
+    spec = edge_pruning_spec(job_pb2.DataSpec())
+    spec.data.task.name = "ioi"
+    spec.data.task.example_count = example_count
+    spec.batch_size = batch_size
+    return spec
+
+
+def test_a_job_too_large_for_the_budget_is_rejected_with_its_estimate(
+        small_server: Server) -> None:
+    spec = ioi_spec(4096, 1024)
+    with pytest.raises(grpc.RpcError) as caught:
+        small_server.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=spec), timeout=30)
+    err = caught.value
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "job needs about" in err.details() and "GiB" in err.details()
+    info = error_info(err)
+    assert info.reason == "INSUFFICIENT_DEVICE_MEMORY"
+    estimate = int(info.metadata["estimate_bytes"])
+    assert estimate > BUDGET * 0.9 and int(info.metadata["budget_bytes"]) == BUDGET
+    assert info.metadata["batch_size"] == "1024" and info.metadata["dtype"] == "float32"
+    # one process per batch share does not help on the CPU: the ranks share its memory
+    spec.data_parallel_workers = 2
+    assert fails(small_server.jobs.SubmitJob, job_pb2.SubmitJobRequest(spec=spec))[:2] == (
+        "RESOURCE_EXHAUSTED", "INSUFFICIENT_DEVICE_MEMORY")
+
+
+def test_a_normal_job_fits(small_server: Server) -> None:
+    job = small_server.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=edge_pruning_spec()),
+                                      timeout=30)
+    assert job.state == job_pb2.JOB_STATE_PENDING
+    task = ioi_spec(256, 16)
+    assert small_server.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=task), timeout=30).name
+    few = ioi_spec(8, 1024)  # a batch is never larger than the data
+    assert small_server.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=few), timeout=30).name
+
+
+def test_server_info_shows_the_budget_and_the_data_parallel_limit(small_server: Server) -> None:
+    info = small_server.info.GetServerInfo(server_pb2.GetServerInfoRequest(), timeout=10)
+    assert info.limits.worker_memory_bytes == BUDGET
+    assert info.limits.max_data_parallel == 2
+
+
+@pytest.mark.parametrize(("workers", "method_ep", "batch"), [(3, True, 4), (-1, True, 4),
+                                                             (2, False, 4), (2, True, 1)])
+def test_bad_data_parallel_workers_name_the_field(small_server: Server, workers: int,
+                                                  method_ep: bool, batch: int) -> None:
+    spec = edge_pruning_spec()
+    spec.data_parallel_workers = workers
+    spec.batch_size = batch
+    if not method_ep:
+        spec.method = common_pb2.METHOD_EAP
+        spec.ClearField("edge_pruning")
+    code, _, fields = fails(small_server.jobs.SubmitJob, job_pb2.SubmitJobRequest(spec=spec))
+    assert (code, fields) == ("INVALID_ARGUMENT", ["spec.data_parallel_workers"])
+
+
+def test_token_lower_bounds_hold_for_real_tokenizers(tiny_gpt2_dir: Path,
+                                                     tiny_llama_dir: Path) -> None:
+    """The check only rejects what cannot fit: its sequence lengths never exceed the real ones."""
+    for folder in (tiny_gpt2_dir, tiny_llama_dir):
+        tokenizer = load_model(f"hf:{folder}").tokenizer
+        for name, bound in TASK_MIN_TOKENS.items():
+            task = build_task(name, tokenizer, n=16, seed=0)
+            assert task.clean_ids.shape[1] >= bound, name
+        examples = inline_examples().examples.examples
+        data = from_examples([Example(clean=e.clean, corrupted=e.corrupted, target=e.target,
+                                      distractor=e.distractor) for e in examples], tokenizer)
+        assert min_tokens(e.clean for e in examples) <= data.clean_ids.shape[1]
+
+
+def test_the_worker_checks_the_exact_token_count(tmp_path_factory: pytest.TempPathFactory,
+                                                 tiny_gpt2_dir: Path) -> None:
+    """One long 'word' passes the API's bound (a token per word) but tokenises into many
+    tokens: the worker, which sees them, fails the job with RESOURCE_EXHAUSTED before pruning."""
+    junk = "".join("qzxjvkw"[(i * i + 3 * i) % 7] for i in range(300))
+    spec = edge_pruning_spec(job_pb2.DataSpec())
+    spec.batch_size = 8
+    examples = [Example(clean=f"{junk} Mary", corrupted=f"{junk} John", target=" John",
+                        distractor=" Mary") for _ in range(40)]
+    for ex in examples:
+        spec.data.examples.examples.add(clean=ex.clean, corrupted=ex.corrupted, target=ex.target,
+                                        distractor=ex.distractor)
+    model = load_model(f"hf:{tiny_gpt2_dir}")
+    n_tokens = from_examples(examples, model.tokenizer).clean_ids.shape[1]
+    assert n_tokens > 50 * min_tokens(e.clean for e in examples)
+
+    def needs(seq_len: int) -> int:
+        return estimate_job_memory(model, batch_size=8, seq_len=seq_len, n_examples=32).total
+
+    budget = int((needs(2) + needs(n_tokens)) / 2 / 0.9)
+    folder = tmp_path_factory.mktemp("memory-worker")
+    with running(folder, f"sqlite:///{folder / 'edgeprune.db'}", tiny_gpt2_dir,
+                 worker_memory_bytes=budget) as server:
+        job = server.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=spec), timeout=30)
+        done = server.wait_done(job.name, timeout=120)
+    assert done.state == job_pb2.JOB_STATE_FAILED
+    assert done.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert "job needs about" in done.error.message
+
+
+def test_the_estimate_loads_no_torch() -> None:
+    """The API estimates with engine/memory.py's arithmetic; torch stays out of its process."""
+    code = ("import sys, edgeprune.service.memory_check as m; "
+            "m.estimate(m.job_pb2.JobSpec(batch_size=8), m.PRESETS['smollm2-135m'], seq_len=64, "
+            "n_examples=100, answer_positions=1, dtype='bfloat16', on_gpu=True); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "False"
