@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
         print(f"# {name}", flush=True)
         try:
             importlib.import_module(f"bench.{name}").main()
-        except Exception as exc:  # one broken benchmark must not hide the others' figures
+        except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others' figures
             failed += 1
             print(f"# {name} FAILED: {exc!r}", flush=True)
         print(f"# {name} took {time.perf_counter() - start:.1f} s", flush=True)

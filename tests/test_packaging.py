@@ -3,8 +3,9 @@ Docker image installs one) holds the same modules as the editable checkout the t
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

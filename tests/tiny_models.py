@@ -90,11 +90,11 @@ def _randomize(model: PreTrainedModel, seed: int, std: float) -> None:
 
 
 def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
-    return dict(
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    return {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
 
 
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path) -> Path:
