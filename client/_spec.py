@@ -55,7 +55,7 @@ JOB_KEYS = frozenset(
         "all_positions", "eval_fraction", "method", "sparsity", "edges", "sizes", "steps",
         "warmup_steps", "lr", "lambda_lr", "node_masks", "node_sparsity", "warm_start",
         "ig_steps", "acdc_threshold", "batch_size", "seed", "ablation", "loss", "positions",
-        "dtype",
+        "dtype", "activation_checkpointing",
     }
 )
 _REQUEST_KEYS = frozenset({"priority", "labels", "request_id"})
@@ -230,6 +230,7 @@ def job_spec(
     node_masks: bool | None = None,
     node_sparsity: float | None = None,
     warm_start: str | bool | None = None,
+    activation_checkpointing: bool | None = None,
     ig_steps: int | None = None,
     acdc_threshold: float | None = None,
     batch_size: int | None = None,
@@ -248,7 +249,8 @@ def job_spec(
     of edges removed), ``edges`` (edges kept) or ``sizes`` (CircuitSize messages or
     mappings); a list of several sizes makes a sweep. ``method`` is ``edge_pruning``,
     ``eap``, ``eap_ig`` or ``acdc``; ``lr`` is the mask learning rate;
-    ``warm_start="eap_ig"`` (or True) starts the masks from EAP-IG scores.
+    ``warm_start="eap_ig"`` (or True) starts the masks from EAP-IG scores;
+    ``activation_checkpointing=True`` recomputes each layer in the backward pass (less memory).
     """
     if not isinstance(model, str) or not model.strip():
         raise InvalidArgument("model is required (e.g. 'smollm2-135m')", field="model")
@@ -286,6 +288,8 @@ def job_spec(
             setattr(pruning, field, _number(value, kind, name))
     if node_masks is not None:
         pruning.node_masks = bool(node_masks)
+    if activation_checkpointing is not None:
+        pruning.activation_checkpointing = bool(activation_checkpointing)
     if warm_start is not None and warm_start is not False:
         value = "eap_ig" if warm_start is True else warm_start
         pruning.warm_start = enum_value(job_pb2.WarmStart, value, prefix="WARM_START_", field="warm_start")

@@ -1,6 +1,6 @@
 """The ``edgeprune`` command line.
 
-    edgeprune serve | worker [options]             run the service (needs the server extra)
+    edgeprune serve | worker | migrate [options]   run the service (needs the server extra)
     edgeprune submit [JOB_FILE] [--model ...] [--watch | --wait]
     edgeprune jobs list | get | cancel | watch
     edgeprune datasets upload | list | get | delete
@@ -13,7 +13,7 @@ argument, 4 not found, 5 already exists, 6 failed precondition, 7 resource exhau
 8 unauthenticated / permission denied, 9 server unavailable or deadline exceeded,
 10 job failed, 11 job cancelled, 130 interrupted, 1 anything else.
 
-Only ``serve``, ``worker`` and ``demo`` import the server side, and only when run.
+Only ``serve``, ``worker``, ``migrate`` and ``demo`` import the server side, and only when run.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         "steps": args.steps, "warmup_steps": args.warmup_steps, "lr": args.lr,
         "batch_size": args.batch_size, "seed": args.seed, "warm_start": args.warm_start,
         "ablation": args.ablation, "loss": args.loss, "dtype": args.dtype,
+        "activation_checkpointing": args.activation_checkpointing,
         "priority": args.priority, "request_id": args.request_id,
     }
     given = {k: v for k, v in flags.items() if v is not None}
@@ -285,8 +286,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+SERVICE_COMMANDS = ("serve", "worker", "migrate")  # handed to edgeprune.service.cli
+
+
 def cmd_server(args: argparse.Namespace) -> int:
-    """`serve` / `worker`: hand the rest of the command line (options, --help) to the service.
+    """`serve` / `worker` / `migrate`: hand the rest of the command line (options, --help) to the
+    service.
 
     The service is imported here, lazily, so the client needs none of its dependencies."""
     try:
@@ -297,7 +302,8 @@ def cmd_server(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    entry = service.serve_main if args.command == "serve" else service.worker_main
+    entry = {"serve": service.serve_main, "worker": service.worker_main,
+             "migrate": service.migrate_main}[args.command]
     return int(entry(list(args.rest)) or 0)
 
 
@@ -336,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     for name, text in (("serve", "run the API server (and a worker) on the embedded database"),
-                       ("worker", "run job workers against the server's database")):
+                       ("worker", "run job workers against the server's database"),
+                       ("migrate", "upgrade the server's database schema and exit")):
         p = sub.add_parser(name, help=text, add_help=False, description=text + "; options are the service's")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=cmd_server)
@@ -358,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", help="corrupted (default), zero or mean")
     p.add_argument("--loss", help="kl (default) or logit_diff")
     p.add_argument("--dtype", help="float32, bfloat16 or float16")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute each layer in the backward pass: less memory, more time")
     p.add_argument("--priority", type=int)
     p.add_argument("--label", action="append", metavar="KEY=VALUE")
     p.add_argument("--request-id", help="idempotency key (default: a fresh UUID)")
@@ -446,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("serve", "worker"):  # argparse would eat the service's own options
+    if argv and argv[0] in SERVICE_COMMANDS:  # argparse would eat the service's own options
         args = argparse.Namespace(command=argv[0], rest=argv[1:], func=cmd_server, json=False)
     else:
         args = build_parser().parse_args(argv)

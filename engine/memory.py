@@ -13,8 +13,10 @@ of the backward pass), term by term:
 * ``deltas``       the writer-delta buffer d [W, B, T, D] and ``delta_grads`` its gradient;
 * ``activations``  what autograd saves per layer: every reader's input to its norm
                    [H + 2KV + 1, B, T, D], q/k/v and the attention output [B, H|KV, T, K], and the
-                   MLP's hidden activations [B, T, F]; with activation checkpointing only one
-                   layer's worth at a time;
+                   MLP's hidden activations [B, T, F]; with activation checkpointing the
+                   checkpointed regions (a layer's attention and its MLP) keep only their
+                   inputs, the reader inputs [H + 2KV + 1, B, T, D] in the model's dtype, for
+                   every layer, and the recomputed rest for one layer at a time;
 * ``masks``        log-alphas of every edge and node with their gradient, AdamW state and the
                    hard-concrete intermediates (fp32);
 * ``logits``       logits at the answer positions only [B, P, V], clean and masked, with softmax
@@ -334,8 +336,12 @@ def estimate_job_memory(
     hidden = tokens * F * s  # one [B, T, F]
     hidden_copies = _GATED_HIDDEN_COPIES if shape.gated_mlp else _PLAIN_HIDDEN_COPIES
     layer = _NORM_INPUT_COPIES * readers + _HEAD_COPIES * heads + hidden_copies * hidden
-    # with activation checkpointing a layer's saved tensors exist only while it is recomputed
-    activations = layer if activation_checkpointing else L * layer
+    if activation_checkpointing:
+        # torch.utils.checkpoint keeps every layer's region inputs (the readers' inputs in the
+        # model's dtype) until the backward pass; the rest exists while one layer is recomputed
+        activations = L * (H + 2 * KV + 1) * tokens * D * s + layer
+    else:
+        activations = L * layer
     corrupted_cache = n_examples * T * W * D * s  # [W, N, T, D]
     if corrupted_cache > cache_bytes:
         corrupted_cache = 0  # recomputed for every batch instead

@@ -5,7 +5,8 @@ The API process estimates the peak memory of one pruning step with the engine's 
 
 * the model's shape: the `smollm2-135m` preset, or the ``config.json`` of an ``hf:<dir>`` /
   ``tracr:<dir>`` checkpoint (no weights are read; a hub id the API cannot see is not checked);
-* the job's batch size, dtype, answer positions and data-parallel share of the batch;
+* the job's batch size, dtype, answer positions, data-parallel share of the batch and
+  activation checkpointing (``edge_pruning.activation_checkpointing``);
 * a sequence length that the job's longest example cannot be shorter than: one token per
   whitespace-separated word (every tokenizer we load splits at whitespace), or a built-in task's
   shortest prompt. The check therefore rejects only jobs that cannot fit even then.
@@ -115,7 +116,8 @@ def estimate(spec: job_pb2.JobSpec, shape: ModelShape, *, seq_len: int, n_exampl
     batch = min(spec.batch_size, n_examples) if n_examples else spec.batch_size
     return engine_estimate(shape, batch_size=batch, seq_len=seq_len, dtype=dtype,
                            answer_positions=min(answer_positions, seq_len), n_examples=n_examples,
-                           world_size=world)
+                           world_size=world,
+                           activation_checkpointing=spec.edge_pruning.activation_checkpointing)
 
 
 def check_job_memory(spec: job_pb2.JobSpec, ref: str, config: Config,
@@ -143,5 +145,6 @@ def check_job_memory(spec: job_pb2.JobSpec, ref: str, config: Config,
             "seq_len_at_least": str(seq_len),
             "batch_size": str(spec.batch_size),
             "dtype": est.settings["dtype"],
+            "activation_checkpointing": str(est.settings["activation_checkpointing"]).lower(),
         }) from err
     return est

@@ -213,6 +213,7 @@ def prune_config(spec: job_pb2.JobSpec, size: dict[str, Any], n_edges_total: int
         ablation=ABLATIONS[spec.ablation],
         seed=spec.seed,
         warm_start="eap_ig" if ep.warm_start == job_pb2.WARM_START_EAP_IG else None,
+        activation_checkpointing=ep.activation_checkpointing,
         **_size_kwargs(size, n_edges_total),
     )
 

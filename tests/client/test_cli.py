@@ -55,11 +55,13 @@ def test_submit_from_a_job_file_and_watch_with_the_progress_bar(
 def test_submit_flags_json_and_wait(capsys: pytest.CaptureFixture[str], client_server: ClientServer) -> None:
     code, out, err = run(
         capsys, client_server, "submit", "--model", TINY_MODEL, "--task", "ioi", "--task-examples", "16",
-        "--sparsity", "0.5", "--steps", "4", "--batch-size", "4", "--json", "--wait",
+        "--sparsity", "0.5", "--steps", "4", "--batch-size", "4", "--activation-checkpointing",
+        "--json", "--wait",
     )
     assert code == 0, err
     job = json.loads(out)
     assert job["state"] == "JOB_STATE_SUCCEEDED" and job["result"]["circuits"]
+    assert job["spec"]["edge_pruning"]["activation_checkpointing"] is True
     code, out, _ = run(capsys, client_server, "jobs", "watch", job["name"], "--json")
     events = [json.loads(line) for line in out.splitlines()]
     assert [int(e["sequence"]) for e in events] == list(range(1, len(events) + 1))
@@ -105,3 +107,17 @@ def test_exit_codes_and_messages(capsys: pytest.CaptureFixture[str], client_serv
     with pytest.raises(SystemExit) as usage:
         main(["jobs", "frobnicate"])
     assert usage.value.code == 2
+
+
+def test_migrate_upgrades_a_database(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`edgeprune migrate` is the service's migrate command: its options, --help, and the run."""
+    with pytest.raises(SystemExit) as done:
+        main(["migrate", "--help"])
+    assert done.value.code == 0
+    assert "usage: edgeprune migrate" in capsys.readouterr().out
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert main(["migrate", "--database-url", url, "--log-level", "warning"]) == 0
+    revision = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["revision"]
+    assert revision and (tmp_path / "fresh.db").is_file()
+    assert main(["migrate", "--database-url", url, "--log-level", "warning"]) == 0, "idempotent"
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["revision"] == revision

@@ -80,7 +80,10 @@ def test_cli_help_without_server_dependencies(guarded_env: dict[str, str]) -> No
 
 
 def test_serve_without_server_side_says_what_is_missing(guarded_env: dict[str, str]) -> None:
-    result = _run([sys.executable, "-m", "edgeprune.client.cli", "serve", "--port", "0"], guarded_env)
-    assert result.returncode == 1
-    assert "server extra" in result.stderr
-    assert "Traceback" not in result.stderr
+    for args in (["serve", "--port", "0"], ["migrate", "--help"]):
+        result = _run([sys.executable, "-m", "edgeprune.client.cli", *args], guarded_env)
+        assert result.returncode == 1
+        assert "server extra" in result.stderr
+        assert "Traceback" not in result.stderr
+    result = _run([sys.executable, "-m", "edgeprune.client.cli", "--help"], guarded_env)
+    assert result.returncode == 0 and "migrate" in result.stdout

@@ -41,6 +41,16 @@ def test_keywords_fill_every_part_of_the_spec() -> None:
     assert spec.dtype == common_pb2.DTYPE_BFLOAT16
 
 
+def test_activation_checkpointing_keyword_and_job_file(tmp_path: Path) -> None:
+    spec = job_spec(model="m", task="ioi", activation_checkpointing=True)
+    assert spec.edge_pruning.activation_checkpointing
+    assert not job_spec(model="m", task="ioi").edge_pruning.activation_checkpointing
+    path = tmp_path / "job.yaml"
+    path.write_text("model: m\ntask: ioi\nactivation_checkpointing: true\n")
+    request = submit_request(request_id="r", **load_job_file(path))
+    assert request.spec.edge_pruning.activation_checkpointing
+
+
 def test_unset_options_stay_at_the_server_default() -> None:
     spec = job_spec(model="m", dataset="datasets/d1", edges=100)
     assert spec.data.dataset == "datasets/d1"

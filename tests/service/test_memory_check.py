@@ -16,11 +16,13 @@ from grpc_status import rpc_status
 from edgeprune.engine.loading import load_model
 from edgeprune.engine.memory import estimate_job_memory
 from edgeprune.engine.tasks import Example, build_task, from_examples
+from edgeprune.service import memory_check
 from edgeprune.service.memory_check import TASK_MIN_TOKENS, min_tokens
 from edgeprune.v1 import common_pb2, job_pb2, server_pb2
 from tests.service.conftest import running
 from tests.service.errors import fails
 from tests.service.harness import Server, edge_pruning_spec, inline_examples
+from tests.tiny_models import tiny_gpt2
 
 BUDGET = 32 * 2**20  # a tiny GPT-2 job of batch 4 needs ~2 MiB, one of batch 1024 ~260 MiB
 
@@ -77,6 +79,43 @@ def test_a_normal_job_fits(small_server: Server) -> None:
     assert small_server.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=task), timeout=30).name
     few = ioi_spec(8, 1024)  # a batch is never larger than the data
     assert small_server.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=few), timeout=30).name
+
+
+def test_activation_checkpointing_lets_a_job_fit(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With a budget between the job's two estimates, SubmitJob rejects it without activation
+    checkpointing and accepts it with; the rejection's metadata says which was estimated. (Eight
+    layers: on two, keeping every layer's checkpoint inputs saves nothing.)"""
+    model_dir = tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2-8"), n_layer=8)
+    spec = ioi_spec(512, 256)
+    spec.data.eval_fraction = 0.25  # as given: the server's normalisation keeps it
+    shape = memory_check.model_shape(f"hf:{model_dir}")
+    assert shape is not None
+    seq_len, n_examples = memory_check.data_shape(spec.data, lambda _: (0, 0))
+
+    def needs(checkpointing: bool) -> int:
+        spec.edge_pruning.activation_checkpointing = checkpointing
+        return memory_check.estimate(spec, shape, seq_len=seq_len, n_examples=n_examples,
+                                     answer_positions=1, dtype="float32", on_gpu=False).total
+
+    plain, checkpointed = needs(False), needs(True)
+    assert checkpointed < plain
+    budget = int((plain + checkpointed) / 2 / 0.9)  # check_fits keeps 10 % headroom
+    folder = tmp_path_factory.mktemp("memory-checkpointing")
+    with running(folder, f"sqlite:///{folder / 'edgeprune.db'}", model_dir, workers=0,
+                 worker_memory_bytes=budget) as server:
+        spec.edge_pruning.activation_checkpointing = False
+        with pytest.raises(grpc.RpcError) as caught:
+            server.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=spec), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "try activation checkpointing" in caught.value.details()
+        info = error_info(caught.value)
+        assert info.metadata["estimate_bytes"] == str(plain)
+        assert info.metadata["activation_checkpointing"] == "false"
+        spec.edge_pruning.activation_checkpointing = True
+        job = server.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=spec), timeout=30)
+    assert job.state == job_pb2.JOB_STATE_PENDING
+    assert job.spec.edge_pruning.activation_checkpointing
 
 
 def test_server_info_shows_the_budget_and_the_data_parallel_limit(small_server: Server) -> None:

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x64geprune/v1/job.proto\x12\x0c\x65\x64geprune.v1\x1a\x19\x65\x64geprune/v1/common.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xaa\x01\n\nTaskSource\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\rexample_count\x18\x02 \x01(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x34\n\x06params\x18\x04 \x03(\x0b\x32$.edgeprune.v1.TaskSource.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x0eInlineExamples\x12\'\n\x08\x65xamples\x18\x01 \x03(\x0b\x32\x15.edgeprune.v1.Example\x12\x15\n\rall_positions\x18\x02 \x01(\x08\"\x9a\x01\n\x08\x44\x61taSpec\x12\x11\n\x07\x64\x61taset\x18\x01 \x01(\tH\x00\x12(\n\x04task\x18\x02 \x01(\x0b\x32\x18.edgeprune.v1.TaskSourceH\x00\x12\x30\n\x08\x65xamples\x18\x03 \x01(\x0b\x32\x1c.edgeprune.v1.InlineExamplesH\x00\x12\x15\n\reval_fraction\x18\x04 \x01(\x01\x42\x08\n\x06source\"\xf6\x01\n\x12\x45\x64gePruningOptions\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x14\n\x0cwarmup_steps\x18\x02 \x01(\x05\x12\x1a\n\x12mask_learning_rate\x18\x03 \x01(\x01\x12\x1c\n\x14lambda_learning_rate\x18\x04 \x01(\x01\x12\x17\n\nnode_masks\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\rnode_sparsity\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12+\n\nwarm_start\x18\x07 \x01(\x0e\x32\x17.edgeprune.v1.WarmStartB\r\n\x0b_node_masksB\x10\n\x0e_node_sparsity\">\n\x12\x41ttributionOptions\x12\x10\n\x08ig_steps\x18\x01 \x01(\x05\x12\x16\n\x0e\x61\x63\x64\x63_threshold\x18\x02 \x01(\x01\"\xef\x03\n\x07JobSpec\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x16.edgeprune.v1.DataSpecB\x04\xe2\x41\x01\x02\x12*\n\x06method\x18\x03 \x01(\x0e\x32\x14.edgeprune.v1.MethodB\x04\xe2\x41\x01\x02\x12(\n\x05sizes\x18\x04 \x03(\x0b\x32\x19.edgeprune.v1.CircuitSize\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12(\n\x08\x61\x62lation\x18\x07 \x01(\x0e\x32\x16.edgeprune.v1.Ablation\x12 \n\x04loss\x18\x08 \x01(\x0e\x32\x12.edgeprune.v1.Loss\x12-\n\tpositions\x18\t \x01(\x0e\x32\x1a.edgeprune.v1.PositionMode\x12\"\n\x05\x64type\x18\n \x01(\x0e\x32\x13.edgeprune.v1.Dtype\x12\x36\n\x0c\x65\x64ge_pruning\x18\x0b \x01(\x0b\x32 .edgeprune.v1.EdgePruningOptions\x12\x35\n\x0b\x61ttribution\x18\x0c \x01(\x0b\x32 .edgeprune.v1.AttributionOptions\x12\x1d\n\x15\x64\x61ta_parallel_workers\x18\r \x01(\x05\"\xb5\x01\n\x0e\x45valuationSpec\x12\x15\n\x07\x63ircuit\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x16.edgeprune.v1.DataSpecB\x04\xe2\x41\x01\x02\x12(\n\x08\x61\x62lation\x18\x03 \x01(\x0e\x32\x16.edgeprune.v1.Ablation\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.edgeprune.v1.Dtype\"\xb6\x02\n\x0bJobProgress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x03\x12\x12\n\nsize_index\x18\x03 \x01(\x05\x12\x12\n\nsize_count\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\n\n\x02kl\x18\x06 \x01(\x01\x12\x15\n\rsparsity_loss\x18\x07 \x01(\x01\x12\x1e\n\x16\x65xpected_edge_sparsity\x18\x08 \x01(\x01\x12\x1e\n\x16\x65xpected_node_sparsity\x18\t \x01(\x01\x12\x1c\n\x14target_edge_sparsity\x18\n \x01(\x01\x12\x0f\n\x07lambdas\x18\x0b \x03(\x01\x12\x18\n\x10steps_per_second\x18\x0c \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\r \x01(\x01\x12\r\n\x05phase\x18\x0e \x01(\t\"\x84\x01\n\tJobResult\x12\x10\n\x08\x63ircuits\x18\x01 \x03(\t\x12\x35\n\x07metrics\x18\x02 \x03(\x0b\x32$.edgeprune.v1.JobResult.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbe\x05\n\x03Job\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12)\n\x04type\x18\x02 \x01(\x0e\x32\x15.edgeprune.v1.JobTypeB\x04\xe2\x41\x01\x03\x12#\n\x04spec\x18\x03 \x01(\x0b\x32\x15.edgeprune.v1.JobSpec\x12\x30\n\nevaluation\x18\x04 \x01(\x0b\x32\x1c.edgeprune.v1.EvaluationSpec\x12+\n\x05state\x18\x05 \x01(\x0e\x32\x16.edgeprune.v1.JobStateB\x04\xe2\x41\x01\x03\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12-\n\x06labels\x18\x07 \x03(\x0b\x32\x1d.edgeprune.v1.Job.LabelsEntry\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x61ttempt\x18\x0b \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10\x63\x61ncel_requested\x18\x0c \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x31\n\x08progress\x18\r \x01(\x0b\x32\x19.edgeprune.v1.JobProgressB\x04\xe2\x41\x01\x03\x12-\n\x06result\x18\x0e \x01(\x0b\x32\x17.edgeprune.v1.JobResultB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12!\n\x13last_event_sequence\x18\x10 \x01(\x03\x42\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\x10SubmitJobRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x15.edgeprune.v1.JobSpecB\x04\xe2\x41\x01\x02\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12:\n\x06labels\x18\x03 \x03(\x0b\x32*.edgeprune.v1.SubmitJobRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\rGetJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12 \n\x04view\x18\x02 \x01(\x0e\x32\x12.edgeprune.v1.View\"\xfb\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12&\n\x06states\x18\x03 \x03(\x0e\x32\x16.edgeprune.v1.JobState\x12\r\n\x05model\x18\x04 \x01(\t\x12\x39\n\x06labels\x18\x05 \x03(\x0b\x32).edgeprune.v1.ListJobsRequest.LabelsEntry\x12 \n\x04view\x18\x06 \x01(\x0e\x32\x12.edgeprune.v1.View\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.edgeprune.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"=\n\x0fWatchJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xa1\x01\n\x0bStateChange\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.edgeprune.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.edgeprune.v1.JobResult\"\xbe\x01\n\x08JobEvent\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0cstate_change\x18\x04 \x01(\x0b\x32\x19.edgeprune.v1.StateChangeH\x00\x12-\n\x08progress\x18\x05 \x01(\x0b\x32\x19.edgeprune.v1.JobProgressH\x00\x42\x07\n\x05\x65vent*\x9b\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*T\n\x07JobType\x12\x18\n\x14JOB_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_TYPE_DISCOVERY\x10\x01\x12\x17\n\x13JOB_TYPE_EVALUATION\x10\x02*>\n\tWarmStart\x12\x1a\n\x16WARM_START_UNSPECIFIED\x10\x00\x12\x15\n\x11WARM_START_EAP_IG\x10\x01\x32\xd6\x02\n\nJobService\x12>\n\tSubmitJob\x12\x1e.edgeprune.v1.SubmitJobRequest\x1a\x11.edgeprune.v1.Job\x12\x38\n\x06GetJob\x12\x1b.edgeprune.v1.GetJobRequest\x1a\x11.edgeprune.v1.Job\x12I\n\x08ListJobs\x12\x1d.edgeprune.v1.ListJobsRequest\x1a\x1e.edgeprune.v1.ListJobsResponse\x12>\n\tCancelJob\x12\x1e.edgeprune.v1.CancelJobRequest\x1a\x11.edgeprune.v1.Job\x12\x43\n\x08WatchJob\x12\x1d.edgeprune.v1.WatchJobRequest\x1a\x16.edgeprune.v1.JobEvent0\x01\x42m\n\x10\x64\x65v.edgeprune.v1B\x08JobProtoP\x01Z>github.com/edgeprune/edgeprune/gen/go/edgeprune/v1;edgeprunev1\xaa\x02\x0c\x45\x64geprune.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x64geprune/v1/job.proto\x12\x0c\x65\x64geprune.v1\x1a\x19\x65\x64geprune/v1/common.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xaa\x01\n\nTaskSource\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\rexample_count\x18\x02 \x01(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x34\n\x06params\x18\x04 \x03(\x0b\x32$.edgeprune.v1.TaskSource.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x0eInlineExamples\x12\'\n\x08\x65xamples\x18\x01 \x03(\x0b\x32\x15.edgeprune.v1.Example\x12\x15\n\rall_positions\x18\x02 \x01(\x08\"\x9a\x01\n\x08\x44\x61taSpec\x12\x11\n\x07\x64\x61taset\x18\x01 \x01(\tH\x00\x12(\n\x04task\x18\x02 \x01(\x0b\x32\x18.edgeprune.v1.TaskSourceH\x00\x12\x30\n\x08\x65xamples\x18\x03 \x01(\x0b\x32\x1c.edgeprune.v1.InlineExamplesH\x00\x12\x15\n\reval_fraction\x18\x04 \x01(\x01\x42\x08\n\x06source\"\x98\x02\n\x12\x45\x64gePruningOptions\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x14\n\x0cwarmup_steps\x18\x02 \x01(\x05\x12\x1a\n\x12mask_learning_rate\x18\x03 \x01(\x01\x12\x1c\n\x14lambda_learning_rate\x18\x04 \x01(\x01\x12\x17\n\nnode_masks\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\rnode_sparsity\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12+\n\nwarm_start\x18\x07 \x01(\x0e\x32\x17.edgeprune.v1.WarmStart\x12 \n\x18\x61\x63tivation_checkpointing\x18\x08 \x01(\x08\x42\r\n\x0b_node_masksB\x10\n\x0e_node_sparsity\">\n\x12\x41ttributionOptions\x12\x10\n\x08ig_steps\x18\x01 \x01(\x05\x12\x16\n\x0e\x61\x63\x64\x63_threshold\x18\x02 \x01(\x01\"\xef\x03\n\x07JobSpec\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x16.edgeprune.v1.DataSpecB\x04\xe2\x41\x01\x02\x12*\n\x06method\x18\x03 \x01(\x0e\x32\x14.edgeprune.v1.MethodB\x04\xe2\x41\x01\x02\x12(\n\x05sizes\x18\x04 \x03(\x0b\x32\x19.edgeprune.v1.CircuitSize\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12(\n\x08\x61\x62lation\x18\x07 \x01(\x0e\x32\x16.edgeprune.v1.Ablation\x12 \n\x04loss\x18\x08 \x01(\x0e\x32\x12.edgeprune.v1.Loss\x12-\n\tpositions\x18\t \x01(\x0e\x32\x1a.edgeprune.v1.PositionMode\x12\"\n\x05\x64type\x18\n \x01(\x0e\x32\x13.edgeprune.v1.Dtype\x12\x36\n\x0c\x65\x64ge_pruning\x18\x0b \x01(\x0b\x32 .edgeprune.v1.EdgePruningOptions\x12\x35\n\x0b\x61ttribution\x18\x0c \x01(\x0b\x32 .edgeprune.v1.AttributionOptions\x12\x1d\n\x15\x64\x61ta_parallel_workers\x18\r \x01(\x05\"\xb5\x01\n\x0e\x45valuationSpec\x12\x15\n\x07\x63ircuit\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x16.edgeprune.v1.DataSpecB\x04\xe2\x41\x01\x02\x12(\n\x08\x61\x62lation\x18\x03 \x01(\x0e\x32\x16.edgeprune.v1.Ablation\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.edgeprune.v1.Dtype\"\xb6\x02\n\x0bJobProgress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x03\x12\x12\n\nsize_index\x18\x03 \x01(\x05\x12\x12\n\nsize_count\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\n\n\x02kl\x18\x06 \x01(\x01\x12\x15\n\rsparsity_loss\x18\x07 \x01(\x01\x12\x1e\n\x16\x65xpected_edge_sparsity\x18\x08 \x01(\x01\x12\x1e\n\x16\x65xpected_node_sparsity\x18\t \x01(\x01\x12\x1c\n\x14target_edge_sparsity\x18\n \x01(\x01\x12\x0f\n\x07lambdas\x18\x0b \x03(\x01\x12\x18\n\x10steps_per_second\x18\x0c \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\r \x01(\x01\x12\r\n\x05phase\x18\x0e \x01(\t\"\x84\x01\n\tJobResult\x12\x10\n\x08\x63ircuits\x18\x01 \x03(\t\x12\x35\n\x07metrics\x18\x02 \x03(\x0b\x32$.edgeprune.v1.JobResult.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbe\x05\n\x03Job\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12)\n\x04type\x18\x02 \x01(\x0e\x32\x15.edgeprune.v1.JobTypeB\x04\xe2\x41\x01\x03\x12#\n\x04spec\x18\x03 \x01(\x0b\x32\x15.edgeprune.v1.JobSpec\x12\x30\n\nevaluation\x18\x04 \x01(\x0b\x32\x1c.edgeprune.v1.EvaluationSpec\x12+\n\x05state\x18\x05 \x01(\x0e\x32\x16.edgeprune.v1.JobStateB\x04\xe2\x41\x01\x03\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12-\n\x06labels\x18\x07 \x03(\x0b\x32\x1d.edgeprune.v1.Job.LabelsEntry\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x61ttempt\x18\x0b \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10\x63\x61ncel_requested\x18\x0c \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x31\n\x08progress\x18\r \x01(\x0b\x32\x19.edgeprune.v1.JobProgressB\x04\xe2\x41\x01\x03\x12-\n\x06result\x18\x0e \x01(\x0b\x32\x17.edgeprune.v1.JobResultB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12!\n\x13last_event_sequence\x18\x10 \x01(\x03\x42\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\x10SubmitJobRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x15.edgeprune.v1.JobSpecB\x04\xe2\x41\x01\x02\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12:\n\x06labels\x18\x03 \x03(\x0b\x32*.edgeprune.v1.SubmitJobRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\rGetJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12 \n\x04view\x18\x02 \x01(\x0e\x32\x12.edgeprune.v1.View\"\xfb\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12&\n\x06states\x18\x03 \x03(\x0e\x32\x16.edgeprune.v1.JobState\x12\r\n\x05model\x18\x04 \x01(\t\x12\x39\n\x06labels\x18\x05 \x03(\x0b\x32).edgeprune.v1.ListJobsRequest.LabelsEntry\x12 \n\x04view\x18\x06 \x01(\x0e\x32\x12.edgeprune.v1.View\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.edgeprune.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"=\n\x0fWatchJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xa1\x01\n\x0bStateChange\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.edgeprune.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.edgeprune.v1.JobResult\"\xbe\x01\n\x08JobEvent\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0cstate_change\x18\x04 \x01(\x0b\x32\x19.edgeprune.v1.StateChangeH\x00\x12-\n\x08progress\x18\x05 \x01(\x0b\x32\x19.edgeprune.v1.JobProgressH\x00\x42\x07\n\x05\x65vent*\x9b\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*T\n\x07JobType\x12\x18\n\x14JOB_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_TYPE_DISCOVERY\x10\x01\x12\x17\n\x13JOB_TYPE_EVALUATION\x10\x02*>\n\tWarmStart\x12\x1a\n\x16WARM_START_UNSPECIFIED\x10\x00\x12\x15\n\x11WARM_START_EAP_IG\x10\x01\x32\xd6\x02\n\nJobService\x12>\n\tSubmitJob\x12\x1e.edgeprune.v1.SubmitJobRequest\x1a\x11.edgeprune.v1.Job\x12\x38\n\x06GetJob\x12\x1b.edgeprune.v1.GetJobRequest\x1a\x11.edgeprune.v1.Job\x12I\n\x08ListJobs\x12\x1d.edgeprune.v1.ListJobsRequest\x1a\x1e.edgeprune.v1.ListJobsResponse\x12>\n\tCancelJob\x12\x1e.edgeprune.v1.CancelJobRequest\x1a\x11.edgeprune.v1.Job\x12\x43\n\x08WatchJob\x12\x1d.edgeprune.v1.WatchJobRequest\x1a\x16.edgeprune.v1.JobEvent0\x01\x42m\n\x10\x64\x65v.edgeprune.v1B\x08JobProtoP\x01Z>github.com/edgeprune/edgeprune/gen/go/edgeprune/v1;edgeprunev1\xaa\x02\x0c\x45\x64geprune.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -90,12 +90,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_WATCHJOBREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_WATCHJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
-  _globals['_JOBSTATE']._serialized_start=3791
-  _globals['_JOBSTATE']._serialized_end=3946
-  _globals['_JOBTYPE']._serialized_start=3948
-  _globals['_JOBTYPE']._serialized_end=4032
-  _globals['_WARMSTART']._serialized_start=4034
-  _globals['_WARMSTART']._serialized_end=4096
+  _globals['_JOBSTATE']._serialized_start=3825
+  _globals['_JOBSTATE']._serialized_end=3980
+  _globals['_JOBTYPE']._serialized_start=3982
+  _globals['_JOBTYPE']._serialized_end=4066
+  _globals['_WARMSTART']._serialized_start=4068
+  _globals['_WARMSTART']._serialized_end=4130
   _globals['_TASKSOURCE']._serialized_start=159
   _globals['_TASKSOURCE']._serialized_end=329
   _globals['_TASKSOURCE_PARAMSENTRY']._serialized_start=284
@@ -105,43 +105,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASPEC']._serialized_start=414
   _globals['_DATASPEC']._serialized_end=568
   _globals['_EDGEPRUNINGOPTIONS']._serialized_start=571
-  _globals['_EDGEPRUNINGOPTIONS']._serialized_end=817
-  _globals['_ATTRIBUTIONOPTIONS']._serialized_start=819
-  _globals['_ATTRIBUTIONOPTIONS']._serialized_end=881
-  _globals['_JOBSPEC']._serialized_start=884
-  _globals['_JOBSPEC']._serialized_end=1379
-  _globals['_EVALUATIONSPEC']._serialized_start=1382
-  _globals['_EVALUATIONSPEC']._serialized_end=1563
-  _globals['_JOBPROGRESS']._serialized_start=1566
-  _globals['_JOBPROGRESS']._serialized_end=1876
-  _globals['_JOBRESULT']._serialized_start=1879
-  _globals['_JOBRESULT']._serialized_end=2011
-  _globals['_JOBRESULT_METRICSENTRY']._serialized_start=1965
-  _globals['_JOBRESULT_METRICSENTRY']._serialized_end=2011
-  _globals['_JOB']._serialized_start=2014
-  _globals['_JOB']._serialized_end=2716
-  _globals['_JOB_LABELSENTRY']._serialized_start=2671
-  _globals['_JOB_LABELSENTRY']._serialized_end=2716
-  _globals['_SUBMITJOBREQUEST']._serialized_start=2719
-  _globals['_SUBMITJOBREQUEST']._serialized_end=2925
-  _globals['_SUBMITJOBREQUEST_LABELSENTRY']._serialized_start=2671
-  _globals['_SUBMITJOBREQUEST_LABELSENTRY']._serialized_end=2716
-  _globals['_GETJOBREQUEST']._serialized_start=2927
-  _globals['_GETJOBREQUEST']._serialized_end=2996
-  _globals['_LISTJOBSREQUEST']._serialized_start=2999
-  _globals['_LISTJOBSREQUEST']._serialized_end=3250
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_start=2671
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_end=2716
-  _globals['_LISTJOBSRESPONSE']._serialized_start=3252
-  _globals['_LISTJOBSRESPONSE']._serialized_end=3328
-  _globals['_CANCELJOBREQUEST']._serialized_start=3330
-  _globals['_CANCELJOBREQUEST']._serialized_end=3368
-  _globals['_WATCHJOBREQUEST']._serialized_start=3370
-  _globals['_WATCHJOBREQUEST']._serialized_end=3431
-  _globals['_STATECHANGE']._serialized_start=3434
-  _globals['_STATECHANGE']._serialized_end=3595
-  _globals['_JOBEVENT']._serialized_start=3598
-  _globals['_JOBEVENT']._serialized_end=3788
-  _globals['_JOBSERVICE']._serialized_start=4099
-  _globals['_JOBSERVICE']._serialized_end=4441
+  _globals['_EDGEPRUNINGOPTIONS']._serialized_end=851
+  _globals['_ATTRIBUTIONOPTIONS']._serialized_start=853
+  _globals['_ATTRIBUTIONOPTIONS']._serialized_end=915
+  _globals['_JOBSPEC']._serialized_start=918
+  _globals['_JOBSPEC']._serialized_end=1413
+  _globals['_EVALUATIONSPEC']._serialized_start=1416
+  _globals['_EVALUATIONSPEC']._serialized_end=1597
+  _globals['_JOBPROGRESS']._serialized_start=1600
+  _globals['_JOBPROGRESS']._serialized_end=1910
+  _globals['_JOBRESULT']._serialized_start=1913
+  _globals['_JOBRESULT']._serialized_end=2045
+  _globals['_JOBRESULT_METRICSENTRY']._serialized_start=1999
+  _globals['_JOBRESULT_METRICSENTRY']._serialized_end=2045
+  _globals['_JOB']._serialized_start=2048
+  _globals['_JOB']._serialized_end=2750
+  _globals['_JOB_LABELSENTRY']._serialized_start=2705
+  _globals['_JOB_LABELSENTRY']._serialized_end=2750
+  _globals['_SUBMITJOBREQUEST']._serialized_start=2753
+  _globals['_SUBMITJOBREQUEST']._serialized_end=2959
+  _globals['_SUBMITJOBREQUEST_LABELSENTRY']._serialized_start=2705
+  _globals['_SUBMITJOBREQUEST_LABELSENTRY']._serialized_end=2750
+  _globals['_GETJOBREQUEST']._serialized_start=2961
+  _globals['_GETJOBREQUEST']._serialized_end=3030
+  _globals['_LISTJOBSREQUEST']._serialized_start=3033
+  _globals['_LISTJOBSREQUEST']._serialized_end=3284
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_start=2705
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_end=2750
+  _globals['_LISTJOBSRESPONSE']._serialized_start=3286
+  _globals['_LISTJOBSRESPONSE']._serialized_end=3362
+  _globals['_CANCELJOBREQUEST']._serialized_start=3364
+  _globals['_CANCELJOBREQUEST']._serialized_end=3402
+  _globals['_WATCHJOBREQUEST']._serialized_start=3404
+  _globals['_WATCHJOBREQUEST']._serialized_end=3465
+  _globals['_STATECHANGE']._serialized_start=3468
+  _globals['_STATECHANGE']._serialized_end=3629
+  _globals['_JOBEVENT']._serialized_start=3632
+  _globals['_JOBEVENT']._serialized_end=3822
+  _globals['_JOBSERVICE']._serialized_start=4133
+  _globals['_JOBSERVICE']._serialized_end=4475
 # @@protoc_insertion_point(module_scope)

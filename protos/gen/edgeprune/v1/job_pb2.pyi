@@ -239,6 +239,7 @@ class EdgePruningOptions(_message.Message):
     NODE_MASKS_FIELD_NUMBER: _builtins.int
     NODE_SPARSITY_FIELD_NUMBER: _builtins.int
     WARM_START_FIELD_NUMBER: _builtins.int
+    ACTIVATION_CHECKPOINTING_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
     """Optimisation steps per circuit size."""
     warmup_steps: _builtins.int
@@ -253,6 +254,10 @@ class EdgePruningOptions(_message.Message):
     """Target node sparsity for the node Lagrangian (unset: no node loss)."""
     warm_start: Global___WarmStart.ValueType
     """How the edge masks start."""
+    activation_checkpointing: _builtins.bool
+    """Recompute each layer's attention and MLP during the backward pass instead of keeping their
+    intermediates: less activation memory (the memory check counts it) for about one more forward.
+    """
     def __init__(
         self,
         *,
@@ -263,10 +268,11 @@ class EdgePruningOptions(_message.Message):
         node_masks: _builtins.bool | None = ...,
         node_sparsity: _builtins.float | None = ...,
         warm_start: Global___WarmStart.ValueType = ...,
+        activation_checkpointing: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_node_masks", b"_node_masks", "_node_sparsity", b"_node_sparsity", "node_masks", b"node_masks", "node_sparsity", b"node_sparsity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_masks", b"_node_masks", "_node_sparsity", b"_node_sparsity", "lambda_learning_rate", b"lambda_learning_rate", "mask_learning_rate", b"mask_learning_rate", "node_masks", b"node_masks", "node_sparsity", b"node_sparsity", "steps", b"steps", "warm_start", b"warm_start", "warmup_steps", b"warmup_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_masks", b"_node_masks", "_node_sparsity", b"_node_sparsity", "activation_checkpointing", b"activation_checkpointing", "lambda_learning_rate", b"lambda_learning_rate", "mask_learning_rate", b"mask_learning_rate", "node_masks", b"node_masks", "node_sparsity", b"node_sparsity", "steps", b"steps", "warm_start", b"warm_start", "warmup_steps", b"warmup_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__node_masks: _TypeAlias = _typing.Literal["node_masks"]  # noqa: Y015
     _WhichOneofArgType__node_masks: _TypeAlias = _typing.Literal["_node_masks", b"_node_masks"]  # noqa: Y015
