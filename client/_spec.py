@@ -55,7 +55,7 @@ JOB_KEYS = frozenset(
         "all_positions", "eval_fraction", "method", "sparsity", "edges", "sizes", "steps",
         "warmup_steps", "lr", "lambda_lr", "node_masks", "node_sparsity", "warm_start",
         "ig_steps", "acdc_threshold", "batch_size", "seed", "ablation", "loss", "positions",
-        "dtype", "activation_checkpointing",
+        "dtype", "activation_checkpointing", "data_parallel_workers",
     }
 )
 _REQUEST_KEYS = frozenset({"priority", "labels", "request_id"})
@@ -239,6 +239,7 @@ def job_spec(
     loss: str | int | None = None,
     positions: str | int | None = None,
     dtype: str | int | None = None,
+    data_parallel_workers: int | None = None,
 ) -> job_pb2.JobSpec:
     """A JobSpec from keyword arguments; None means "the server's default".
 
@@ -250,7 +251,8 @@ def job_spec(
     mappings); a list of several sizes makes a sweep. ``method`` is ``edge_pruning``,
     ``eap``, ``eap_ig`` or ``acdc``; ``lr`` is the mask learning rate;
     ``warm_start="eap_ig"`` (or True) starts the masks from EAP-IG scores;
-    ``activation_checkpointing=True`` recomputes each layer in the backward pass (less memory).
+    ``activation_checkpointing=True`` recomputes each layer in the backward pass (less memory);
+    ``data_parallel_workers=N`` spreads an Edge Pruning job over N processes of its worker.
     """
     if not isinstance(model, str) or not model.strip():
         raise InvalidArgument("model is required (e.g. 'smollm2-135m')", field="model")
@@ -264,7 +266,11 @@ def job_spec(
     )
     spec.method = enum_value(common_pb2.Method, method, prefix="METHOD_", field="method")
     spec.sizes.extend(_sizes(sparsity, edges, sizes))
-    for name, value, kind in (("batch_size", batch_size, int), ("seed", seed, int)):
+    for name, value, kind in (
+        ("batch_size", batch_size, int),
+        ("seed", seed, int),
+        ("data_parallel_workers", data_parallel_workers, int),
+    ):
         if value is not None:
             setattr(spec, name, _number(value, kind, name))
     enums = (

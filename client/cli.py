@@ -100,6 +100,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "seed": args.seed, "warm_start": args.warm_start,
         "ablation": args.ablation, "loss": args.loss, "dtype": args.dtype,
         "activation_checkpointing": args.activation_checkpointing,
+        "data_parallel_workers": args.data_parallel_workers,
         "priority": args.priority, "request_id": args.request_id,
     }
     given = {k: v for k, v in flags.items() if v is not None}
@@ -367,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="float32, bfloat16 or float16")
     p.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="recompute each layer in the backward pass: less memory, more time")
+    p.add_argument("--data-parallel-workers", type=int, metavar="N",
+                   help="spread an Edge Pruning job over N processes (GPUs) of its worker")
     p.add_argument("--priority", type=int)
     p.add_argument("--label", action="append", metavar="KEY=VALUE")
     p.add_argument("--request-id", help="idempotency key (default: a fresh UUID)")

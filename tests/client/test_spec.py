@@ -152,3 +152,14 @@ def test_names_and_states() -> None:
         resource_name("jobs", "circuits/abc")
     request = list_jobs_request(states=["running", "JOB_STATE_PENDING"], labels={"a": "b"})
     assert list(request.states) == [job_pb2.JOB_STATE_RUNNING, job_pb2.JOB_STATE_PENDING]
+
+
+def test_data_parallel_workers_keyword_and_job_file(tmp_path: Path) -> None:
+    assert job_spec(model="m", task="ioi", data_parallel_workers=2).data_parallel_workers == 2
+    assert job_spec(model="m", task="ioi").data_parallel_workers == 0
+    path = tmp_path / "job.yaml"
+    path.write_text("model: m\ntask: ioi\ndata_parallel_workers: 2\n")
+    assert submit_request(request_id="r", **load_job_file(path)).spec.data_parallel_workers == 2
+    with pytest.raises(InvalidArgument) as info:
+        job_spec(model="m", task="ioi", data_parallel_workers="two")
+    assert info.value.field == "data_parallel_workers"
