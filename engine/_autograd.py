@@ -29,6 +29,9 @@ class DeltaBuffer:
     def __init__(self, n_writers: int, batch: int, tokens: int, width: int, *, like: torch.Tensor):
         self.d = like.new_empty(n_writers, batch, tokens, width)  # [W, B, T, D]
         self._grad: torch.Tensor | None = None
+        # a finished block's gradient [R_blk, B, T, D], reused by the block before it: writing a
+        # fresh large tensor costs several times more than rewriting one (first-touch page faults)
+        self.spare_block_grad: torch.Tensor | None = None
 
     @property
     def grad(self) -> torch.Tensor:
@@ -121,16 +124,24 @@ class Block:
     def __init__(self, rows: int, buf: DeltaBuffer) -> None:
         _, B, T, D = buf.d.shape
         self.x = buf.d.new_empty(rows, B, T, D)  # [R_blk, B, T, D]
-        self._grad: torch.Tensor | None = None
+        self._buf = buf
+        self._grad: torch.Tensor | None = None  # [R_blk or more, B, T, D]
 
     @property
     def grad(self) -> torch.Tensor:
         """dL/dx [R_blk, B, T, D]; every row is written by its reader group's backward."""
+        rows = self.x.shape[0]
         if self._grad is None:
-            self._grad = torch.empty_like(self.x)  # [R_blk, B, T, D]
-        return self._grad
+            spare, self._buf.spare_block_grad = self._buf.spare_block_grad, None
+            fits = spare is not None and spare.shape[0] >= rows
+            self._grad = spare if fits else torch.empty_like(self.x)  # [R_blk or more, B, T, D]
+        return self._grad[:rows]  # [R_blk, B, T, D]
 
     def free_grad(self) -> None:
+        """Hand the gradient's memory on to the next block's backward (blocks run last to first)."""
+        spare = self._buf.spare_block_grad
+        if self._grad is not None and (spare is None or spare.shape[0] < self._grad.shape[0]):
+            self._buf.spare_block_grad = self._grad
         self._grad = None
 
 

@@ -48,7 +48,7 @@ class _NormProject(torch.autograd.Function):
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=_stats_dtype(x))
             rstd, mu = torch.rsqrt(norm.square() / D + eps).to(x.dtype), None  # [R, B, T, 1]
         # (x * w) @ W^T == x @ (W * w)^T: scale the small weight, not the full-width input
-        scaled = weight * norm_weight  # [R, K, D], a temporary
+        scaled = weight * norm_weight  # [R, K, D], kept for the backward (small)
         p = torch.einsum("rbtd,rkd->brtk", x, scaled)  # [B, R, T, K]
         c = None
         if centred:
@@ -57,15 +57,15 @@ class _NormProject(torch.autograd.Function):
         out = p * rstd.transpose(0, 1)  # [B, R, T, K]
         if norm_bias is not None:
             out = out + torch.einsum("d,rkd->rk", norm_bias, weight)[None, :, None, :]
-        ctx.save_for_backward(x, rstd, p, norm_weight, weight, mu, c)
+        ctx.save_for_backward(x, rstd, p, scaled, mu, c)
         return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        x, rstd, p, norm_weight, weight, mu, c = ctx.saved_tensors
+        x, rstd, p, scaled, mu, c = ctx.saved_tensors
         D = x.shape[-1]
         rstd_b = rstd.transpose(0, 1)  # [B, R, T, 1]
-        g_x = torch.einsum("brtk,rkd->rbtd", g * rstd_b, weight * norm_weight)  # [R, B, T, D]
+        g_x = torch.einsum("brtk,rkd->rbtd", g * rstd_b, scaled)  # [R, B, T, D]
         # through rstd: d rstd / dx = -rstd^3 (x - mu) / D   (mu = 0 for RMSNorm)
         coef = (g * p).sum(-1, keepdim=True).transpose(0, 1) * rstd.pow(3) / -D  # [R, B, T, 1]
         g_x.addcmul_(x, coef)  # [R, B, T, D]

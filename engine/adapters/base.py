@@ -97,7 +97,10 @@ def project_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def output_heads(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Each head's output: z [B, H, T, K], weight [H, K, D] -> [H, B, T, D]; bias [D] split over heads."""
-    out = torch.einsum("bhtk,hkd->hbtd", z, weight)  # [H, B, T, D]
-    if bias is not None:
-        out = out + bias / z.shape[1]  # [H, B, T, D]
-    return out
+    B, H, T, K = z.shape
+    z_h = z.transpose(0, 1).reshape(H, B * T, K)  # [H, B*T, K]
+    if bias is None:
+        out = torch.bmm(z_h, weight)  # [H, B*T, D]
+    else:  # the bias added by the matmul: no separate full-width pass
+        out = torch.baddbmm((bias / H).view(1, 1, -1), z_h, weight)  # [H, B*T, D]
+    return out.view(H, B, T, -1)  # [H, B, T, D]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from transformers.activations import NewGELUActivation
 
 from edgeprune.engine.adapters._norm_project import layer_norm_project
 from edgeprune.engine.adapters.base import Adapter, output_heads
@@ -62,7 +64,12 @@ class GPT2Adapter(Adapter):
 
     def mlp(self, layer, x):
         block = self.body.h[layer]
-        return block.mlp(block.ln_2(x))  # [..., D]
+        mlp = block.mlp
+        if not isinstance(mlp.act, NewGELUActivation):
+            return mlp(block.ln_2(x))  # [..., D]
+        # gelu_new is the tanh GELU: torch's fused kernel computes it in one pass (HF's in ~8)
+        h = F.gelu(mlp.c_fc(block.ln_2(x)), approximate="tanh")  # [..., 4D]
+        return mlp.c_proj(h)  # [..., D] (dropout: identity in eval mode)
 
     def unembed(self, x):
         return self.module.lm_head(self.body.ln_f(x))  # [..., V]
