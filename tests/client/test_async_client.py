@@ -41,7 +41,8 @@ def test_async_client_end_to_end(client_server: ClientServer, tmp_path: Path) ->
             assert dataset.name in [d.name async for d in client.list_datasets()]
             await client.delete_dataset(dataset.name)
 
-            pending = await client.submit(priority=-100, **tiny_job(steps=2))
+            # long enough that the cancel lands before an idle worker could finish it
+            pending = await client.submit(priority=-100, **tiny_job(steps=10_000))
             await client.cancel(pending.name)
             with pytest.raises(JobCancelled):
                 await client.wait(pending.name)

@@ -95,7 +95,8 @@ def test_submit_is_idempotent_by_request_id(client: Client) -> None:
 
 
 def test_list_jobs_walks_every_page(client: Client) -> None:
-    names = {client.submit(priority=-50, labels={"paging": "yes"}, **tiny_job(steps=2)).name for _ in range(3)}
+    jobs = [client.submit(priority=-50, labels={"paging": "yes"}, **tiny_job(steps=10_000)) for _ in range(3)]
+    names = {job.name for job in jobs}
     listed = [j.name for j in client.list_jobs(labels={"paging": "yes"}, page_size=1)]
     assert sorted(listed) == sorted(names)  # each once, across three pages
     for name in names:
@@ -110,7 +111,8 @@ def test_list_jobs_walks_every_page(client: Client) -> None:
 
 
 def test_cancel_and_wait_raises_job_cancelled(client: Client) -> None:
-    job = client.submit(priority=-100, **tiny_job(steps=2))
+    # long enough that the cancel lands before an idle worker could finish it
+    job = client.submit(priority=-100, **tiny_job(steps=10_000))
     cancelled = client.cancel(job.name)
     assert cancelled.cancel_requested or cancelled.state == job_pb2.JOB_STATE_CANCELLED
     with pytest.raises(JobCancelled) as caught:
