@@ -4,8 +4,9 @@ The masked forward keeps every writer's delta ``d_w = y_w - y~_w`` in one preall
 [W, B, T, D] filled in place, and mixes readers with matmuls over their upstream slices. Plain
 autograd cannot follow in-place writes into one buffer, so:
 
-* ``write`` copies a block of writer outputs into the buffer; its backward hands those writers the
-  gradient accumulated for them in the gradient buffer.
+* ``write`` copies a block of writer outputs into the buffer (``write_heads`` computes attention
+  heads' outputs straight into it); its backward hands those writers the gradient accumulated for
+  them in the gradient buffer.
 * ``mix`` computes readers' inputs ``base + M @ d[:n]``; its backward returns dL/dM and accumulates
   ``M^T @ dL/dx`` into the gradient buffer.
 * ``prefix`` and ``read`` do the same in two steps for a block of layers (see :class:`Block`).
@@ -15,36 +16,149 @@ so the autograd engine runs a writer's ``write`` backward only after the backwar
 read that came later in the forward, i.e. after every reader of that writer has accumulated its
 gradient. The writers ``d[a:b]`` that a mix read are never overwritten afterwards (writes only
 append), so mixes need not save them.
+
+The big tensors of a forward (the buffer, its gradient, every block's reader inputs) come from a
+:class:`Workspace` that outlives the forward, so repeated steps reuse memory instead of mapping
+fresh pages.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+import threading
+import weakref
+from collections.abc import Callable
 
 import torch
 from torch.autograd.function import FunctionCtx
 
 
-class DeltaBuffer:
-    """Writer deltas ``d`` [W, B, T, D] and, once a backward starts, their gradients ``grad``."""
+class Workspace:
+    """Large scratch tensors kept between forwards of one model, lent out and given back.
 
-    def __init__(self, n_writers: int, batch: int, tokens: int, width: int, *, like: torch.Tensor):
-        self.d = like.new_empty(n_writers, batch, tokens, width)  # [W, B, T, D]
-        self._grad: torch.Tensor | None = None
-        # a finished block's gradient [R_blk, B, T, D], reused by the block before it: writing a
-        # fresh large tensor costs several times more than rewriting one (first-touch page faults)
-        self.spare_block_grad: torch.Tensor | None = None
+    A fresh multi-megabyte CPU allocation is mapped page by page on first touch, which costs about
+    as much as writing it twice; the masked forward needs several of them per step (the delta
+    buffer, its gradient, every block's reader inputs), so they are kept here and reused. A tensor
+    is lent to an *owner* object and comes back when the owner is garbage collected (for the
+    buffers of a forward: when its autograd graph is freed), so nothing still in use is handed out
+    twice. At most ``max_free`` idle tensors are kept (the smallest are dropped first).
+    """
+
+    def __init__(self, max_free: int = 32) -> None:
+        self.max_free = max_free
+        self._free: list[torch.Tensor] = []  # flat, idle
+        self._lock = threading.Lock()
+
+    def lend(self, owner: object, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` (``like``'s dtype and device), back when ``owner``
+        is collected."""
+        n = math.prod(shape)
+        with self._lock:
+            fits = [
+                i
+                for i, t in enumerate(self._free)
+                if t.numel() >= n and t.dtype == like.dtype and t.device == like.device
+            ]
+            best = min(fits, key=lambda i: self._free[i].numel(), default=None)
+            flat = self._free.pop(best) if best is not None else like.new_empty(n)
+        weakref.finalize(owner, self._give, flat)
+        return flat[:n].view(shape)
+
+    def _give(self, flat: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(flat)
+            if len(self._free) > self.max_free:
+                self._free.remove(min(self._free, key=torch.Tensor.numel))
+
+    def clear(self) -> None:
+        """Drop every idle tensor (lent ones come back as usual)."""
+        with self._lock:
+            self._free.clear()
+
+
+def _scratch(workspace: Workspace | None, owner: object, shape: tuple[int, ...],
+             like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor, from ``workspace`` when there is one."""
+    return like.new_empty(shape) if workspace is None else workspace.lend(owner, shape, like)
+
+
+class _Loan:
+    """An owner for a tensor lent for less than its user's lifetime (dropping it gives it back)."""
+
+
+class DeltaBuffer:
+    """Writer deltas ``d`` [W, B, T, D] and, once a backward starts, their gradients ``grad``.
+
+    The gradient buffer is never zeroed as a whole: backward functions run from the last writer to
+    the first, and rows ``ready..W`` are the ones already holding gradient. The first contribution
+    to a row overwrites it (a matmul with beta 0) instead of adding to zeros, and a gradient at a
+    few token positions only (the logits at the answer positions) is kept aside and added when its
+    writer's gradient is read (:meth:`writer_grad`).
+    """
+
+    def __init__(self, n_writers: int, batch: int, tokens: int, width: int, *,
+                 like: torch.Tensor, workspace: Workspace | None = None) -> None:
+        self.shape = (n_writers, batch, tokens, width)
+        self.workspace = workspace
+        self.d = _scratch(workspace, self, self.shape, like)  # [W, B, T, D]
+        self._grad: torch.Tensor | None = None  # [W, B, T, D]; rows ready.. hold gradient
+        self.ready = n_writers
+        self._sparse: tuple[torch.Tensor, torch.Tensor] | None = None  # (index [N], g [W', N, D])
 
     @property
     def grad(self) -> torch.Tensor:
-        """dL/dd [W, B, T, D], zero until mixes' backwards accumulate into it."""
+        """dL/dd [W, B, T, D] (only rows ``ready..W`` are meaningful)."""
         if self._grad is None:
-            self._grad = torch.zeros_like(self.d)  # [W, B, T, D]
+            self._grad = _scratch(self.workspace, self, self.shape, self.d)
         return self._grad
 
-    def zero_grad(self) -> None:
-        if self._grad is None:
-            self._grad = torch.zeros_like(self.d)  # [W, B, T, D]
-        else:
-            self._grad.zero_()
+    def start_backward(self) -> None:
+        """Forget any gradient (the first backward function of a pass calls this)."""
+        self.ready, self._sparse = self.shape[0], None
+
+    def _init_rows(self, start: int) -> None:
+        """Make rows ``start..W`` hold gradient (zero the ones that have none yet)."""
+        if start < self.ready:
+            self.grad[start : self.ready].zero_()
+            self.ready = start
+
+    def accumulate(self, start: int, m_t: torch.Tensor, g: torch.Tensor) -> None:
+        """grad[start : start+n] += m_t @ g: m_t [n, R], g [R, B*T*D]."""
+        n = m_t.shape[0]
+        if n == 0:
+            return
+        stop = start + n
+        self._init_rows(stop)  # rows after this range (keeps ready..W contiguous)
+        fresh = max(0, min(stop, self.ready) - start)  # rows start..start+fresh hold nothing yet
+        flat = self.grad[start:stop].view(n, -1)  # [n, B*T*D]
+        if fresh:
+            torch.mm(m_t[:fresh], g, out=flat[:fresh])
+        if fresh < n:
+            flat[fresh:].addmm_(m_t[fresh:], g)
+        self.ready = min(self.ready, start)
+
+    def add_sparse(self, index: torch.Tensor, g: torch.Tensor) -> None:
+        """Gradient at rows ``index`` of the flat (B*T) axis only, for writers 0..n: g [n, N, D]."""
+        if self._sparse is not None:  # one at a time: fold the previous one in
+            self._init_rows(0)
+            self._fold(0, self.shape[0])
+        self._sparse = (index, g)
+
+    def _fold(self, start: int, stop: int) -> None:
+        if self._sparse is None:
+            return
+        index, g = self._sparse
+        stop = min(stop, g.shape[0])
+        if start < stop:
+            self.grad[start:stop].flatten(1, 2).index_add_(1, index, g[start:stop])
+
+    def writer_grad(self, start: int, stop: int) -> torch.Tensor:
+        """The complete gradient of writers ``start..stop`` [n, B, T, D] (every reader of theirs
+        has run its backward)."""
+        self._init_rows(start)
+        self._fold(start, stop)
+        return self.grad[start:stop]
 
 
 class _Write(torch.autograd.Function):
@@ -68,8 +182,53 @@ class _Write(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_token: torch.Tensor):  # type: ignore[override]
-        g_y = ctx.buf.grad[ctx.start : ctx.start + ctx.n] if ctx.needs_input_grad[0] else None
+        g_y = None
+        if ctx.needs_input_grad[0]:
+            g_y = ctx.buf.writer_grad(ctx.start, ctx.start + ctx.n)  # [n, B, T, D]
         return g_y, g_token, None, None, None
+
+
+class _WriteHeads(torch.autograd.Function):
+    """Attention heads' outputs written straight into the buffer: d = z_h @ W_h + b / H - y~."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        z: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        token: torch.Tensor,
+        buf: DeltaBuffer,
+        start: int,
+        ablated: torch.Tensor | None,
+    ) -> torch.Tensor:
+        # z [B, H, T, K]; weight [H, K, D] (frozen); bias [D] or None; ablated [H, B|1, T, D]
+        B, H, T, K = z.shape
+        z_h = z.transpose(0, 1).reshape(H, B * T, K)  # [H, B*T, K]
+        out = buf.d[start : start + H]  # [H, B, T, D]
+        flat = out.view(H, B * T, -1)  # [H, B*T, D]
+        if bias is None:
+            torch.bmm(z_h, weight, out=flat)
+        else:  # the bias added by the matmul: no separate full-width pass
+            torch.baddbmm((bias / H).view(1, 1, -1), z_h, weight, out=flat)
+        if ablated is not None:
+            out.sub_(ablated)
+        ctx.save_for_backward(weight)
+        ctx.buf, ctx.start = buf, start  # type: ignore[attr-defined]
+        return token.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, g_token: torch.Tensor):  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        g_z = None
+        if ctx.needs_input_grad[0]:
+            H = weight.shape[0]
+            g = ctx.buf.writer_grad(ctx.start, ctx.start + H)  # [H, B, T, D]
+            _, B, T, D = g.shape
+            # computed transposed, W_h @ g_h^T: MKL runs this shape markedly faster
+            g_z = torch.bmm(weight, g.view(H, B * T, D).transpose(1, 2))  # [H, K, B*T]
+            g_z = g_z.view(H, -1, B, T).permute(2, 0, 3, 1)  # [B, H, T, K]
+        return g_z, None, None, g_token, None, None, None
 
 
 class _Mix(torch.autograd.Function):
@@ -97,19 +256,16 @@ class _Mix(torch.autograd.Function):
     def backward(ctx, g_x: torch.Tensor):  # type: ignore[override]
         (m,) = ctx.saved_tensors
         buf: DeltaBuffer = ctx.buf
-        if (
-            ctx.last
-        ):  # the first backward to run: start from zero (a graph may be backpropagated twice)
-            buf.zero_grad()
+        if ctx.last:  # the first backward to run (a graph may be backpropagated twice)
+            buf.start_backward()
         n = m.shape[1]
         g_flat = g_x.reshape(m.shape[0], -1)  # [R, B*T*D] or [R, N*D]
         d = _rows(buf.d[:n], ctx.index).reshape(n, -1)  # [n, B*T*D] or [n, N*D]
         g_m = _grad_m(d, g_flat) if ctx.needs_input_grad[0] else None  # [R, n]
         if ctx.index is None:
-            buf.grad[:n].view(n, -1).addmm_(m.T, g_flat)  # [n, B*T*D] += [n, R] @ [R, B*T*D]
+            buf.accumulate(0, m.T, g_flat)  # [n, B*T*D] += [n, R] @ [R, B*T*D]
         else:
-            g_d = (m.T @ g_flat).view(n, ctx.index.shape[0], -1)  # [n, N, D]
-            buf.grad[:n].flatten(1, 2).index_add_(1, ctx.index, g_d)  # [n, B*T, D]
+            buf.add_sparse(ctx.index, (m.T @ g_flat).view(n, ctx.index.shape[0], -1))  # [n, N, D]
         return g_m, _zero(m), None, None, None, None
 
 
@@ -122,27 +278,23 @@ class Block:
     """
 
     def __init__(self, rows: int, buf: DeltaBuffer) -> None:
-        _, B, T, D = buf.d.shape
-        self.x = buf.d.new_empty(rows, B, T, D)  # [R_blk, B, T, D]
+        _, B, T, D = buf.shape
+        self.x = _scratch(buf.workspace, self, (rows, B, T, D), buf.d)  # [R_blk, B, T, D]
         self._buf = buf
-        self._grad: torch.Tensor | None = None  # [R_blk or more, B, T, D]
+        self._grad: torch.Tensor | None = None  # [R_blk, B, T, D]
+        self._loan: _Loan | None = None
 
     @property
     def grad(self) -> torch.Tensor:
         """dL/dx [R_blk, B, T, D]; every row is written by its reader group's backward."""
-        rows = self.x.shape[0]
         if self._grad is None:
-            spare, self._buf.spare_block_grad = self._buf.spare_block_grad, None
-            fits = spare is not None and spare.shape[0] >= rows
-            self._grad = spare if fits else torch.empty_like(self.x)  # [R_blk or more, B, T, D]
-        return self._grad[:rows]  # [R_blk, B, T, D]
+            self._loan = _Loan()
+            self._grad = _scratch(self._buf.workspace, self._loan, self.x.shape, self.x)
+        return self._grad
 
     def free_grad(self) -> None:
-        """Hand the gradient's memory on to the next block's backward (blocks run last to first)."""
-        spare = self._buf.spare_block_grad
-        if self._grad is not None and (spare is None or spare.shape[0] < self._grad.shape[0]):
-            self._buf.spare_block_grad = self._grad
-        self._grad = None
+        """Give the gradient's memory back (the next block's backward reuses it)."""
+        self._grad = self._loan = None
 
 
 class _Prefix(torch.autograd.Function):
@@ -174,7 +326,7 @@ class _Prefix(torch.autograd.Function):
         g_x = ctx.block.grad.view(m.shape[0], -1)  # [R_blk, B*T*D]
         d = buf.d[:n].view(n, -1)  # [n, B*T*D]
         g_m = _grad_m(d, g_x) if ctx.needs_input_grad[0] else None  # [R_blk, n]
-        buf.grad[:n].view(n, -1).addmm_(m.T, g_x)  # [n, B*T*D] += [n, R_blk] @ [R_blk, B*T*D]
+        buf.accumulate(0, m.T, g_x)  # [n, B*T*D] += [n, R_blk] @ [R_blk, B*T*D]
         ctx.block.free_grad()
         return g_m, g_token, None, None, None
 
@@ -190,37 +342,54 @@ class _Read(torch.autograd.Function):
         block: Block,
         row: int,
         start: int,
-        split: tuple[int, ...],
-    ) -> tuple[torch.Tensor, ...]:
-        # m [R, n] over writers start..start+n (inside the block); rows row..row+R of the block
+        returned: int,
+    ) -> torch.Tensor:
+        # m [R, n] over writers start..start+n (inside the block); rows row..row+R of the block,
+        # of which the first ``returned`` are finished (the others are finished by later reads)
         R, n = m.shape
         x = block.x[row : row + R]  # [R, B, T, D]
         if n:
             x.view(R, -1).addmm_(m, buf.d[start : start + n].view(n, -1))  # [R, B*T*D]
         ctx.save_for_backward(m)
         ctx.buf, ctx.block, ctx.row, ctx.start = buf, block, row, start  # type: ignore[attr-defined]
-        # Aliases, not views: later reads write other rows of block.x in place, which would bump
+        # An alias, not a view: later reads write other rows of block.x in place, which would bump
         # a view's version counter and invalidate tensors saved from it for the backward.
-        return tuple(_alias(part) for part in x.split(split))
+        out = _alias(x[:returned])
+        out._edgeprune_grad_into = functools.partial(_rows_of, block, row, returned)
+        return out
 
     @staticmethod
-    def backward(ctx, *g_parts: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         (m,) = ctx.saved_tensors
         buf: DeltaBuffer = ctx.buf
         R, n = m.shape
+        # rows past the returned ones got their gradient from the later reads that finished them
         g_x = ctx.block.grad[ctx.row : ctx.row + R]  # [R, B, T, D]
-        torch.cat(g_parts, out=g_x)  # [R, B, T, D]
+        if g.data_ptr() != g_x.data_ptr() or not g.is_contiguous():  # see gradient_destination
+            g_x[: g.shape[0]].copy_(g)  # kept for the block's prefix backward
         g_m = None
         if n:
             g_flat, d = g_x.view(R, -1), buf.d[ctx.start : ctx.start + n].view(n, -1)
             g_m = _grad_m(d, g_flat) if ctx.needs_input_grad[0] else None  # [R, n]
-            buf.grad[ctx.start : ctx.start + n].view(n, -1).addmm_(m.T, g_flat)
+            buf.accumulate(ctx.start, m.T, g_flat)  # [n, B*T*D] += [n, R] @ [R, B*T*D]
         return g_m, _zero(m), _zero(m), None, None, None, None, None
+
+
+def gradient_destination(x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """Where the engine keeps the gradient of ``x``, when ``x`` is a reader input it handed out
+    (see :func:`read`): a function returning a contiguous tensor of x's shape, valid during the
+    backward pass. A backward function whose gradient for ``x`` it computes from scratch may write
+    it there and return that tensor, which spares the engine copying it; None otherwise."""
+    return getattr(x, "_edgeprune_grad_into", None)
+
+
+def _rows_of(block: Block, row: int, count: int) -> torch.Tensor:
+    return block.grad[row : row + count]  # [count, B, T, D]
 
 
 def _rows(d: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     """d [n, B, T, D] -> itself, or its rows ``index`` of the flat (B*T) axis [n, N, D]."""
-    return d if index is None else d.flatten(1, 2)[:, index]
+    return d if index is None else d.flatten(1, 2).index_select(1, index)
 
 
 def _grad_m(d: torch.Tensor, g_x: torch.Tensor) -> torch.Tensor:
@@ -245,6 +414,21 @@ def write(
 ) -> torch.Tensor:
     """Store ``y - ablated`` [n, B, T, D] at writers ``start .. start+n``; returns the next token."""
     return _Write.apply(y, token, buf, start, ablated)
+
+
+def write_heads(
+    buf: DeltaBuffer,
+    token: torch.Tensor,
+    start: int,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ablated: torch.Tensor | None,
+) -> torch.Tensor:
+    """Store every head's output minus its ablation value at writers ``start .. start+H``:
+    ``z[:, h] @ weight[h] + bias / H - ablated[h]`` (z [B, H, T, K], weight [H, K, D] frozen, the
+    output projection's bias [D] split evenly over the heads); returns the next token."""
+    return _WriteHeads.apply(z, weight, bias, token, buf, start, ablated)
 
 
 def mix(
@@ -285,8 +469,11 @@ def read(
     *,
     row: int,
     start: int,
-    split: tuple[int, ...],
-) -> tuple[torch.Tensor, ...]:
-    """Finish a reader group's inputs: block rows ``row..row+R`` plus ``m @ d[start:start+n]``
-    (m [R, n], the writers inside the block so far); returned as parts [R_i, B, T, D] by ``split``."""
-    return _Read.apply(m, token, block_token, buf, block, row, start, split)
+    returned: int | None = None,
+) -> torch.Tensor:
+    """Add ``m @ d[start:start+n]`` (m [R, n], writers inside the block) to the block's rows
+    ``row..row+R`` and return the first ``returned`` of them (default all), which are finished:
+    [returned, B, T, D]. The other rows must be finished by later reads (whose backward runs
+    first and fills their gradient)."""
+    returned = m.shape[0] if returned is None else returned
+    return _Read.apply(m, token, block_token, buf, block, row, start, returned)

@@ -27,7 +27,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from edgeprune.engine import _checks
-from edgeprune.engine._autograd import DeltaBuffer, mix, prefix, read, write
+from edgeprune.engine._autograd import DeltaBuffer, Workspace, mix, prefix, read, write, write_heads
 from edgeprune.engine._checks import Mask
 from edgeprune.engine.adapters import Adapter, adapter_for
 from edgeprune.engine.errors import InvalidArgument
@@ -94,20 +94,17 @@ def _block_prefix(
 def attention_heads(
     adapter: Adapter,
     layer: int,
-    xq: torch.Tensor,
-    xk: torch.Tensor,
-    xv: torch.Tensor,
+    x: torch.Tensor,
     position_ids: torch.Tensor,
     mask: torch.Tensor,
 ) -> torch.Tensor:
-    """One layer's attention from its readers' inputs to its heads' outputs, a pure function:
-    xq [H, B, T, D], xk and xv [KV, B, T, D], mask [B, 1, T, T] -> [H, B, T, D]."""
+    """One layer's attention from its q/k/v readers' inputs to its heads' outputs before the output
+    projection, a pure function: x [H + 2KV, B, T, D], mask [B, 1, T, T] -> z [B, H, T, K]."""
     H, KV = adapter.n_heads, adapter.n_kv_heads
-    q, k, v = adapter.qkv(layer, xq, xk, xv, position_ids)  # [B, H|KV, T, K]
-    z = F.scaled_dot_product_attention(
+    q, k, v = adapter.qkv(layer, x, position_ids)  # [B, H|KV, T, K]
+    return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=adapter.attn_scale(layer), enable_gqa=H != KV
     )  # [B, H, T, K]
-    return adapter.heads_out(layer, z)  # [H, B, T, D]
 
 
 def _call(fn: Callable[..., torch.Tensor], *args: object, recompute: bool) -> torch.Tensor:
@@ -132,6 +129,7 @@ def masked_forward(
     *,
     logits: bool = True,
     checkpoint_layers: bool = False,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor | None, DeltaBuffer]:
     """Logits of the masked model, and the delta buffer.
 
@@ -145,16 +143,20 @@ def masked_forward(
     once per block, not once per layer); each reader then adds the writers inside the block.
 
     With ``checkpoint_layers`` every layer's attention (from its q/k/v readers' inputs to its heads'
-    outputs) and MLP (from its reader's input to its output) keep none of their intermediates
+    outputs before the output projection) and MLP (from its reader's input to its output) keep none of their intermediates
     (normalised inputs, q/k/v, attention, hidden activations) for the backward pass, which
     recomputes them. Both are pure functions of their inputs, which live in the block's reader
     inputs until the backward pass is done with them; the buffer's writes and reads stay outside.
+
+    ``workspace`` lends the buffer and the blocks' reader inputs (see ``Workspace``); it must not be
+    given when the caller keeps the returned buffer's ``d``.
     """
     B, T = input_ids.shape
     H, KV, L = adapter.n_heads, adapter.n_kv_heads, adapter.n_layers
     position_ids = torch.arange(T, device=input_ids.device)[None]  # [1, T]
     emb = adapter.embed(input_ids, position_ids)  # [n_embed, B, T, D]
-    buf = DeltaBuffer(graph.n_writers, B, T, adapter.d_model, like=emb)  # d [W, B, T, D]
+    buf = DeltaBuffer(graph.n_writers, B, T, adapter.d_model, like=emb, workspace=workspace)
+    # buf.d [W, B, T, D]
 
     def ablation(start: int, stop: int) -> torch.Tensor | None:
         return None if ablated is None else ablated[start:stop]  # [n, B|1, T, D]
@@ -164,11 +166,8 @@ def masked_forward(
     size = block_layers(L)
     R_attn = H + 2 * KV
 
-    def reader_inputs(
-        group: ReaderGroup, row: int, split: tuple[int, ...]
-    ) -> tuple[torch.Tensor, ...]:
-        m = weights[group.edges].view(-1, group.n_upstream)[:, first:]  # [R, writers in the block]
-        return read(buf, token, block, block_token, m, row=row, start=first, split=split)
+    def upstream(group: ReaderGroup) -> torch.Tensor:
+        return weights[group.edges].view(-1, group.n_upstream)[:, first:]  # [R, writers in block]
 
     token = write(buf, emb.new_zeros(()), 0, emb, ablation(0, graph.n_embed))
     for layer in range(L):
@@ -179,17 +178,24 @@ def masked_forward(
             block, block_token = prefix(buf, token, m, layout)
 
         row = j * (R_attn + 1)
-        q_in, k_in, v_in = reader_inputs(graph.attn_group(layer), row, (H, KV, KV))
+        heads = graph.layer_start(layer)
+        # the layer's q/k/v readers and its MLP reader over the block's writers before the layer,
+        # in one matmul; the MLP reader adds the layer's heads once they are written
+        m_mlp = upstream(graph.mlp_group(layer))  # [1, heads + H - first]
+        m = torch.cat([upstream(graph.attn_group(layer)), m_mlp[:, : heads - first]])
+        x = read(buf, token, block, block_token, m, row=row, start=first, returned=R_attn)
+        # x [H + 2KV, B, T, D]
         window = adapter.sliding_window(layer)
         if window not in masks:
             masks[window] = attention_mask_4d(valid, causal=adapter.causal, window=window)
         attend = functools.partial(
             attention_heads, adapter, layer, position_ids=position_ids, mask=masks[window]
         )
-        y = _call(attend, q_in, k_in, v_in, recompute=checkpoint_layers)  # [H, B, T, D]
-        heads = graph.layer_start(layer)
-        token = write(buf, token, heads, y, ablation(heads, heads + H))
-        (x,) = reader_inputs(graph.mlp_group(layer), row + R_attn, (1,))  # [1, B, T, D]
+        z = _call(attend, x, recompute=checkpoint_layers)  # [B, H, T, K]
+        weight, bias = adapter.out_proj(layer)  # [H, K, D], [D] or None
+        token = write_heads(buf, token, heads, z, weight, bias, ablation(heads, heads + H))
+        m = m_mlp[:, heads - first :]  # [1, H]
+        x = read(buf, token, block, block_token, m, row=row + R_attn, start=heads)  # [1, B, T, D]
         y = _call(adapter.mlp, layer, x, recompute=checkpoint_layers)  # [1, B, T, D]
         token = write(buf, token, heads + H, y, ablation(heads + H, heads + H + 1))
 
@@ -236,6 +242,8 @@ class CircuitModel(nn.Module):
         self.d_model, self.vocab_size = a.d_model, a.vocab_size
         self.graph = Graph.build(a.n_layers, a.n_heads, a.n_kv_heads, a.has_pos)
         self.checkpoint_layers = checkpoint_layers
+        # the big tensors of a masked forward, reused by the next one (release_workspace frees them)
+        self.workspace = Workspace()
 
     @property
     def device(self) -> torch.device:
@@ -244,6 +252,10 @@ class CircuitModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.module.parameters()).dtype
+
+    def release_workspace(self) -> None:
+        """Free the memory kept between masked forwards (it is taken again by the next one)."""
+        self.workspace.clear()
 
     @contextlib.contextmanager
     def checkpointing(self, enabled: bool = True) -> Iterator[None]:
@@ -295,6 +307,7 @@ class CircuitModel(nn.Module):
             y_tilde,
             index,
             checkpoint_layers=self.checkpoint_layers,
+            workspace=self.workspace,
         )
         assert out is not None
         if positions is None:

@@ -11,6 +11,8 @@ The norm weight scales the (small) projection weight rather than the input, and 
 written by hand (weights are frozen): forward reads each input twice (statistics, projection) and
 writes nothing full-width; backward writes the projection's transpose and updates it in place once
 (twice for LayerNorm), instead of the handful of full-width temporaries autograd keeps for a norm.
+The gradient with respect to x is written where the masked forward keeps it (see
+``gradient_destination``), saving a full-width copy.
 Shapes: R readers (one per head), B batch, T tokens, D width, K head width.
 """
 
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from edgeprune.engine._autograd import gradient_destination
 
 # Norm classes known to compute weight * x * rsqrt(mean(x^2) + variance_epsilon)
 STANDARD_RMS_NORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"})
@@ -36,17 +40,21 @@ class _NormProject(torch.autograd.Function):
         norm_bias: torch.Tensor | None,
         eps: float,
         weight: torch.Tensor,
+        bias: torch.Tensor | None,
         centred: bool,
     ) -> torch.Tensor:
-        # x [R, B, T, D]; norm_weight, norm_bias [D]; weight [R, K, D] (frozen) -> [B, R, T, K]
+        # x [R, B, T, D]; norm_weight, norm_bias [D]; weight [R, K, D], bias [R, K] (frozen)
+        # -> [B, R, T, K]
         D = x.shape[-1]
-        if centred:  # LayerNorm: the statistics exactly as the native kernel computes them
-            # (var_mean is several times slower on CPU); its normalised output is discarded
-            _, mu, rstd = torch.native_layer_norm(x, (D,), None, None, eps)
-            mu, rstd = mu.to(x.dtype), rstd.to(x.dtype)  # [R, B, T, 1] each
+        stats = _stats_dtype(x)
+        sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stats).square() / D  # E[x^2]
+        if centred:  # LayerNorm: var = E[x^2] - mu^2, two fast reductions (the native kernel's
+            # Welford pass is several times slower); exact enough unless |mu| >> std
+            mean = x.sum(-1, keepdim=True, dtype=stats) / D  # [R, B, T, 1]
+            var = (sq - mean.square()).clamp_min(0)
+            mu, rstd = mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)  # [R, B, T, 1] each
         else:  # RMSNorm
-            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=_stats_dtype(x))
-            rstd, mu = torch.rsqrt(norm.square() / D + eps).to(x.dtype), None  # [R, B, T, 1]
+            rstd, mu = torch.rsqrt(sq + eps).to(x.dtype), None  # [R, B, T, 1]
         # (x * w) @ W^T == x @ (W * w)^T: scale the small weight, not the full-width input
         scaled = weight * norm_weight  # [R, K, D], kept for the backward (small)
         p = torch.einsum("rbtd,rkd->brtk", x, scaled)  # [B, R, T, K]
@@ -54,18 +62,30 @@ class _NormProject(torch.autograd.Function):
         if centred:
             c = scaled.sum(-1)  # w @ W^T per head [R, K]
             p = p - mu.transpose(0, 1) * c[None, :, None, :]  # [B, R, T, K]
-        out = p * rstd.transpose(0, 1)  # [B, R, T, K]
-        if norm_bias is not None:
-            out = out + torch.einsum("d,rkd->rk", norm_bias, weight)[None, :, None, :]
+        if norm_bias is not None:  # the norm's bias through the projection: b_n @ W^T [R, K]
+            shift = torch.einsum("d,rkd->rk", norm_bias, weight)
+            bias = shift if bias is None else bias + shift
+        if bias is None:
+            out = p * rstd.transpose(0, 1)  # [B, R, T, K]
+        else:
+            out = torch.addcmul(bias[None, :, None, :], p, rstd.transpose(0, 1))  # [B, R, T, K]
         ctx.save_for_backward(x, rstd, p, scaled, mu, c)
+        ctx.grad_into = gradient_destination(x)
         return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         x, rstd, p, scaled, mu, c = ctx.saved_tensors
         D = x.shape[-1]
+        # the gradient may arrive in another memory layout (attention kernels' outputs), which would
+        # turn the batched matmul below into a slow strided loop
+        g = g.contiguous()  # [B, R, T, K]
+        R, B, T, _ = x.shape
         rstd_b = rstd.transpose(0, 1)  # [B, R, T, 1]
-        g_x = torch.einsum("brtk,rkd->rbtd", g * rstd_b, scaled)  # [R, B, T, D]
+        a = (g * rstd_b).transpose(0, 1).reshape(R, B * T, -1)  # [R, B*T, K]
+        # straight into the engine's gradient buffer when it says where x's gradient goes
+        g_x = ctx.grad_into() if ctx.grad_into is not None else torch.empty_like(x)  # [R, B, T, D]
+        torch.bmm(a, scaled, out=g_x.view(R, B * T, D))  # [R, B*T, D]
         # through rstd: d rstd / dx = -rstd^3 (x - mu) / D   (mu = 0 for RMSNorm)
         coef = (g * p).sum(-1, keepdim=True).transpose(0, 1) * rstd.pow(3) / -D  # [R, B, T, 1]
         g_x.addcmul_(x, coef)  # [R, B, T, D]
@@ -73,18 +93,23 @@ class _NormProject(torch.autograd.Function):
             # through mu: d mu / dx = 1 / D, and the -mu part of (x - mu) in the rstd term
             g_mu = -(g * rstd_b * c[None, :, None, :]).sum(-1, keepdim=True).transpose(0, 1)
             g_x.add_(g_mu / D - coef * mu)  # [R, B, T, D]
-        return g_x, None, None, None, None, None
+        return g_x, None, None, None, None, None, None
 
 
-def rms_norm_project(x: torch.Tensor, norm: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """``norm(x[r]) @ weight[r]^T`` for every reader r: x [R, B, T, D], weight [R, K, D] -> [B, R, T, K].
+def rms_norm_project(
+    x: torch.Tensor, norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``norm(x[r]) @ weight[r]^T + bias[r]`` for every reader r: x [R, B, T, D], weight [R, K, D],
+    bias [R, K] or None -> [B, R, T, K].
 
     ``norm`` is one of STANDARD_RMS_NORMS (its ``weight`` and ``variance_epsilon`` are used).
     """
-    return _NormProject.apply(x, norm.weight, None, norm.variance_epsilon, weight, False)
+    return _NormProject.apply(x, norm.weight, None, norm.variance_epsilon, weight, bias, False)
 
 
-def layer_norm_project(x: torch.Tensor, norm: nn.LayerNorm, weight: torch.Tensor) -> torch.Tensor:
-    """``norm(x[r]) @ weight[r]^T`` for every reader r with a LayerNorm over the last dimension:
-    x [R, B, T, D], weight [R, K, D] -> [B, R, T, K]."""
-    return _NormProject.apply(x, norm.weight, norm.bias, norm.eps, weight, True)
+def layer_norm_project(
+    x: torch.Tensor, norm: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``norm(x[r]) @ weight[r]^T + bias[r]`` for every reader r with a LayerNorm over the last
+    dimension: x [R, B, T, D], weight [R, K, D], bias [R, K] or None -> [B, R, T, K]."""
+    return _NormProject.apply(x, norm.weight, norm.bias, norm.eps, weight, bias, True)

@@ -40,17 +40,13 @@ class Adapter(ABC):
 
     @abstractmethod
     def qkv(
-        self,
-        layer: int,
-        xq: torch.Tensor,
-        xk: torch.Tensor,
-        xv: torch.Tensor,
-        position_ids: torch.Tensor,
+        self, layer: int, x: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-head q, k, v from per-reader residual inputs.
 
-        xq [H, B, T, D], xk and xv [KV, B, T, D] -> q [B, H, T, K], k and v [B, KV, T, K]
-        (normalised, projected, rotary applied where the model has it).
+        x [H + 2KV, B, T, D] (the query readers, then the key readers, then the value readers)
+        -> q [B, H, T, K], k and v [B, KV, T, K] (normalised, projected, rotary applied where the
+        model has it).
         """
 
     def attn_scale(self, layer: int) -> float:
@@ -62,12 +58,10 @@ class Adapter(ABC):
         return None
 
     @abstractmethod
-    def heads_out(self, layer: int, z: torch.Tensor) -> torch.Tensor:
-        """Each head's contribution to the residual: z [B, H, T, K] -> [H, B, T, D].
-
-        An output-projection bias (one vector for the whole layer) is split evenly over the heads, so
-        the heads' outputs still sum to the original layer output.
-        """
+    def out_proj(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention output projection per head: weight [H, K, D] (a view of the module's, head
+        h's output is z_h @ weight[h]) and the bias [D] or None, which the masked forward splits
+        evenly over the heads so that their outputs still sum to the original layer output."""
 
     @abstractmethod
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -93,14 +87,3 @@ def project_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if bias is not None:
         out = out + bias[None, :, None, :]  # [B, R, T, K]
     return out
-
-
-def output_heads(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Each head's output: z [B, H, T, K], weight [H, K, D] -> [H, B, T, D]; bias [D] split over heads."""
-    B, H, T, K = z.shape
-    z_h = z.transpose(0, 1).reshape(H, B * T, K)  # [H, B*T, K]
-    if bias is None:
-        out = torch.bmm(z_h, weight)  # [H, B*T, D]
-    else:  # the bias added by the matmul: no separate full-width pass
-        out = torch.baddbmm((bias / H).view(1, 1, -1), z_h, weight)  # [H, B*T, D]
-    return out.view(H, B, T, -1)  # [H, B, T, D]

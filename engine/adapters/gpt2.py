@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from transformers.activations import NewGELUActivation
 
 from edgeprune.engine.adapters._norm_project import layer_norm_project
-from edgeprune.engine.adapters.base import Adapter, output_heads
+from edgeprune.engine.adapters.base import Adapter
 
 
 class GPT2Adapter(Adapter):
@@ -40,27 +40,24 @@ class GPT2Adapter(Adapter):
         pos = self.body.wpe(position_ids).expand_as(tok)  # [B, T, D]
         return torch.stack([tok, pos])  # [2, B, T, D]
 
-    def qkv(self, layer, xq, xk, xv, position_ids):
+    def qkv(self, layer, x, position_ids):
         block = self.body.h[layer]
         c_attn = block.attn.c_attn
         D, H, K = self.d_model, self.n_heads, self.head_dim
-        # c_attn.weight [D, 3D] -> q, k, v each [H, K, D] (views)
-        w = c_attn.weight.view(D, 3, H, K).permute(1, 2, 3, 0)  # [3, H, K, D]
-        b = c_attn.bias.view(3, H, K)  # [3, H, K]
+        # c_attn.weight [D, 3D] -> q, k, v heads as [3H, K, D] (a view), c_attn.bias -> [3H, K]
+        w = c_attn.weight.view(D, 3 * H, K).permute(1, 2, 0)  # [3H, K, D]
+        b = c_attn.bias.view(3 * H, K)  # [3H, K]
         # per-reader LayerNorm + head projection, the norm's scale applied after the projection
-        q = layer_norm_project(xq, block.ln_1, w[0]) + b[0][None, :, None, :]  # [B, H, T, K]
-        k = layer_norm_project(xk, block.ln_1, w[1]) + b[1][None, :, None, :]  # [B, H, T, K]
-        v = layer_norm_project(xv, block.ln_1, w[2]) + b[2][None, :, None, :]  # [B, H, T, K]
-        return q, k, v
+        out = layer_norm_project(x, block.ln_1, w, b)  # [B, 3H, T, K]
+        return out.split(H, dim=1)  # q, k, v [B, H, T, K]
 
     def attn_scale(self, layer: int) -> float:
         scale = self.head_dim**-0.5 if self._scale_weights else 1.0
         return scale / (layer + 1) if self._scale_by_layer else scale
 
-    def heads_out(self, layer, z):
+    def out_proj(self, layer):
         c_proj = self.body.h[layer].attn.c_proj
-        w = c_proj.weight.view(self.n_heads, self.head_dim, self.d_model)  # [H, K, D]
-        return output_heads(z, w, c_proj.bias)  # [H, B, T, D]
+        return c_proj.weight.view(self.n_heads, self.head_dim, self.d_model), c_proj.bias
 
     def mlp(self, layer, x):
         block = self.body.h[layer]

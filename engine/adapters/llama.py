@@ -12,12 +12,14 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from edgeprune.engine.adapters._norm_project import STANDARD_RMS_NORMS, rms_norm_project
-from edgeprune.engine.adapters.base import Adapter, output_heads, project_heads
+from edgeprune.engine.adapters.base import Adapter, project_heads
 
 
-def _bias(linear: nn.Linear, heads: int, head_dim: int) -> torch.Tensor | None:
-    """A projection's bias as [heads, K] (a view), or None."""
-    return None if linear.bias is None else linear.bias.view(heads, head_dim)
+def _bias(linear: nn.Linear, heads: int, head_dim: int) -> torch.Tensor:
+    """A projection's bias as [heads, K] (a view; zeros where it has none)."""
+    if linear.bias is None:
+        return linear.weight.new_zeros(heads, head_dim)
+    return linear.bias.view(heads, head_dim)
 
 
 class LlamaAdapter(Adapter):
@@ -41,28 +43,26 @@ class LlamaAdapter(Adapter):
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.body.embed_tokens(input_ids)[None]  # [1, B, T, D]
 
-    def qkv(self, layer, xq, xk, xv, position_ids):
+    def qkv(self, layer, x, position_ids):
         block = self.body.layers[layer]
         attn = block.self_attn
-        H, KV = self.n_heads, self.n_kv_heads
+        H, KV, K, D = self.n_heads, self.n_kv_heads, self.head_dim, self.d_model
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+        # the three projections' heads side by side: [H + 2KV, K, D] and bias [H + 2KV, K] (copies
+        # of a few hundred kilobytes per step, so that one batched matmul projects every reader)
+        w = torch.cat([p.weight.view(-1, K, D) for p in projs])  # [H + 2KV, K, D]
+        b = None
+        if any(p.bias is not None for p in projs):
+            b = torch.cat([_bias(p, p.weight.shape[0] // K, K) for p in projs])  # [H + 2KV, K]
         norm = block.input_layernorm
-        q = self._project(norm, xq, attn.q_proj, H)  # [B, H, T, K]
-        k = self._project(norm, xk, attn.k_proj, KV)  # [B, KV, T, K]
-        v = self._project(norm, xv, attn.v_proj, KV)  # [B, KV, T, K]
+        if type(norm).__name__ in STANDARD_RMS_NORMS:
+            out = rms_norm_project(x, norm, w, b)  # [B, H + 2KV, T, K]
+        else:
+            out = project_heads(norm(x), w, b)  # [B, H + 2KV, T, K]
+        q, k, v = out.split((H, KV, KV), dim=1)  # [B, H|KV, T, K]
         cos, sin = self.body.rotary_emb(q, position_ids)  # [B, T, K] each
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # [B, H, T, K], [B, KV, T, K]
         return q, k, v
-
-    def _project(
-        self, norm: nn.Module, x: torch.Tensor, proj: nn.Linear, heads: int
-    ) -> torch.Tensor:
-        """Per-reader norm then head projection: x [R, B, T, D] -> [B, R, T, K] (R = heads)."""
-        w = proj.weight.view(heads, self.head_dim, self.d_model)  # [R, K, D] (view)
-        if type(norm).__name__ in STANDARD_RMS_NORMS:
-            out = rms_norm_project(x, norm, w)  # [B, R, T, K]
-            bias = _bias(proj, heads, self.head_dim)  # [R, K] or None
-            return out if bias is None else out + bias[None, :, None, :]
-        return project_heads(norm(x), w, _bias(proj, heads, self.head_dim))  # [B, R, T, K]
 
     def attn_scale(self, layer: int) -> float:
         return self.body.layers[layer].self_attn.scaling
@@ -73,12 +73,10 @@ class LlamaAdapter(Adapter):
             return getattr(attn.config, "sliding_window", None)
         return getattr(attn, "sliding_window", None)
 
-    def heads_out(self, layer, z):
+    def out_proj(self, layer):
         o_proj = self.body.layers[layer].self_attn.o_proj
-        w = o_proj.weight.view(self.d_model, self.n_heads, self.head_dim).permute(
-            1, 2, 0
-        )  # [H, K, D]
-        return output_heads(z, w, o_proj.bias)  # [H, B, T, D]
+        w = o_proj.weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)
+        return w, o_proj.bias  # [H, K, D], [D] or None
 
     def mlp(self, layer, x):
         block = self.body.layers[layer]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeprune.engine.adapters.base import Adapter, output_heads, project_heads
+from edgeprune.engine.adapters.base import Adapter, project_heads
 
 
 class TracrAdapter(Adapter):
@@ -38,22 +38,22 @@ class TracrAdapter(Adapter):
         pos = self.module.pos_embed(position_ids).expand_as(tok)  # [B, T, D]
         return torch.stack([tok, pos])  # [2, B, T, D]
 
-    def _heads(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-        w = linear.weight.view(self.n_heads, self.head_dim, self.d_model)  # [H, K, D]
-        b = None if linear.bias is None else linear.bias.view(self.n_heads, self.head_dim)  # [H, K]
-        return w, b
-
-    def qkv(self, layer, xq, xk, xv, position_ids):
+    def qkv(self, layer, x, position_ids):
         attn = self.module.layers[layer].attn
-        q = project_heads(xq, *self._heads(attn.q))  # [B, H, T, K]
-        k = project_heads(xk, *self._heads(attn.k))  # [B, H, T, K]
-        v = project_heads(xv, *self._heads(attn.v))  # [B, H, T, K]
-        return q, k, v
+        H, K, D = self.n_heads, self.head_dim, self.d_model
+        projs = (attn.q, attn.k, attn.v)
+        w = torch.cat([p.weight.view(H, K, D) for p in projs])  # [3H, K, D]
+        b = None
+        if any(p.bias is not None for p in projs):
+            b = torch.cat(
+                [p.weight.new_zeros(H, K) if p.bias is None else p.bias.view(H, K) for p in projs]
+            )  # [3H, K]
+        return project_heads(x, w, b).split(H, dim=1)  # q, k, v [B, H, T, K]
 
-    def heads_out(self, layer, z):
+    def out_proj(self, layer):
         o = self.module.layers[layer].attn.o
-        w = o.weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)  # [H, K, D]
-        return output_heads(z, w, o.bias)  # [H, B, T, D]
+        w = o.weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)
+        return w, o.bias  # [H, K, D], [D] or None
 
     def mlp(self, layer, x):
         mlp = self.module.layers[layer].mlp
