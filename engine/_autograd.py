@@ -47,6 +47,7 @@ class Workspace:
 
     def __init__(self, max_free: int = 32) -> None:
         self.max_free = max_free
+        self.allocations = 0  # tensors allocated fresh (not reused) so far
         self._free: list[torch.Tensor] = []  # flat, idle
         self._lock = threading.Lock()
 
@@ -61,7 +62,15 @@ class Workspace:
                 if t.numel() >= n and t.dtype == like.dtype and t.device == like.device
             ]
             best = min(fits, key=lambda i: self._free[i].numel(), default=None)
-            flat = self._free.pop(best) if best is not None else like.new_empty(n)
+            if best is not None:
+                flat = self._free.pop(best)
+            else:  # the shapes grew (a longer batch): idle tensors too small for this are dropped
+                self._free = [
+                    t for t in self._free
+                    if t.numel() >= n or t.dtype != like.dtype or t.device != like.device
+                ]
+                flat = like.new_empty(n)
+                self.allocations += 1
         weakref.finalize(owner, self._give, flat)
         return flat[:n].view(shape)
 
@@ -70,6 +79,12 @@ class Workspace:
             self._free.append(flat)
             if len(self._free) > self.max_free:
                 self._free.remove(min(self._free, key=torch.Tensor.numel))
+
+    @property
+    def idle(self) -> int:
+        """Tensors kept and not lent out."""
+        with self._lock:
+            return len(self._free)
 
     def clear(self) -> None:
         """Drop every idle tensor (lent ones come back as usual)."""
@@ -98,10 +113,15 @@ class DeltaBuffer:
     """
 
     def __init__(self, n_writers: int, batch: int, tokens: int, width: int, *,
-                 like: torch.Tensor, workspace: Workspace | None = None) -> None:
+                 like: torch.Tensor, workspace: Workspace | None = None,
+                 index: torch.Tensor | None = None) -> None:
         self.shape = (n_writers, batch, tokens, width)
         self.workspace = workspace
         self.d = _scratch(workspace, self, self.shape, like)  # [W, B, T, D]
+        # d at rows ``index`` of the flat (B*T) axis [W, N, D], copied as writers write (while
+        # the rows are in cache), for the logits reader that reads only there
+        self.index = index
+        self.d_at_index = None if index is None else like.new_empty(n_writers, len(index), width)
         self._grad: torch.Tensor | None = None  # [W, B, T, D]; rows ready.. hold gradient
         self.ready = n_writers
         self._sparse: tuple[torch.Tensor, torch.Tensor] | None = None  # (index [N], g [W', N, D])
@@ -116,6 +136,20 @@ class DeltaBuffer:
     def start_backward(self) -> None:
         """Forget any gradient (the first backward function of a pass calls this)."""
         self.ready, self._sparse = self.shape[0], None
+
+    def wrote(self, start: int, stop: int) -> None:
+        """Writers ``start..stop`` were just written: keep their rows at ``index``."""
+        if self.index is not None:
+            rows = self.d[start:stop].flatten(1, 2)  # [n, B*T, D]
+            torch.index_select(rows, 1, self.index, out=self.d_at_index[start:stop])
+
+    def rows(self, n: int, index: torch.Tensor | None) -> torch.Tensor:
+        """d of writers ..n [n, B, T, D], or at rows ``index`` of the flat (B*T) axis [n, N, D]."""
+        if index is None:
+            return self.d[:n]
+        if index is self.index:
+            return self.d_at_index[:n]
+        return self.d[:n].flatten(1, 2).index_select(1, index)
 
     def _init_rows(self, start: int) -> None:
         """Make rows ``start..W`` hold gradient (zero the ones that have none yet)."""
@@ -177,6 +211,7 @@ class _Write(torch.autograd.Function):
             out.copy_(y)
         else:
             torch.sub(y, ablated, out=out)
+        buf.wrote(start, start + y.shape[0])
         ctx.buf, ctx.start, ctx.n = buf, start, y.shape[0]  # type: ignore[attr-defined]
         return token.new_zeros(())
 
@@ -213,6 +248,7 @@ class _WriteHeads(torch.autograd.Function):
             torch.baddbmm((bias / H).view(1, 1, -1), z_h, weight, out=flat)
         if ablated is not None:
             out.sub_(ablated)
+        buf.wrote(start, start + H)
         ctx.save_for_backward(weight)
         ctx.buf, ctx.start = buf, start  # type: ignore[attr-defined]
         return token.new_zeros(())
@@ -244,7 +280,7 @@ class _Mix(torch.autograd.Function):
     ) -> torch.Tensor:
         # m [R, W]; base broadcastable to one reader input; index [N] rows of the flat (B*T) axis
         n = m.shape[1]
-        d = _rows(buf.d[:n], index)  # [n, B, T, D] or [n, N, D]
+        d = buf.rows(n, index)  # [n, B, T, D] or [n, N, D]
         x = (m @ d.reshape(n, -1)).view(m.shape[0], *d.shape[1:])  # [R, B, T, D] or [R, N, D]
         if base is not None:
             x += base
@@ -260,7 +296,7 @@ class _Mix(torch.autograd.Function):
             buf.start_backward()
         n = m.shape[1]
         g_flat = g_x.reshape(m.shape[0], -1)  # [R, B*T*D] or [R, N*D]
-        d = _rows(buf.d[:n], ctx.index).reshape(n, -1)  # [n, B*T*D] or [n, N*D]
+        d = buf.rows(n, ctx.index).reshape(n, -1)  # [n, B*T*D] or [n, N*D]
         g_m = _grad_m(d, g_flat) if ctx.needs_input_grad[0] else None  # [R, n]
         if ctx.index is None:
             buf.accumulate(0, m.T, g_flat)  # [n, B*T*D] += [n, R] @ [R, B*T*D]
@@ -385,11 +421,6 @@ def gradient_destination(x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
 
 def _rows_of(block: Block, row: int, count: int) -> torch.Tensor:
     return block.grad[row : row + count]  # [count, B, T, D]
-
-
-def _rows(d: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """d [n, B, T, D] -> itself, or its rows ``index`` of the flat (B*T) axis [n, N, D]."""
-    return d if index is None else d.flatten(1, 2).index_select(1, index)
 
 
 def _grad_m(d: torch.Tensor, g_x: torch.Tensor) -> torch.Tensor:

@@ -155,7 +155,9 @@ def masked_forward(
     H, KV, L = adapter.n_heads, adapter.n_kv_heads, adapter.n_layers
     position_ids = torch.arange(T, device=input_ids.device)[None]  # [1, T]
     emb = adapter.embed(input_ids, position_ids)  # [n_embed, B, T, D]
-    buf = DeltaBuffer(graph.n_writers, B, T, adapter.d_model, like=emb, workspace=workspace)
+    buf = DeltaBuffer(
+        graph.n_writers, B, T, adapter.d_model, like=emb, workspace=workspace, index=index
+    )
     # buf.d [W, B, T, D]
 
     def ablation(start: int, stop: int) -> torch.Tensor | None:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from edgeprune.engine import masks, objective
+from edgeprune.engine import defaults, masks, objective
 from edgeprune.engine.attribution import eap_ig_scores, warm_start_log_alpha
 from edgeprune.engine.cache import DEFAULT_BUDGET_BYTES, ActivationCache
 from edgeprune.engine.checkpoint import TrainingState, from_bytes, to_bytes
@@ -50,9 +50,6 @@ from edgeprune.engine.tasks import TaskDataset
 
 log = logging.getLogger(__name__)
 
-PAPER_STEPS = 3000
-PAPER_TARGET_WARMUP = 2500 / 3000  # fraction of the steps over which the target rises
-PAPER_LR_WARMUP = 200 / 3000  # fraction of the steps over which learning rates rise
 
 
 @dataclass
@@ -70,15 +67,15 @@ class PruneConfig:
     dozen steps scramble the warm start before the KL gradient has sorted anything.
     """
 
-    steps: int = PAPER_STEPS
+    steps: int = defaults.PAPER_STEPS
     batch_size: int = 32
-    edge_lr: float = 0.8
-    node_lr: float = 0.8
-    lambda_lr: float = 0.8
+    edge_lr: float = defaults.PAPER_LEARNING_RATE
+    node_lr: float = defaults.PAPER_LEARNING_RATE
+    lambda_lr: float = defaults.PAPER_LEARNING_RATE
     weight_decay: float = 0.0  # on the log_alphas (lambdas never decay)
     grad_clip: float | None = None  # max global norm of the mask gradients
-    lr_warmup_steps: int | None = None  # None: PAPER_LR_WARMUP of steps
-    target_warmup_steps: int | None = None  # None: PAPER_TARGET_WARMUP of steps
+    lr_warmup_steps: int | None = None  # None: defaults.lr_warmup_steps(steps)
+    target_warmup_steps: int | None = None  # None: defaults.target_warmup_steps(steps)
     n_edges: int | None = None
     sparsity: float | None = None
     edge_target: float | None = None
@@ -141,12 +138,14 @@ class PruneConfig:
 
     @property
     def lr_warmup(self) -> int:
-        return round(self.steps * PAPER_LR_WARMUP) if self.lr_warmup_steps is None else self.lr_warmup_steps
+        if self.lr_warmup_steps is None:
+            return defaults.lr_warmup_steps(self.steps)
+        return self.lr_warmup_steps
 
     @property
     def target_warmup(self) -> int:
         if self.target_warmup_steps is None:
-            return round(self.steps * PAPER_TARGET_WARMUP)
+            return defaults.target_warmup_steps(self.steps)
         return self.target_warmup_steps
 
     def requested_edges(self, graph: Graph) -> int | None:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from edgeprune.engine import defaults
 from edgeprune.service.config import Config
 from edgeprune.service.errors import InvalidArgument, ResourceExhausted
 from edgeprune.v1 import common_pb2, job_pb2
@@ -29,8 +30,6 @@ MAX_TEXT = 4096
 MAX_EDGE_SPARSITY = 1.2  # Edge Pruning's target may overshoot 1 (DESIGN.md §1)
 MAX_EVAL_FRACTION = 0.9
 DEFAULT_EVAL_FRACTION = 0.2
-DEFAULT_LEARNING_RATE = 0.8  # the paper's setting for log-alphas and lambdas
-DEFAULT_WARMUP_FRACTION = 0.8
 
 
 class Violations:
@@ -204,12 +203,12 @@ def check_edge_pruning(v: Violations, spec: job_pb2.JobSpec, config: Config) -> 
     if ep.warmup_steps < 0 or ep.warmup_steps > ep.steps:
         v.bad("spec.edge_pruning.warmup_steps", f"must be in [0, steps={ep.steps}]")
     if ep.warmup_steps == 0:
-        ep.warmup_steps = int(ep.steps * DEFAULT_WARMUP_FRACTION)
+        ep.warmup_steps = defaults.target_warmup_steps(ep.steps)  # as PruneConfig's default
     for name in ("mask_learning_rate", "lambda_learning_rate"):
         value = getattr(ep, name)
         v.number(f"spec.edge_pruning.{name}", value, 0.0, 100.0)
         if value == 0:
-            setattr(ep, name, DEFAULT_LEARNING_RATE)
+            setattr(ep, name, defaults.PAPER_LEARNING_RATE)
     if ep.HasField("node_sparsity"):
         v.number("spec.edge_pruning.node_sparsity", ep.node_sparsity, 0.0, MAX_EDGE_SPARSITY)
     if not ep.HasField("node_masks"):

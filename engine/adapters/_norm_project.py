@@ -82,17 +82,22 @@ class _NormProject(torch.autograd.Function):
         g = g.contiguous()  # [B, R, T, K]
         R, B, T, _ = x.shape
         rstd_b = rstd.transpose(0, 1)  # [B, R, T, 1]
-        a = (g * rstd_b).transpose(0, 1).reshape(R, B * T, -1)  # [R, B*T, K]
-        # straight into the engine's gradient buffer when it says where x's gradient goes
-        g_x = ctx.grad_into() if ctx.grad_into is not None else torch.empty_like(x)  # [R, B, T, D]
-        torch.bmm(a, scaled, out=g_x.view(R, B * T, D))  # [R, B*T, D]
+        a = g * rstd_b  # [B, R, T, K]
         # through rstd: d rstd / dx = -rstd^3 (x - mu) / D   (mu = 0 for RMSNorm)
         coef = (g * p).sum(-1, keepdim=True).transpose(0, 1) * rstd.pow(3) / -D  # [R, B, T, 1]
-        g_x.addcmul_(x, coef)  # [R, B, T, D]
+        w = scaled  # [R, K, D]
         if mu is not None:
-            # through mu: d mu / dx = 1 / D, and the -mu part of (x - mu) in the rstd term
-            g_mu = -(g * rstd_b * c[None, :, None, :]).sum(-1, keepdim=True).transpose(0, 1)
-            g_x.add_(g_mu / D - coef * mu)  # [R, B, T, D]
+            # through mu (d mu / dx = 1 / D) and the -mu of (x - mu) in the rstd term: a constant
+            # per row, added by the matmul as one more column of ``a`` against a row of ones
+            g_mu = -(a * c[None, :, None, :]).sum(-1, keepdim=True)  # [B, R, T, 1]
+            shift = g_mu / D - (coef * mu).transpose(0, 1)  # [B, R, T, 1]
+            a = torch.cat([a, shift], -1)  # [B, R, T, K + 1]
+            w = torch.cat([scaled, scaled.new_ones(R, 1, D)], 1)  # [R, K + 1, D]
+        a = a.transpose(0, 1).reshape(R, B * T, -1)  # [R, B*T, K(+1)]
+        # straight into the engine's gradient buffer when it says where x's gradient goes
+        g_x = ctx.grad_into() if ctx.grad_into is not None else torch.empty_like(x)  # [R, B, T, D]
+        torch.bmm(a, w, out=g_x.view(R, B * T, D))  # [R, B*T, D]
+        g_x.addcmul_(x, coef)  # [R, B, T, D]
         return g_x, None, None, None, None, None, None
 
 
