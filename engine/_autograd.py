@@ -239,13 +239,16 @@ class _WriteHeads(torch.autograd.Function):
     ) -> torch.Tensor:
         # z [B, H, T, K]; weight [H, K, D] (frozen); bias [D] or None; ablated [H, B|1, T, D]
         B, H, T, K = z.shape
-        z_h = z.transpose(0, 1).reshape(H, B * T, K)  # [H, B*T, K]
+        # z laid out [H, K, B*T] and read transposed (MKL's fastest form of this small-K product);
+        # a bias comes in as one more row of z, of ones, against the bias share as one more row of W
+        z_t = z.new_empty(H, K if bias is None else K + 1, B * T)  # [H, K(+1), B*T]
+        z_t[:, :K].view(H, K, B, T).copy_(z.permute(1, 3, 0, 2))
+        w = weight
+        if bias is not None:
+            z_t[:, K] = 1
+            w = torch.cat([weight, (bias / H).expand(H, 1, -1)], 1)  # [H, K + 1, D]
         out = buf.d[start : start + H]  # [H, B, T, D]
-        flat = out.view(H, B * T, -1)  # [H, B*T, D]
-        if bias is None:
-            torch.bmm(z_h, weight, out=flat)
-        else:  # the bias added by the matmul: no separate full-width pass
-            torch.baddbmm((bias / H).view(1, 1, -1), z_h, weight, out=flat)
+        torch.bmm(z_t.transpose(1, 2), w, out=out.view(H, B * T, -1))  # [H, B*T, D]
         if ablated is not None:
             out.sub_(ablated)
         buf.wrote(start, start + H)

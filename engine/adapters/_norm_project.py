@@ -31,6 +31,15 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)  # at least float32, as HF computes norms
 
 
+def _empty_in_layout_of(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty tensor of ``shape`` whose dimensions lie in memory in the order of ``t``'s (so an
+    elementwise op from ``t`` into it runs in memory order, whatever view of a fused projection
+    ``t`` is)."""
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))  # outermost first
+    out = t.new_empty([shape[i] for i in order])
+    return out.permute([order.index(i) for i in range(t.dim())])
+
+
 class _NormProject(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -46,22 +55,25 @@ class _NormProject(torch.autograd.Function):
         # x [R, B, T, D]; norm_weight, norm_bias [D]; weight [R, K, D], bias [R, K] (frozen)
         # -> [B, R, T, K]
         D = x.shape[-1]
+        R, K = weight.shape[:2]
+        # (x * w) @ W^T == x @ (W * w)^T: scale the small weight, not the full-width input. For
+        # LayerNorm one more row, of ones, through which the backward adds a per-row constant
+        scaled = _empty_in_layout_of(weight, (R, K + 1 if centred else K, D))  # kept (small)
+        torch.mul(weight, norm_weight, out=scaled[:, :K])  # [R, K, D]
+        p = torch.einsum("rbtd,rkd->brtk", x, scaled[:, :K])  # [B, R, T, K]
         stats = _stats_dtype(x)
         sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stats).square() / D  # E[x^2]
+        c = mu = None
         if centred:  # LayerNorm: var = E[x^2] - mu^2, two fast reductions (the native kernel's
             # Welford pass is several times slower); exact enough unless |mu| >> std
+            scaled[:, K] = 1
             mean = x.sum(-1, keepdim=True, dtype=stats) / D  # [R, B, T, 1]
             var = (sq - mean.square()).clamp_min(0)
             mu, rstd = mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)  # [R, B, T, 1] each
-        else:  # RMSNorm
-            rstd, mu = torch.rsqrt(sq + eps).to(x.dtype), None  # [R, B, T, 1]
-        # (x * w) @ W^T == x @ (W * w)^T: scale the small weight, not the full-width input
-        scaled = weight * norm_weight  # [R, K, D], kept for the backward (small)
-        p = torch.einsum("rbtd,rkd->brtk", x, scaled)  # [B, R, T, K]
-        c = None
-        if centred:
-            c = scaled.sum(-1)  # w @ W^T per head [R, K]
+            c = scaled[:, :K].sum(-1)  # w @ W^T per head [R, K]
             p = p - mu.transpose(0, 1) * c[None, :, None, :]  # [B, R, T, K]
+        else:  # RMSNorm
+            rstd = torch.rsqrt(sq + eps).to(x.dtype)  # [R, B, T, 1]
         if norm_bias is not None:  # the norm's bias through the projection: b_n @ W^T [R, K]
             shift = torch.einsum("d,rkd->rk", norm_bias, weight)
             bias = shift if bias is None else bias + shift
@@ -82,21 +94,21 @@ class _NormProject(torch.autograd.Function):
         g = g.contiguous()  # [B, R, T, K]
         R, B, T, _ = x.shape
         rstd_b = rstd.transpose(0, 1)  # [B, R, T, 1]
-        a = g * rstd_b  # [B, R, T, K]
         # through rstd: d rstd / dx = -rstd^3 (x - mu) / D   (mu = 0 for RMSNorm)
         coef = (g * p).sum(-1, keepdim=True).transpose(0, 1) * rstd.pow(3) / -D  # [R, B, T, 1]
-        w = scaled  # [R, K, D]
+        # g * rstd laid out [R, K, B*T] and read transposed (MKL's fastest form of this small-K
+        # product); for LayerNorm one more row: the per-row constant from mu (d mu / dx = 1 / D)
+        # and from the -mu of (x - mu) in the rstd term, multiplied by scaled's row of ones
+        K = p.shape[-1]
+        a = g.new_empty(R, scaled.shape[1], B * T)  # [R, K(+1), B*T]
+        torch.mul(g, rstd_b, out=a[:, :K].view(R, K, B, T).permute(2, 0, 3, 1))
         if mu is not None:
-            # through mu (d mu / dx = 1 / D) and the -mu of (x - mu) in the rstd term: a constant
-            # per row, added by the matmul as one more column of ``a`` against a row of ones
-            g_mu = -(a * c[None, :, None, :]).sum(-1, keepdim=True)  # [B, R, T, 1]
-            shift = g_mu / D - (coef * mu).transpose(0, 1)  # [B, R, T, 1]
-            a = torch.cat([a, shift], -1)  # [B, R, T, K + 1]
-            w = torch.cat([scaled, scaled.new_ones(R, 1, D)], 1)  # [R, K + 1, D]
-        a = a.transpose(0, 1).reshape(R, B * T, -1)  # [R, B*T, K(+1)]
+            g_mu = -(a[:, :K] * c[:, :, None]).sum(1, keepdim=True)  # [R, 1, B*T]
+            shift = g_mu / D - (coef * mu).reshape(R, 1, B * T)  # [R, 1, B*T]
+            a[:, K:] = shift
         # straight into the engine's gradient buffer when it says where x's gradient goes
         g_x = ctx.grad_into() if ctx.grad_into is not None else torch.empty_like(x)  # [R, B, T, D]
-        torch.bmm(a, w, out=g_x.view(R, B * T, D))  # [R, B*T, D]
+        torch.bmm(a.transpose(1, 2), scaled, out=g_x.view(R, B * T, D))  # [R, B*T, D]
         g_x.addcmul_(x, coef)  # [R, B, T, D]
         return g_x, None, None, None, None, None, None
 
