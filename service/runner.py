@@ -343,6 +343,14 @@ def run_discovery(spec: job_pb2.JobSpec, ref: str, models: ModelCache, datasets:
                   device: str, hooks: Hooks, *, memory_budget: int | None = None) -> Outcome:
     hooks.progress({"phase": "load_model"})
     model = models.get(ref, device, resolve_dtype(spec.dtype, device))
+    try:
+        return _discover(model, spec, datasets, hooks, ref=ref, memory_budget=memory_budget)
+    finally:  # the cached model keeps no step buffers between jobs
+        model.release_workspace()
+
+
+def _discover(model: CircuitModel, spec: job_pb2.JobSpec, datasets: DatasetRepo, hooks: Hooks,
+              *, ref: str, memory_budget: int | None) -> Outcome:
     hooks.progress({"phase": "prepare_data"})
     train, held_out = build_data(spec.data, model, datasets, seed=spec.seed,
                                  all_positions=spec.positions == common_pb2.POSITION_MODE_ALL)
@@ -368,16 +376,20 @@ def run_evaluation(spec: job_pb2.EvaluationSpec, record: CircuitRecord, ref: str
                    models: ModelCache, datasets: DatasetRepo, device: str, hooks: Hooks) -> Outcome:
     hooks.progress({"phase": "load_model"})
     model = models.get(ref, device, resolve_dtype(spec.dtype, device))
-    hooks.progress({"phase": "prepare_data"})
-    held_out = build_eval_data(spec.data, model, datasets)
-    circuit = Circuit(model=record.model, method=record.method, edges=list(record.edges or []),
-                      edge_scores=dict(record.edge_scores or {}), nodes=list(record.nodes or []),
-                      n_edges_total=record.n_edges_total)
-    ablation = ABLATIONS.get(spec.ablation) or record.settings.get("ablation", "corrupted")
-    hooks.progress({"phase": "evaluate"})
-    results = evaluate_many(model, [circuit], held_out, ablation=ablation,
-                            batch_size=spec.batch_size)
-    return Outcome(metrics=float_map(_clean_metrics(results[0])), model=model)
+    try:
+        hooks.progress({"phase": "prepare_data"})
+        held_out = build_eval_data(spec.data, model, datasets)
+        circuit = Circuit(model=record.model, method=record.method,
+                          edges=list(record.edges or []),
+                          edge_scores=dict(record.edge_scores or {}),
+                          nodes=list(record.nodes or []), n_edges_total=record.n_edges_total)
+        ablation = ABLATIONS.get(spec.ablation) or record.settings.get("ablation", "corrupted")
+        hooks.progress({"phase": "evaluate"})
+        results = evaluate_many(model, [circuit], held_out, ablation=ablation,
+                                batch_size=spec.batch_size)
+        return Outcome(metrics=float_map(_clean_metrics(results[0])), model=model)
+    finally:
+        model.release_workspace()
 
 
 def masks_blob(model: CircuitModel, circuit: Circuit) -> bytes:
