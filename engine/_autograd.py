@@ -98,6 +98,20 @@ def _scratch(workspace: Workspace | None, owner: object, shape: tuple[int, ...],
     return like.new_empty(shape) if workspace is None else workspace.lend(owner, shape, like)
 
 
+def _with_base(buf: DeltaBuffer, m: torch.Tensor, start: int,
+               base: torch.Tensor | None) -> torch.Tensor:
+    """Mixing weights over ``d[start : start+n]`` -> over those rows plus one carrying ``base``.
+
+    With a base [B|1, T, D], it is written into row ``start+n`` of the buffer (a writer not yet
+    written, whose own write overwrites it) and ``m`` [R, n] gets a column of ones, so that one
+    matmul forms ``base + m @ d[start : start+n]``: [R, n + 1]. Without one, ``m`` itself.
+    """
+    if base is None:
+        return m
+    buf.d[start + m.shape[1]].copy_(base)  # [B, T, D]
+    return torch.cat([m.detach(), m.new_ones(m.shape[0], 1)], 1)  # [R, n + 1]
+
+
 class _Loan:
     """An owner for a tensor lent for less than its user's lifetime (dropping it gives it back)."""
 
@@ -122,6 +136,9 @@ class DeltaBuffer:
         # the rows are in cache), for the logits reader that reads only there
         self.index = index
         self.d_at_index = None if index is None else like.new_empty(n_writers, len(index), width)
+        # sum of the written writers' ablation values y~ [B|1, T, D] (None: zero ablation), from
+        # which readers' ablated residuals A_r are formed; replaced, never updated in place
+        self.ablated_sum: torch.Tensor | None = None
         self._grad: torch.Tensor | None = None  # [W, B, T, D]; rows ready.. hold gradient
         self.ready = n_writers
         self._sparse: tuple[torch.Tensor, torch.Tensor] | None = None  # (index [N], g [W', N, D])
@@ -137,8 +154,12 @@ class DeltaBuffer:
         """Forget any gradient (the first backward function of a pass calls this)."""
         self.ready, self._sparse = self.shape[0], None
 
-    def wrote(self, start: int, stop: int) -> None:
-        """Writers ``start..stop`` were just written: keep their rows at ``index``."""
+    def wrote(self, start: int, stop: int, ablated: torch.Tensor | None) -> None:
+        """Writers ``start..stop`` were just written (ablation values ``ablated``
+        [n, B|1, T, D] or None): keep their rows at ``index`` and add up their y~."""
+        if ablated is not None:
+            total = ablated.sum(0)  # [B|1, T, D]
+            self.ablated_sum = total if self.ablated_sum is None else self.ablated_sum + total
         if self.index is not None:
             rows = self.d[start:stop].flatten(1, 2)  # [n, B*T, D]
             torch.index_select(rows, 1, self.index, out=self.d_at_index[start:stop])
@@ -211,7 +232,7 @@ class _Write(torch.autograd.Function):
             out.copy_(y)
         else:
             torch.sub(y, ablated, out=out)
-        buf.wrote(start, start + y.shape[0])
+        buf.wrote(start, start + y.shape[0], ablated)
         ctx.buf, ctx.start, ctx.n = buf, start, y.shape[0]  # type: ignore[attr-defined]
         return token.new_zeros(())
 
@@ -251,7 +272,7 @@ class _WriteHeads(torch.autograd.Function):
         torch.bmm(z_t.transpose(1, 2), w, out=out.view(H, B * T, -1))  # [H, B*T, D]
         if ablated is not None:
             out.sub_(ablated)
-        buf.wrote(start, start + H)
+        buf.wrote(start, start + H, ablated)
         ctx.save_for_backward(weight)
         ctx.buf, ctx.start = buf, start  # type: ignore[attr-defined]
         return token.new_zeros(())
@@ -344,14 +365,12 @@ class _Prefix(torch.autograd.Function):
         token: torch.Tensor,
         buf: DeltaBuffer,
         block: Block,
-        bases: tuple[tuple[int, int, torch.Tensor | None], ...],
+        base: torch.Tensor | None,
     ) -> torch.Tensor:
-        # m [R_blk, n] over writers :n; bases: (first row, row count, A_r [B|1, T, D] or None)
-        n = m.shape[1]
-        torch.mm(m, buf.d[:n].view(n, -1), out=block.x.view(m.shape[0], -1))  # [R_blk, B*T*D]
-        for row, count, base in bases:
-            if base is not None:
-                block.x[row : row + count] += base
+        # m [R_blk, n] over writers :n; base: sum of their ablation values [B|1, T, D] or None
+        m_in = _with_base(buf, m, 0, base)  # [R_blk, n(+1)]
+        k = m_in.shape[1]
+        torch.mm(m_in, buf.d[:k].view(k, -1), out=block.x.view(m.shape[0], -1))  # [R_blk, B*T*D]
         ctx.save_for_backward(m)
         ctx.buf, ctx.block = buf, block  # type: ignore[attr-defined]
         return token.new_zeros(())  # the block token: every read of the block takes it
@@ -382,13 +401,17 @@ class _Read(torch.autograd.Function):
         row: int,
         start: int,
         returned: int,
+        base: torch.Tensor | None,
     ) -> torch.Tensor:
         # m [R, n] over writers start..start+n (inside the block); rows row..row+R of the block,
-        # of which the first ``returned`` are finished (the others are finished by later reads)
+        # of which the first ``returned`` are finished (the others are finished by later reads);
+        # base: the sum of those writers' ablation values [B|1, T, D] or None
         R, n = m.shape
         x = block.x[row : row + R]  # [R, B, T, D]
-        if n:
-            x.view(R, -1).addmm_(m, buf.d[start : start + n].view(n, -1))  # [R, B*T*D]
+        m_in = _with_base(buf, m, start, base)  # [R, n(+1)]
+        k = m_in.shape[1]
+        if k:
+            x.view(R, -1).addmm_(m_in, buf.d[start : start + k].view(k, -1))  # [R, B*T*D]
         ctx.save_for_backward(m)
         ctx.buf, ctx.block, ctx.row, ctx.start = buf, block, row, start  # type: ignore[attr-defined]
         # An alias, not a view: later reads write other rows of block.x in place, which would bump
@@ -411,7 +434,7 @@ class _Read(torch.autograd.Function):
             g_flat, d = g_x.view(R, -1), buf.d[ctx.start : ctx.start + n].view(n, -1)
             g_m = _grad_m(d, g_flat) if ctx.needs_input_grad[0] else None  # [R, n]
             buf.accumulate(ctx.start, m.T, g_flat)  # [n, B*T*D] += [n, R] @ [R, B*T*D]
-        return g_m, _zero(m), _zero(m), None, None, None, None, None
+        return g_m, _zero(m), _zero(m), None, None, None, None, None, None
 
 
 def gradient_destination(x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
@@ -486,12 +509,13 @@ def prefix(
     buf: DeltaBuffer,
     token: torch.Tensor,
     m: torch.Tensor,
-    bases: tuple[tuple[int, int, torch.Tensor | None], ...],
+    base: torch.Tensor | None = None,
 ) -> tuple[Block, torch.Tensor]:
-    """Start a block: ``x = base + m @ d[:n]`` for its readers (m [R_blk, n]); returns the block
-    and its token, which every :func:`read` of the block must take."""
+    """Start a block: ``x = base + m @ d[:n]`` for its readers (m [R_blk, n]; base, the writers'
+    summed ablation values [B|1, T, D], or None); returns the block and its token, which every
+    :func:`read` of the block must take."""
     block = Block(m.shape[0], buf)
-    return block, _Prefix.apply(m, token, buf, block, bases)
+    return block, _Prefix.apply(m, token, buf, block, base)
 
 
 def read(
@@ -504,10 +528,11 @@ def read(
     row: int,
     start: int,
     returned: int | None = None,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Add ``m @ d[start:start+n]`` (m [R, n], writers inside the block) to the block's rows
-    ``row..row+R`` and return the first ``returned`` of them (default all), which are finished:
-    [returned, B, T, D]. The other rows must be finished by later reads (whose backward runs
-    first and fills their gradient)."""
+    """Add ``base + m @ d[start:start+n]`` (m [R, n], writers inside the block; base, their summed
+    ablation values [B|1, T, D], or None) to the block's rows ``row..row+R`` and return the first
+    ``returned`` of them (default all), which are finished: [returned, B, T, D]. The other rows
+    must be finished by later reads (whose backward runs first and fills their gradient)."""
     returned = m.shape[0] if returned is None else returned
-    return _Read.apply(m, token, block_token, buf, block, row, start, returned)
+    return _Read.apply(m, token, block_token, buf, block, row, start, returned, base)

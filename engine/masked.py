@@ -56,39 +56,19 @@ def block_layers(n_layers: int) -> int:
     return max(1, round(math.sqrt(n_layers)))
 
 
-def ablated_residuals(graph: Graph, ablated: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """A_r = sum of y~_w over each reader group's upstream prefix, in group order (attention and
-    MLP of every layer, then logits): 2L + 1 tensors [B|1, T, D] (all None for zero ablation)."""
-    groups = [f(j) for j in range(graph.n_layers) for f in (graph.attn_group, graph.mlp_group)]
-    groups.append(graph.logits_group())
-    if ablated is None:
-        return [None] * len(groups)
-    out, total, done = [], ablated[0].new_zeros(ablated.shape[1:]), 0  # [B|1, T, D]
-    for group in groups:
-        total = total + ablated[done : group.n_upstream].sum(0)  # [B|1, T, D]
-        done = group.n_upstream
-        out.append(total)
-    return out
-
-
-def _block_prefix(
-    graph: Graph,
-    weights: torch.Tensor,
-    bases: list[torch.Tensor | None],
-    start: int,
-    stop: int,
-) -> tuple[torch.Tensor, tuple[tuple[int, int, torch.Tensor | None], ...]]:
-    """Mixing weights of the readers of layers start..stop-1 over the writers before ``start``
-    [R_blk, n], and each reader group's (first row, row count, ablated residual A_r)."""
+def _block_prefix(graph: Graph, weights: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Mixing weights of the readers of layers start..stop-1 over the writers before ``start``:
+    [R_blk, n], reader groups in order (each layer's attention readers, then its MLP reader)."""
     first = graph.layer_start(start)
     groups = [f(i) for i in range(start, stop) for f in (graph.attn_group, graph.mlp_group)]
-    m = torch.cat([weights[g.edges].view(-1, g.n_upstream)[:, :first] for g in groups])
-    layout, row = [], 0
-    for i, group in enumerate(groups):
-        count = group.readers.stop - group.readers.start
-        layout.append((row, count, bases[2 * start + i]))
-        row += count
-    return m, tuple(layout)  # [R_blk, first], one entry per group
+    return torch.cat([weights[g.edges].view(-1, g.n_upstream)[:, :first] for g in groups])
+
+
+def _difference(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor | None:
+    """``total - part`` of two running sums of ablation values; None where there are none."""
+    if total is None or total is part:
+        return None
+    return total if part is None else total - part
 
 
 def attention_heads(
@@ -163,7 +143,6 @@ def masked_forward(
     def ablation(start: int, stop: int) -> torch.Tensor | None:
         return None if ablated is None else ablated[start:stop]  # [n, B|1, T, D]
 
-    bases = ablated_residuals(graph, ablated)  # A_r per reader group, 2L + 1 of [B|1, T, D] or None
     masks: dict[int | None, torch.Tensor] = {}  # attention masks by sliding window
     size = block_layers(L)
     R_attn = H + 2 * KV
@@ -176,8 +155,10 @@ def masked_forward(
         j = layer % size  # position in the block
         if j == 0:
             first = graph.layer_start(layer)  # writers before the block
-            m, layout = _block_prefix(graph, weights, bases, layer, min(L, layer + size))
-            block, block_token = prefix(buf, token, m, layout)
+            m = _block_prefix(graph, weights, layer, min(L, layer + size))  # [R_blk, first]
+            # A_r, each reader's ablated residual, in parts: the writers before the block here
+            block_base = buf.ablated_sum  # [B|1, T, D] or None (zero ablation)
+            block, block_token = prefix(buf, token, m, block_base)
 
         row = j * (R_attn + 1)
         heads = graph.layer_start(layer)
@@ -185,7 +166,9 @@ def masked_forward(
         # in one matmul; the MLP reader adds the layer's heads once they are written
         m_mlp = upstream(graph.mlp_group(layer))  # [1, heads + H - first]
         m = torch.cat([upstream(graph.attn_group(layer)), m_mlp[:, : heads - first]])
-        x = read(buf, token, block, block_token, m, row=row, start=first, returned=R_attn)
+        base = _difference(buf.ablated_sum, block_base)  # the block's writers before the layer
+        x = read(buf, token, block, block_token, m, row=row, start=first, returned=R_attn,
+                 base=base)
         # x [H + 2KV, B, T, D]
         window = adapter.sliding_window(layer)
         if window not in masks:
@@ -195,15 +178,18 @@ def masked_forward(
         )
         z = _call(attend, x, recompute=checkpoint_layers)  # [B, H, T, K]
         weight, bias = adapter.out_proj(layer)  # [H, K, D], [D] or None
+        before = buf.ablated_sum
         token = write_heads(buf, token, heads, z, weight, bias, ablation(heads, heads + H))
         m = m_mlp[:, heads - first :]  # [1, H]
-        x = read(buf, token, block, block_token, m, row=row + R_attn, start=heads)  # [1, B, T, D]
+        base = _difference(buf.ablated_sum, before)  # the layer's heads
+        x = read(buf, token, block, block_token, m, row=row + R_attn, start=heads, base=base)
+        # x [1, B, T, D]
         y = _call(adapter.mlp, layer, x, recompute=checkpoint_layers)  # [1, B, T, D]
         token = write(buf, token, heads + H, y, ablation(heads + H, heads + H + 1))
 
     if not logits:
         return None, buf
-    base = bases[-1]  # [B|1, T, D] or None
+    base = buf.ablated_sum  # [B|1, T, D] or None
     if index is not None and base is not None:
         base = base.expand(B, T, -1).reshape(B * T, -1)[index]  # [N, D]
     m = weights[graph.logits_group().edges].view(1, -1)  # [1, W]
