@@ -406,7 +406,7 @@ class _Read(torch.autograd.Function):
         # m [R, n] over writers start..start+n (inside the block); rows row..row+R of the block,
         # of which the first ``returned`` are finished (the others are finished by later reads);
         # base: the sum of those writers' ablation values [B|1, T, D] or None
-        R, n = m.shape
+        R = m.shape[0]
         x = block.x[row : row + R]  # [R, B, T, D]
         m_in = _with_base(buf, m, start, base)  # [R, n(+1)]
         k = m_in.shape[1]
