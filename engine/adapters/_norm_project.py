@@ -8,9 +8,10 @@ the scale can be applied to the K-wide head output instead of the D-wide input:
 * LayerNorm: ``((x - mu) * rstd * w + b) @ W^T == rstd * ((x * w) @ W^T - mu * (w @ W^T)) + b @ W^T``
 
 The norm weight scales the (small) projection weight rather than the input, and the backward is
-written by hand (weights are frozen): forward reads each input twice (statistics, projection) and
-writes nothing full-width; backward writes the projection's transpose and updates it in place once
-(twice for LayerNorm), instead of the handful of full-width temporaries autograd keeps for a norm.
+written by hand (weights are frozen): forward reads each input for its statistics (one reduction,
+two for LayerNorm) and for the projection, and writes nothing full-width; backward writes the
+projection's transpose and updates it in place once, instead of the handful of full-width
+temporaries autograd keeps for a norm.
 The gradient with respect to x is written where the masked forward keeps it (see
 ``gradient_destination``), saving a full-width copy.
 Shapes: R readers (one per head), B batch, T tokens, D width, K head width.
@@ -88,11 +89,7 @@ class _NormProject(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         x, rstd, p, scaled, mu, c = ctx.saved_tensors
-        D = x.shape[-1]
-        # the gradient may arrive in another memory layout (attention kernels' outputs), which would
-        # turn the batched matmul below into a slow strided loop
-        g = g.contiguous()  # [B, R, T, K]
-        R, B, T, _ = x.shape
+        R, B, T, D = x.shape  # g [B, R, T, K], in any memory layout
         rstd_b = rstd.transpose(0, 1)  # [B, R, T, 1]
         # through rstd: d rstd / dx = -rstd^3 (x - mu) / D   (mu = 0 for RMSNorm)
         coef = (g * p).sum(-1, keepdim=True).transpose(0, 1) * rstd.pow(3) / -D  # [R, B, T, 1]

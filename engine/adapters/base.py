@@ -81,9 +81,38 @@ class Adapter(ABC):
 def project_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Project reader r's input with head r's weights: x [R, B, T, D], weight [R, K, D] -> [B, R, T, K].
 
-    ``weight`` and ``bias`` [R, K] are views of the module's projection (one per head, no copies).
+    ``weight`` [R, K, D] and ``bias`` [R, K] hold one head's projection per reader (see
+    :func:`linear_heads`).
     """
     out = torch.einsum("rbtd,rkd->brtk", x, weight)  # [B, R, T, K]
     if bias is not None:
         out = out + bias[None, :, None, :]  # [B, R, T, K]
     return out
+
+
+def linear_heads(
+    projs: tuple[nn.Linear, ...], head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The heads of several ``nn.Linear`` projections side by side (weights [out, in], head h owning
+    rows [h*K, (h+1)*K)): weight [R, K, D] and bias [R, K], zeros for a projection without one, or
+    None when none has one. Copies of a few hundred kilobytes per layer, so that one batched matmul
+    projects every reader."""
+    D = projs[0].in_features
+    weight = torch.cat([p.weight.view(-1, head_dim, D) for p in projs])  # [R, K, D]
+    if all(p.bias is None for p in projs):
+        return weight, None
+    bias = torch.cat([
+        p.weight.new_zeros(p.out_features // head_dim, head_dim) if p.bias is None
+        else p.bias.view(-1, head_dim)
+        for p in projs
+    ])  # [R, K]
+    return weight, bias
+
+
+def linear_out_heads(
+    linear: nn.Linear, heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An ``nn.Linear`` output projection per head (weight [D, H*K], head h owning columns
+    [h*K, (h+1)*K)): weight [H, K, D] (a view) and the bias [D] or None, as ``Adapter.out_proj``."""
+    weight = linear.weight.view(linear.out_features, heads, head_dim).permute(1, 2, 0)
+    return weight, linear.bias

@@ -12,14 +12,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from edgeprune.engine.adapters._norm_project import STANDARD_RMS_NORMS, rms_norm_project
-from edgeprune.engine.adapters.base import Adapter, project_heads
-
-
-def _bias(linear: nn.Linear, heads: int, head_dim: int) -> torch.Tensor:
-    """A projection's bias as [heads, K] (a view; zeros where it has none)."""
-    if linear.bias is None:
-        return linear.weight.new_zeros(heads, head_dim)
-    return linear.bias.view(heads, head_dim)
+from edgeprune.engine.adapters.base import Adapter, linear_heads, linear_out_heads, project_heads
 
 
 class LlamaAdapter(Adapter):
@@ -46,14 +39,9 @@ class LlamaAdapter(Adapter):
     def qkv(self, layer, x, position_ids):
         block = self.body.layers[layer]
         attn = block.self_attn
-        H, KV, K, D = self.n_heads, self.n_kv_heads, self.head_dim, self.d_model
-        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-        # the three projections' heads side by side: [H + 2KV, K, D] and bias [H + 2KV, K] (copies
-        # of a few hundred kilobytes per step, so that one batched matmul projects every reader)
-        w = torch.cat([p.weight.view(-1, K, D) for p in projs])  # [H + 2KV, K, D]
-        b = None
-        if any(p.bias is not None for p in projs):
-            b = torch.cat([_bias(p, p.weight.shape[0] // K, K) for p in projs])  # [H + 2KV, K]
+        H, KV = self.n_heads, self.n_kv_heads
+        # [H + 2KV, K, D] and [H + 2KV, K] or None
+        w, b = linear_heads((attn.q_proj, attn.k_proj, attn.v_proj), self.head_dim)
         norm = block.input_layernorm
         if type(norm).__name__ in STANDARD_RMS_NORMS:
             out = rms_norm_project(x, norm, w, b)  # [B, H + 2KV, T, K]
@@ -74,9 +62,8 @@ class LlamaAdapter(Adapter):
         return getattr(attn, "sliding_window", None)
 
     def out_proj(self, layer):
-        o_proj = self.body.layers[layer].self_attn.o_proj
-        w = o_proj.weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)
-        return w, o_proj.bias  # [H, K, D], [D] or None
+        attn = self.body.layers[layer].self_attn
+        return linear_out_heads(attn.o_proj, self.n_heads, self.head_dim)  # [H, K, D], [D] | None
 
     def mlp(self, layer, x):
         block = self.body.layers[layer]

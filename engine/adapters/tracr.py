@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeprune.engine.adapters.base import Adapter, project_heads
+from edgeprune.engine.adapters.base import Adapter, linear_heads, linear_out_heads, project_heads
 
 
 class TracrAdapter(Adapter):
@@ -40,20 +40,12 @@ class TracrAdapter(Adapter):
 
     def qkv(self, layer, x, position_ids):
         attn = self.module.layers[layer].attn
-        H, K, D = self.n_heads, self.head_dim, self.d_model
-        projs = (attn.q, attn.k, attn.v)
-        w = torch.cat([p.weight.view(H, K, D) for p in projs])  # [3H, K, D]
-        b = None
-        if any(p.bias is not None for p in projs):
-            b = torch.cat(
-                [p.weight.new_zeros(H, K) if p.bias is None else p.bias.view(H, K) for p in projs]
-            )  # [3H, K]
-        return project_heads(x, w, b).split(H, dim=1)  # q, k, v [B, H, T, K]
+        w, b = linear_heads((attn.q, attn.k, attn.v), self.head_dim)  # [3H, K, D], [3H, K] | None
+        return project_heads(x, w, b).split(self.n_heads, dim=1)  # q, k, v [B, H, T, K]
 
     def out_proj(self, layer):
         o = self.module.layers[layer].attn.o
-        w = o.weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)
-        return w, o.bias  # [H, K, D], [D] or None
+        return linear_out_heads(o, self.n_heads, self.head_dim)  # [H, K, D], [D] or None
 
     def mlp(self, layer, x):
         mlp = self.module.layers[layer].mlp
