@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeprune.engine.masked import CircuitModel
+from edgeprune.engine._autograd import Workspace, row_stride
+from edgeprune.engine.masked import CircuitModel, masked_forward
 from tests.engine.masked_models import batch, tiny_models
 
 MODELS = tiny_models()
@@ -98,3 +99,40 @@ def test_no_grad_forwards_give_their_buffers_back_at_once(name: str) -> None:
         b = model.logits(ids, attention_mask=mask, corrupted_ids=corrupted)
     assert model.workspace.allocations == allocated
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lent_rows_are_padded_to_an_odd_number_of_cache_lines() -> None:
+    workspace, owner = Workspace(), _Owner()
+    # SmolLM2 at 16 x 24 tokens: rows of 221,184 floats, 216 pages each
+    t = workspace.lend(owner, (5, 16, 24, 576), torch.empty(()))
+    assert t.shape == (5, 16, 24, 576) and t[1].is_contiguous()
+    assert t.stride(0) >= 16 * 24 * 576 and (t.stride(0) * 4) % 128 == 64
+    assert t[1:4].view(3, -1).stride() == (t.stride(0), 1)  # a matrix of padded rows
+    for row, size in ((1, 4), (16, 4), (17, 4), (100, 2), (221_184, 4)):
+        stride = row_stride(row, size)
+        assert stride >= row and (stride * size) % 64 == 0 and (stride * size // 64) % 2 == 1
+
+
+def test_padded_rows_give_the_results_of_unpadded_ones(name: str) -> None:
+    # the workspace pads every lent buffer's rows, a forward without one does not
+    model = CircuitModel(MODELS[name])
+    ids, corrupted, mask = batch(5)
+    ablated = model.ablation_outputs(corrupted, attention_mask=mask)
+    edge, node = _masks(model, 5)
+    index = (mask.sum(1) - 1) + torch.arange(ids.shape[0]) * ids.shape[1]
+    results = []
+    for workspace in (None, Workspace()):
+        weights = model._edge_weights(edge, node)  # [E]
+        logits, buf = masked_forward(
+            model.adapter, model.graph, ids, mask.bool(), weights, ablated, index,
+            workspace=workspace,
+        )
+        (grad,) = torch.autograd.grad(logits.log_softmax(-1).square().sum(), edge)
+        assert buf.d.is_contiguous() == (workspace is None)
+        results.append((logits, grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+
+
+class _Owner:
+    """Holds a lent tensor's loan."""
