@@ -177,8 +177,9 @@ class DeltaBuffer:
             total = ablated.sum(0)  # [B|1, T, D]
             self.ablated_sum = total if self.ablated_sum is None else self.ablated_sum + total
         if self.index is not None:
-            rows = self.d[start:stop].flatten(1, 2)  # [n, B*T, D]
-            torch.index_select(rows, 1, self.index, out=self.d_at_index[start:stop])
+            rows = self.d[start:stop].flatten(1, 2)  # [n, B*T, D], rows strided
+            # (not index_select, which copies a strided input whole first)
+            self.d_at_index[start:stop] = rows[:, self.index]  # [n, N, D]
 
     def rows(self, n: int, index: torch.Tensor | None) -> torch.Tensor:
         """d of writers ..n [n, B, T, D], or at rows ``index`` of the flat (B*T) axis [n, N, D]."""
@@ -186,7 +187,7 @@ class DeltaBuffer:
             return self.d[:n]
         if index is self.index:
             return self.d_at_index[:n]
-        return self.d[:n].flatten(1, 2).index_select(1, index)
+        return self.d[:n].flatten(1, 2)[:, index]  # [n, N, D]
 
     def _init_rows(self, start: int) -> None:
         """Make rows ``start..W`` hold gradient (zero the ones that have none yet)."""
@@ -204,9 +205,9 @@ class DeltaBuffer:
         fresh = max(0, min(stop, self.ready) - start)  # rows start..start+fresh hold nothing yet
         flat = self.grad[start:stop].view(n, -1)  # [n, B*T*D]
         if fresh:
-            torch.mm(m_t[:fresh], g, out=flat[:fresh])
+            _mm_wide(m_t[:fresh], g, flat[:fresh])
         if fresh < n:
-            flat[fresh:].addmm_(m_t[fresh:], g)
+            _mm_wide(m_t[fresh:], g, flat[fresh:], add=True)
         self.ready = min(self.ready, start)
 
     def add_sparse(self, index: torch.Tensor, g: torch.Tensor) -> None:
@@ -386,7 +387,7 @@ class _Prefix(torch.autograd.Function):
         # m [R_blk, n] over writers :n; base: sum of their ablation values [B|1, T, D] or None
         m_in = _with_base(buf, m, 0, base)  # [R_blk, n(+1)]
         k = m_in.shape[1]
-        torch.mm(m_in, buf.d[:k].view(k, -1), out=block.x.view(m.shape[0], -1))  # [R_blk, B*T*D]
+        _mm_wide(m_in, buf.d[:k].view(k, -1), block.x.view(m.shape[0], -1))  # [R_blk, B*T*D]
         ctx.save_for_backward(m)
         ctx.buf, ctx.block = buf, block  # type: ignore[attr-defined]
         return token.new_zeros(())  # the block token: every read of the block takes it
@@ -427,7 +428,7 @@ class _Read(torch.autograd.Function):
         m_in = _with_base(buf, m, start, base)  # [R, n(+1)]
         k = m_in.shape[1]
         if k:
-            x.view(R, -1).addmm_(m_in, buf.d[start : start + k].view(k, -1))  # [R, B*T*D]
+            _mm_wide(m_in, buf.d[start : start + k].view(k, -1), x.view(R, -1), add=True)
         ctx.save_for_backward(m)
         ctx.buf, ctx.block, ctx.row, ctx.start = buf, block, row, start  # type: ignore[attr-defined]
         # An alias, not a view: later reads write other rows of block.x in place, which would bump
@@ -463,6 +464,27 @@ def gradient_destination(x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
 
 def _rows_of(block: Block, row: int, count: int) -> torch.Tensor:
     return block.grad[row : row + count]  # [count, B, T, D]
+
+
+WIDE_CHUNK = 2048  # columns per matmul call in _mm_wide
+
+
+def _mm_wide(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, add: bool = False) -> None:
+    """``out = a @ b`` (``out += a @ b`` with ``add``) for a wide ``b``: a [M, K], b [K, X],
+    out [M, X].
+
+    With a deep K the product is taken ``WIDE_CHUNK`` columns at a time: MKL's own blocking of
+    one call over hundreds of thousands of columns is 10-30 % slower (AMD EPYC, 1 and 2 threads);
+    with a shallow K it is not.
+    """
+    X = b.shape[1]
+    step = WIDE_CHUNK if a.shape[1] >= 64 else X
+    for s in range(0, X, step):
+        o, part = out[:, s : s + step], b[:, s : s + step]
+        if add:
+            o.addmm_(a, part)
+        else:
+            torch.mm(a, part, out=o)
 
 
 def _grad_m(d: torch.Tensor, g_x: torch.Tensor) -> torch.Tensor:
