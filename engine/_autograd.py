@@ -473,9 +473,10 @@ def _mm_wide(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, add: bool =
     """``out = a @ b`` (``out += a @ b`` with ``add``) for a wide ``b``: a [M, K], b [K, X],
     out [M, X].
 
-    With a deep K the product is taken ``WIDE_CHUNK`` columns at a time: MKL's own blocking of
-    one call over hundreds of thousands of columns is 10-30 % slower (AMD EPYC, 1 and 2 threads);
-    with a shallow K it is not.
+    With a deep K the product is taken ``WIDE_CHUNK`` columns at a time. Measured alone on an AMD
+    EPYC (1 and 2 threads), one MKL call over hundreds of thousands of columns was 5-40 % slower
+    than chunks for the prefix shapes (K of 80-250), and faster for a shallow K; in a whole masked
+    step the difference is within that machine's noise (about 1-3 %).
     """
     X = b.shape[1]
     step = WIDE_CHUNK if a.shape[1] >= 64 else X
