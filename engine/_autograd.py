@@ -479,7 +479,7 @@ def _mm_wide(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, add: bool =
     step the difference is within that machine's noise (about 1-3 %).
     """
     X = b.shape[1]
-    step = WIDE_CHUNK if a.shape[1] >= 64 else X
+    step = WIDE_CHUNK if a.shape[1] >= 64 else max(X, 1)
     for s in range(0, X, step):
         o, part = out[:, s : s + step], b[:, s : s + step]
         if add:

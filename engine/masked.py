@@ -125,8 +125,9 @@ def masked_forward(
     With ``checkpoint_layers`` every layer's attention (from its q/k/v readers' inputs to its heads'
     outputs before the output projection) and MLP (from its reader's input to its output) keep
     none of their intermediates (normalised inputs, q/k/v, attention, hidden activations) for the
-    backward pass, which recomputes them. Both are pure functions of their inputs, which live in the block's reader
-    inputs until the backward pass is done with them; the buffer's writes and reads stay outside.
+    backward pass, which recomputes them. Both are pure functions of their inputs, which live in
+    the block's reader inputs until the backward pass is done with them; the buffer's writes and
+    reads stay outside.
 
     ``workspace`` lends the buffer and the blocks' reader inputs (see ``Workspace``); it must not be
     given when the caller keeps the returned buffer's ``d``.

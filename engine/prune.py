@@ -51,7 +51,6 @@ from edgeprune.engine.tasks import TaskDataset
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class PruneConfig:
     """Settings of one Edge Pruning run (see the module doc for the defaults' origin).

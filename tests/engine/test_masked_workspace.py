@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeprune.engine._autograd import Workspace, row_stride
+from edgeprune.engine._autograd import Workspace, _Loan, row_stride
 from edgeprune.engine.masked import CircuitModel, masked_forward
 from tests.engine.masked_models import batch, tiny_models
 
@@ -102,7 +102,7 @@ def test_no_grad_forwards_give_their_buffers_back_at_once(name: str) -> None:
 
 
 def test_lent_rows_are_padded_to_an_odd_number_of_cache_lines() -> None:
-    workspace, owner = Workspace(), _Owner()
+    workspace, owner = Workspace(), _Loan()
     # SmolLM2 at 16 x 24 tokens: rows of 221,184 floats, 216 pages each
     t = workspace.lend(owner, (5, 16, 24, 576), torch.empty(()))
     assert t.shape == (5, 16, 24, 576) and t[1].is_contiguous()
@@ -132,7 +132,3 @@ def test_padded_rows_give_the_results_of_unpadded_ones(name: str) -> None:
         results.append((logits, grad))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
-
-
-class _Owner:
-    """Holds a lent tensor's loan."""
