@@ -138,8 +138,12 @@ class DeltaBuffer:
     The gradient buffer is never zeroed as a whole: backward functions run from the last writer to
     the first, and rows ``ready..W`` are the ones already holding gradient. The first contribution
     to a row overwrites it (a matmul with beta 0) instead of adding to zeros, and a gradient at a
-    few token positions only (the logits at the answer positions) is kept aside and added when its
-    writer's gradient is read (:meth:`writer_grad`).
+    few token positions only (from readers read at the answer positions) is kept aside, summed,
+    and added when its writer's gradient is read (:meth:`writer_grad`).
+
+    Writers from ``index_only`` on are read by nobody but readers at the answer positions (the
+    last layer's, when only the logits there are wanted): they are kept in ``d_at_index`` alone,
+    written there directly, and their gradient is the kept-aside one.
     """
 
     def __init__(self, n_writers: int, batch: int, tokens: int, width: int, *,
@@ -152,6 +156,9 @@ class DeltaBuffer:
         # the rows are in cache), for the logits reader that reads only there
         self.index = index
         self.d_at_index = None if index is None else like.new_empty(n_writers, len(index), width)
+        self.index_only = n_writers  # writers from here on exist only in d_at_index
+        if index is not None:  # the (example, token) of every answer row [N] each
+            self._at = (torch.div(index, tokens, rounding_mode="floor"), index % tokens)
         # sum of the written writers' ablation values y~ [B|1, T, D] (None: zero ablation), from
         # which readers' ablated residuals A_r are formed; replaced, never updated in place
         self.ablated_sum: torch.Tensor | None = None
@@ -168,7 +175,27 @@ class DeltaBuffer:
 
     def start_backward(self) -> None:
         """Forget any gradient (the first backward function of a pass calls this)."""
-        self.ready, self._sparse = self.shape[0], None
+        self.ready, self._sparse = self.index_only, None
+
+    def at_index(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """``t`` [..., B|1, T, D] at the answer rows: [..., N, D] (None stays None)."""
+        if t is None:
+            return None
+        b, tok = self._at
+        return t[..., b if t.shape[-3] > 1 else torch.zeros_like(b), tok, :]  # [..., N, D]
+
+    def destination(self, start: int, stop: int, ablated: torch.Tensor | None) -> tuple[
+        torch.Tensor, torch.Tensor | None
+    ]:
+        """Where writers ``start..stop`` write, and their ablation values ``ablated``
+        [n, B|1, T, D] or None as the write subtracts them: rows of ``d`` [n, B, T, D], or for
+        writers kept only at the answer rows rows of ``d_at_index`` [n, 1, N, D] and the ablation
+        values there [n, 1, N, D]."""
+        if start < self.index_only:
+            assert stop <= self.index_only, "a write straddles the index-only writers"
+            return self.d[start:stop], ablated
+        ablated = self.at_index(ablated)
+        return self.d_at_index[start:stop, None], None if ablated is None else ablated[:, None]
 
     def wrote(self, start: int, stop: int, ablated: torch.Tensor | None) -> None:
         """Writers ``start..stop`` were just written (ablation values ``ablated``
@@ -176,7 +203,7 @@ class DeltaBuffer:
         if ablated is not None:
             total = ablated.sum(0)  # [B|1, T, D]
             self.ablated_sum = total if self.ablated_sum is None else self.ablated_sum + total
-        if self.index is not None:
+        if self.index is not None and start < self.index_only:
             rows = self.d[start:stop].flatten(1, 2)  # [n, B*T, D], rows strided
             # (not index_select, which copies a strided input whole first)
             self.d_at_index[start:stop] = rows[:, self.index]  # [n, N, D]
@@ -184,6 +211,7 @@ class DeltaBuffer:
     def rows(self, n: int, index: torch.Tensor | None) -> torch.Tensor:
         """d of writers ..n [n, B, T, D], or at rows ``index`` of the flat (B*T) axis [n, N, D]."""
         if index is None:
+            assert n <= self.index_only, "writers kept only at the answer rows read in full"
             return self.d[:n]
         if index is self.index:
             return self.d_at_index[:n]
@@ -211,23 +239,37 @@ class DeltaBuffer:
         self.ready = min(self.ready, start)
 
     def add_sparse(self, index: torch.Tensor, g: torch.Tensor) -> None:
-        """Gradient at rows ``index`` of the flat (B*T) axis only, for writers 0..n: g [n, N, D]."""
-        if self._sparse is not None:  # one at a time: fold the previous one in
+        """Gradient at rows ``index`` of the flat (B*T) axis only, for writers 0..n: g [n, N, D]
+        (taken over: it may be added to in place)."""
+        if self._sparse is None:
+            self._sparse = (index, g)
+            return
+        held_index, held = self._sparse
+        if held_index is not index:  # one index at a time: fold the previous one in
             self._init_rows(0)
-            self._fold(0, self.shape[0])
-        self._sparse = (index, g)
+            self._fold(0, self.index_only)
+            self._sparse = (index, g)
+            return
+        if g.shape[0] > held.shape[0]:
+            held, g = g, held
+        held[: g.shape[0]] += g  # [n, N, D]
+        self._sparse = (index, held)
 
     def _fold(self, start: int, stop: int) -> None:
         if self._sparse is None:
             return
         index, g = self._sparse
-        stop = min(stop, g.shape[0])
+        stop = min(stop, g.shape[0], self.index_only)
         if start < stop:
             self.grad[start:stop].flatten(1, 2).index_add_(1, index, g[start:stop])
 
     def writer_grad(self, start: int, stop: int) -> torch.Tensor:
         """The complete gradient of writers ``start..stop`` [n, B, T, D] (every reader of theirs
-        has run its backward)."""
+        has run its backward); [n, 1, N, D] for writers kept only at the answer rows."""
+        if start >= self.index_only:
+            if self._sparse is None:  # nothing read them
+                return self.d_at_index.new_zeros(stop - start, 1, *self.d_at_index.shape[1:])
+            return self._sparse[1][start:stop, None]  # [n, 1, N, D]
         self._init_rows(start)
         self._fold(start, stop)
         return self.grad[start:stop]
@@ -243,12 +285,13 @@ class _Write(torch.autograd.Function):
         start: int,
         ablated: torch.Tensor | None,
     ) -> torch.Tensor:
-        # y [n, B, T, D]; ablated [n, B or 1, T, D] or None (zero ablation)
-        out = buf.d[start : start + y.shape[0]]  # [n, B, T, D]
-        if ablated is None:
+        # y [n, B, T, D] ([n, 1, N, D] for writers kept at the answer rows only); ablated
+        # [n, B or 1, T, D] or None (zero ablation)
+        out, subtracted = buf.destination(start, start + y.shape[0], ablated)  # y's shape
+        if subtracted is None:
             out.copy_(y)
         else:
-            torch.sub(y, ablated, out=out)
+            torch.sub(y, subtracted, out=out)
         buf.wrote(start, start + y.shape[0], ablated)
         ctx.buf, ctx.start, ctx.n = buf, start, y.shape[0]  # type: ignore[attr-defined]
         return token.new_zeros(())
@@ -275,7 +318,8 @@ class _WriteHeads(torch.autograd.Function):
         start: int,
         ablated: torch.Tensor | None,
     ) -> torch.Tensor:
-        # z [B, H, T, K]; weight [H, K, D] (frozen); bias [D] or None; ablated [H, B|1, T, D]
+        # z [B, H, T, K] ([1, H, N, K] for heads kept at the answer rows only); weight [H, K, D]
+        # (frozen); bias [D] or None; ablated [H, B|1, T, D]
         B, H, T, K = z.shape
         # z laid out [H, K, B*T] and read transposed (MKL's fastest form of this small-K product);
         # a bias comes in as one more row of z, of ones, against the bias share as one more row of W
@@ -285,10 +329,10 @@ class _WriteHeads(torch.autograd.Function):
         if bias is not None:
             z_t[:, K] = 1
             w = torch.cat([weight, (bias / H).expand(H, 1, -1)], 1)  # [H, K + 1, D]
-        out = buf.d[start : start + H]  # [H, B, T, D]
+        out, subtracted = buf.destination(start, start + H, ablated)  # [H, B, T, D]
         torch.bmm(z_t.transpose(1, 2), w, out=out.view(H, B * T, -1))  # [H, B*T, D]
-        if ablated is not None:
-            out.sub_(ablated)
+        if subtracted is not None:
+            out.sub_(subtracted)
         buf.wrote(start, start + H, ablated)
         ctx.save_for_backward(weight)
         ctx.buf, ctx.start = buf, start  # type: ignore[attr-defined]
@@ -352,11 +396,16 @@ class Block:
     At the block's start one matmul fills ``x`` with each reader's ablated residual plus its mix over
     the writers before the block (``prefix``); each reader group then adds the writers inside the
     block in place (``read``). So the buffer's prefix is read once per block, not once per layer.
+
+    ``x`` and its gradient take ``capacity`` rows from the workspace (at least ``rows``), so that
+    blocks of a few sizes (a shorter last block) share one size of buffer between steps.
     """
 
-    def __init__(self, rows: int, buf: DeltaBuffer) -> None:
+    def __init__(self, rows: int, buf: DeltaBuffer, capacity: int = 0) -> None:
         _, B, T, D = buf.shape
-        self.x = _scratch(buf.workspace, self, (rows, B, T, D), buf.d)  # [R_blk, B, T, D]
+        self._capacity = max(rows, capacity)
+        self.x = _scratch(buf.workspace, self, (self._capacity, B, T, D), buf.d)[:rows]
+        # x [R_blk, B, T, D]
         self._buf = buf
         self._grad: torch.Tensor | None = None  # [R_blk, B, T, D]
         self._loan: _Loan | None = None
@@ -366,7 +415,8 @@ class Block:
         """dL/dx [R_blk, B, T, D]; every row is written by its reader group's backward."""
         if self._grad is None:
             self._loan = _Loan()
-            self._grad = _scratch(self._buf.workspace, self._loan, self.x.shape, self.x)
+            shape = (self._capacity, *self.x.shape[1:])
+            self._grad = _scratch(self._buf.workspace, self._loan, shape, self.x)[: len(self.x)]
         return self._grad
 
     def free_grad(self) -> None:
@@ -417,12 +467,13 @@ class _Read(torch.autograd.Function):
         block: Block,
         row: int,
         start: int,
-        returned: int,
+        returned: tuple[int, ...],
         base: torch.Tensor | None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, ...]:
         # m [R, n] over writers start..start+n (inside the block); rows row..row+R of the block,
-        # of which the first ``returned`` are finished (the others are finished by later reads);
-        # base: the sum of those writers' ablation values [B|1, T, D] or None
+        # of which the first sum(returned) are finished, returned in groups of those sizes (the
+        # others are finished by later reads); base: the sum of those writers' ablation values
+        # [B|1, T, D] or None
         R = m.shape[0]
         x = block.x[row : row + R]  # [R, B, T, D]
         m_in = _with_base(buf, m, start, base)  # [R, n(+1)]
@@ -431,21 +482,31 @@ class _Read(torch.autograd.Function):
             _mm_wide(m_in, buf.d[start : start + k].view(k, -1), x.view(R, -1), add=True)
         ctx.save_for_backward(m)
         ctx.buf, ctx.block, ctx.row, ctx.start = buf, block, row, start  # type: ignore[attr-defined]
-        # An alias, not a view: later reads write other rows of block.x in place, which would bump
-        # a view's version counter and invalidate tensors saved from it for the backward.
-        out = _alias(x[:returned])
-        out._edgeprune_grad_into = functools.partial(_rows_of, block, row, returned)
-        return out
+        # Aliases, not views: later reads write other rows of block.x in place, which would bump
+        # a view's version counter and invalidate tensors saved from it for the backward. One per
+        # group, each with its own gradient destination: slices of one output would have autograd
+        # assemble their gradients in a zeroed full-size tensor.
+        outs, offset = [], 0
+        for size in returned:
+            out = _alias(x[offset : offset + size])  # [size, B, T, D]
+            out._edgeprune_grad_into = functools.partial(_rows_of, block, row + offset, size)
+            outs.append(out)
+            offset += size
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, *gs: torch.Tensor):  # type: ignore[override]
         (m,) = ctx.saved_tensors
         buf: DeltaBuffer = ctx.buf
         R, n = m.shape
         # rows past the returned ones got their gradient from the later reads that finished them
         g_x = ctx.block.grad[ctx.row : ctx.row + R]  # [R, B, T, D]
-        if not _same_memory(g, g_x[: g.shape[0]]):  # see gradient_destination
-            g_x[: g.shape[0]].copy_(g)  # kept for the block's prefix backward
+        offset = 0
+        for g in gs:
+            rows = g_x[offset : offset + g.shape[0]]
+            if not _same_memory(g, rows):  # see gradient_destination
+                rows.copy_(g)  # kept for the block's prefix backward
+            offset += g.shape[0]
         g_m = None
         if n:
             g_flat, d = g_x.view(R, -1), buf.d[ctx.start : ctx.start + n].view(n, -1)
@@ -556,11 +617,12 @@ def prefix(
     token: torch.Tensor,
     m: torch.Tensor,
     base: torch.Tensor | None = None,
+    capacity: int = 0,
 ) -> tuple[Block, torch.Tensor]:
     """Start a block: ``x = base + m @ d[:n]`` for its readers (m [R_blk, n]; base, the writers'
     summed ablation values [B|1, T, D], or None); returns the block and its token, which every
-    :func:`read` of the block must take."""
-    block = Block(m.shape[0], buf)
+    :func:`read` of the block must take. ``capacity``: see :class:`Block`."""
+    block = Block(m.shape[0], buf, capacity)
     return block, _Prefix.apply(m, token, buf, block, base)
 
 
@@ -573,12 +635,13 @@ def read(
     *,
     row: int,
     start: int,
-    returned: int | None = None,
+    returned: tuple[int, ...] | None = None,
     base: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, ...]:
     """Add ``base + m @ d[start:start+n]`` (m [R, n], writers inside the block; base, their summed
     ablation values [B|1, T, D], or None) to the block's rows ``row..row+R`` and return the first
-    ``returned`` of them (default all), which are finished: [returned, B, T, D]. The other rows
-    must be finished by later reads (whose backward runs first and fills their gradient)."""
-    returned = m.shape[0] if returned is None else returned
+    ``sum(returned)`` of them (default all), which are finished, in groups of the sizes
+    ``returned``: ([size, B, T, D], ...). The other rows must be finished by later reads (whose
+    backward runs first and fills their gradient)."""
+    returned = (m.shape[0],) if returned is None else returned
     return _Read.apply(m, token, block_token, buf, block, row, start, returned, base)

@@ -27,7 +27,16 @@ import torch.utils.checkpoint
 from torch import nn
 
 from edgeprune.engine import _checks
-from edgeprune.engine._autograd import DeltaBuffer, Workspace, mix, prefix, read, write, write_heads
+from edgeprune.engine._autograd import (
+    Block,
+    DeltaBuffer,
+    Workspace,
+    mix,
+    prefix,
+    read,
+    write,
+    write_heads,
+)
 from edgeprune.engine._checks import Mask
 from edgeprune.engine.adapters import Adapter, adapter_for
 from edgeprune.engine.errors import InvalidArgument
@@ -56,12 +65,23 @@ def block_layers(n_layers: int) -> int:
     return max(1, round(math.sqrt(n_layers)))
 
 
-def _block_prefix(graph: Graph, weights: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+def _block_prefix(
+    graph: Graph, weights: torch.Tensor, start: int, stop: int, answer_layer: int | None
+) -> torch.Tensor:
     """Mixing weights of the readers of layers start..stop-1 over the writers before ``start``:
-    [R_blk, n], reader groups in order (each layer's attention readers, then its MLP reader)."""
+    [R_blk, n], reader groups in order (each layer's attention readers, then its MLP reader; of
+    ``answer_layer``, read at the answer positions only, just its key and value readers)."""
     first = graph.layer_start(start)
-    groups = [f(i) for i in range(start, stop) for f in (graph.attn_group, graph.mlp_group)]
-    return torch.cat([weights[g.edges].view(-1, g.n_upstream)[:, :first] for g in groups])
+    rows = []
+    for layer in range(start, stop):
+        attn = graph.attn_group(layer)
+        m = weights[attn.edges].view(-1, attn.n_upstream)[:, :first]  # [H + 2KV, n]
+        if layer == answer_layer:
+            rows.append(m[graph.n_heads :])
+            continue
+        mlp = graph.mlp_group(layer)
+        rows += [m, weights[mlp.edges].view(-1, mlp.n_upstream)[:, :first]]
+    return torch.cat(rows)
 
 
 def _difference(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor | None:
@@ -74,17 +94,52 @@ def _difference(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.
 def attention_heads(
     adapter: Adapter,
     layer: int,
-    x: torch.Tensor,
+    x_q: torch.Tensor,
+    x_kv: torch.Tensor,
     position_ids: torch.Tensor,
     mask: torch.Tensor,
 ) -> torch.Tensor:
     """One layer's attention from its q/k/v readers' inputs to its heads' outputs before the output
-    projection, a pure function: x [H + 2KV, B, T, D], mask [B, 1, T, T] -> z [B, H, T, K]."""
-    H, KV = adapter.n_heads, adapter.n_kv_heads
-    q, k, v = adapter.qkv(layer, x, position_ids)  # [B, H|KV, T, K]
+    projection, a pure function: x_q [H, B, T, D], x_kv [2KV, B, T, D], mask [B, 1, T, T] ->
+    z [B, H, T, K]."""
+    q = adapter.queries(layer, x_q, position_ids)  # [B, H, T, K]
+    k, v = adapter.keys_values(layer, x_kv, position_ids)  # [B, KV, T, K] each
+    return _attend(adapter, layer, q, k, v, mask)  # [B, H, T, K]
+
+
+def answer_attention(
+    adapter: Adapter,
+    layer: int,
+    x_q: torch.Tensor,
+    x_kv: torch.Tensor,
+    position_ids: torch.Tensor,
+    mask: torch.Tensor,
+    index: torch.Tensor,
+) -> torch.Tensor:
+    """One layer's attention with queries at the answer rows only, a pure function: x_q [H, N, D]
+    (the query readers' inputs at rows ``index`` [N] of the flat (B*T) axis), x_kv [2KV, B, T, D],
+    position_ids [1, T], mask [B, 1, T, T] -> z [1, H, N, K] (the heads' outputs at those rows)."""
+    B, T = x_kv.shape[1:3]
+    b, t = torch.div(index, T, rounding_mode="floor"), index % T  # [N] each
+    at = position_ids.expand(B, T)[b, t]  # [N]
+    q = adapter.queries(layer, x_q[:, None], at[None])  # [1, H, N, K]
+    k, v = adapter.keys_values(layer, x_kv, position_ids)  # [B, KV, T, K] each
+    # every answer row is one single-query batch of its example's keys
+    q = q[0].transpose(0, 1)[:, :, None]  # [N, H, 1, K]
+    z = _attend(adapter, layer, q, k[b], v[b], mask[b, :, t][:, :, None])  # [N, H, 1, K]
+    return z.transpose(0, 2)  # [1, H, N, K]
+
+
+def _attend(
+    adapter: Adapter, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Scaled dot-product attention: q [B, H, Tq, K], k and v [B, KV, T, K], mask [B, 1, Tq, T]
+    -> [B, H, Tq, K]."""
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, scale=adapter.attn_scale(layer), enable_gqa=H != KV
-    )  # [B, H, T, K]
+        q, k, v, attn_mask=mask, scale=adapter.attn_scale(layer),
+        enable_gqa=adapter.n_heads != adapter.n_kv_heads,
+    )
 
 
 def _call(fn: Callable[..., torch.Tensor], *args: object, recompute: bool) -> torch.Tensor:
@@ -122,6 +177,10 @@ def masked_forward(
     mixes the block's readers over the writers before the block (reading that prefix of the buffer
     once per block, not once per layer); each reader then adds the writers inside the block.
 
+    With an ``index``, the last layer's writers are read by the logits reader alone, at those rows:
+    its query readers, heads, MLP reader and MLP run at the answer rows only (its key and value
+    readers over the whole batch), and its writers live in the buffer's ``d_at_index`` alone.
+
     With ``checkpoint_layers`` every layer's attention (from its q/k/v readers' inputs to its heads'
     outputs before the output projection) and MLP (from its reader's input to its output) keep
     none of their intermediates (normalised inputs, q/k/v, attention, hidden activations) for the
@@ -147,6 +206,11 @@ def masked_forward(
     masks: dict[int | None, torch.Tensor] = {}  # attention masks by sliding window
     size = block_layers(L)
     R_attn = H + 2 * KV
+    # Only the logits read the last layer's writers: with answer positions, its queries, heads and
+    # MLP are computed there alone (its keys and values still everywhere)
+    answer_layer = L - 1 if logits and index is not None else None
+    if answer_layer is not None:
+        buf.index_only = graph.layer_start(answer_layer)
 
     def upstream(group: ReaderGroup) -> torch.Tensor:
         return weights[group.edges].view(-1, group.n_upstream)[:, first:]  # [R, writers in block]
@@ -156,46 +220,93 @@ def masked_forward(
         j = layer % size  # position in the block
         if j == 0:
             first = graph.layer_start(layer)  # writers before the block
-            m = _block_prefix(graph, weights, layer, min(L, layer + size))  # [R_blk, first]
+            m = _block_prefix(graph, weights, layer, min(L, layer + size), answer_layer)
+            # m [R_blk, first]
             # A_r, each reader's ablated residual, in parts: the writers before the block here
             block_base = buf.ablated_sum  # [B|1, T, D] or None (zero ablation)
-            block, block_token = prefix(buf, token, m, block_base)
+            block, block_token = prefix(buf, token, m, block_base, size * (R_attn + 1))
 
         row = j * (R_attn + 1)
         heads = graph.layer_start(layer)
+        window = adapter.sliding_window(layer)
+        if window not in masks:
+            masks[window] = attention_mask_4d(valid, causal=adapter.causal, window=window)
+        base = _difference(buf.ablated_sum, block_base)  # the block's writers before the layer
+        if layer == answer_layer:
+            token = _answer_layer(
+                adapter, graph, buf, weights, layer, token, block, block_token, row, first, base,
+                position_ids, masks[window], ablation, checkpoint_layers,
+            )
+            continue
         # the layer's q/k/v readers and its MLP reader over the block's writers before the layer,
         # in one matmul; the MLP reader adds the layer's heads once they are written
         m_mlp = upstream(graph.mlp_group(layer))  # [1, heads + H - first]
         m = torch.cat([upstream(graph.attn_group(layer)), m_mlp[:, : heads - first]])
-        base = _difference(buf.ablated_sum, block_base)  # the block's writers before the layer
-        x = read(buf, token, block, block_token, m, row=row, start=first, returned=R_attn,
-                 base=base)
-        # x [H + 2KV, B, T, D]
-        window = adapter.sliding_window(layer)
-        if window not in masks:
-            masks[window] = attention_mask_4d(valid, causal=adapter.causal, window=window)
+        x_q, x_kv = read(buf, token, block, block_token, m, row=row, start=first,
+                         returned=(H, 2 * KV), base=base)
+        # x_q [H, B, T, D], x_kv [2KV, B, T, D]
         attend = functools.partial(
             attention_heads, adapter, layer, position_ids=position_ids, mask=masks[window]
         )
-        z = _call(attend, x, recompute=checkpoint_layers)  # [B, H, T, K]
+        z = _call(attend, x_q, x_kv, recompute=checkpoint_layers)  # [B, H, T, K]
         weight, bias = adapter.out_proj(layer)  # [H, K, D], [D] or None
         before = buf.ablated_sum
         token = write_heads(buf, token, heads, z, weight, bias, ablation(heads, heads + H))
         m = m_mlp[:, heads - first :]  # [1, H]
         base = _difference(buf.ablated_sum, before)  # the layer's heads
-        x = read(buf, token, block, block_token, m, row=row + R_attn, start=heads, base=base)
+        (x,) = read(buf, token, block, block_token, m, row=row + R_attn, start=heads, base=base)
         # x [1, B, T, D]
         y = _call(adapter.mlp, layer, x, recompute=checkpoint_layers)  # [1, B, T, D]
         token = write(buf, token, heads + H, y, ablation(heads + H, heads + H + 1))
 
     if not logits:
         return None, buf
-    base = buf.ablated_sum  # [B|1, T, D] or None
-    if index is not None and base is not None:
-        base = base.expand(B, T, -1).reshape(B * T, -1)[index]  # [N, D]
+    base = buf.ablated_sum if index is None else buf.at_index(buf.ablated_sum)
+    # base [B|1, T, D] or [N, D] or None
     m = weights[graph.logits_group().edges].view(1, -1)  # [1, W]
     x = mix(buf, token, m, base, index, last=True)  # [1, B, T, D] | [1, N, D]
     return adapter.unembed(x[0]), buf  # [B, T, V] | [N, V]
+
+
+def _answer_layer(
+    adapter: Adapter,
+    graph: Graph,
+    buf: DeltaBuffer,
+    weights: torch.Tensor,
+    layer: int,
+    token: torch.Tensor,
+    block: Block,
+    block_token: torch.Tensor,
+    row: int,
+    first: int,
+    base: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    mask: torch.Tensor,
+    ablation: Callable[[int, int], torch.Tensor | None],
+    recompute: bool,
+) -> torch.Tensor:
+    """The last layer when only the logits at the answer rows are wanted (see masked_forward):
+    its key and value readers over the whole batch (rows ``row..`` of ``block``, whose writers
+    before the block are mixed in already; ``base`` the ablation values of the block's writers
+    before the layer), its query readers, heads, MLP reader and MLP at the answer rows only.
+    Returns the next write token."""
+    H = adapter.n_heads
+    heads = graph.layer_start(layer)
+    attn, mlp = graph.attn_group(layer), graph.mlp_group(layer)
+    m_attn = weights[attn.edges].view(-1, attn.n_upstream)  # [H + 2KV, heads]
+    (x_kv,) = read(buf, token, block, block_token, m_attn[H:, first:], row=row, start=first,
+                   base=base)  # [2KV, B, T, D]
+    x_q = mix(buf, token, m_attn[:H], buf.at_index(buf.ablated_sum), buf.index)  # [H, N, D]
+    attend = functools.partial(
+        answer_attention, adapter, layer, position_ids=position_ids, mask=mask, index=buf.index
+    )
+    z = _call(attend, x_q, x_kv, recompute=recompute)  # [1, H, N, K]
+    weight, bias = adapter.out_proj(layer)  # [H, K, D], [D] or None
+    token = write_heads(buf, token, heads, z, weight, bias, ablation(heads, heads + H))
+    m_mlp = weights[mlp.edges].view(1, -1)  # [1, heads + H]
+    x = mix(buf, token, m_mlp, buf.at_index(buf.ablated_sum), buf.index)  # [1, N, D]
+    y = _call(adapter.mlp, layer, x, recompute=recompute)  # [1, N, D]
+    return write(buf, token, heads + H, y[:, None], ablation(heads + H, heads + H + 1))
 
 
 class CircuitModel(nn.Module):

@@ -1,9 +1,10 @@
 """What the generic masked forward needs from one model family.
 
 An adapter wraps a frozen module and exposes its pieces per layer, on *disentangled* inputs: every
-query, key and value reader gets its own residual input, so q/k/v come in as stacks
-[readers, B, T, D] and are normalised and projected head by head (with views of the module's own
-weights, never copies). The masked forward in ``edgeprune.engine.masked`` knows nothing of families.
+query, key and value reader gets its own residual input, so queries and keys/values come in as
+stacks [readers, B, T, D] and are normalised and projected head by head (with views of the module's
+own weights, never copies). Queries and keys/values come separately: the last layer's queries may
+be taken at the answer positions only. The masked forward in ``edgeprune.engine.masked`` knows nothing of families.
 
 Shapes: B batch, T tokens, D model width, H query heads, KV key/value heads, K head width, V vocab.
 """
@@ -39,15 +40,16 @@ class Adapter(ABC):
         """Embedding writers' outputs [n_embed, B, T, D] ("tok" then "pos" where there is one)."""
 
     @abstractmethod
-    def qkv(
-        self, layer: int, x: torch.Tensor, position_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-head q, k, v from per-reader residual inputs.
+    def queries(self, layer: int, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Per-head queries from the query readers' inputs: x [H, B, T, D], position_ids [1|B, T]
+        -> q [B, H, T, K] (normalised, projected, rotary applied where the model has it)."""
 
-        x [H + 2KV, B, T, D] (the query readers, then the key readers, then the value readers)
-        -> q [B, H, T, K], k and v [B, KV, T, K] (normalised, projected, rotary applied where the
-        model has it).
-        """
+    @abstractmethod
+    def keys_values(
+        self, layer: int, x: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys and values from the key readers' then the value readers' inputs:
+        x [2KV, B, T, D], position_ids [1|B, T] -> k, v [B, KV, T, K]."""
 
     def attn_scale(self, layer: int) -> float:
         """Factor on q.k in attention logits."""

@@ -40,16 +40,24 @@ class GPT2Adapter(Adapter):
         pos = self.body.wpe(position_ids).expand_as(tok)  # [B, T, D]
         return torch.stack([tok, pos])  # [2, B, T, D]
 
-    def qkv(self, layer, x, position_ids):
+    def _heads(self, layer: int, x: torch.Tensor, part: slice) -> torch.Tensor:
+        """Per-reader LayerNorm and projection by heads ``part`` of c_attn (q heads 0..H, k heads
+        H..2H, v heads 2H..3H): x [R, B, T, D] -> [B, R, T, K]."""
         block = self.body.h[layer]
         c_attn = block.attn.c_attn
         D, H, K = self.d_model, self.n_heads, self.head_dim
         # c_attn.weight [D, 3D] -> q, k, v heads as [3H, K, D] (a view), c_attn.bias -> [3H, K]
-        w = c_attn.weight.view(D, 3 * H, K).permute(1, 2, 0)  # [3H, K, D]
-        b = c_attn.bias.view(3 * H, K)  # [3H, K]
-        # per-reader LayerNorm + head projection, the norm's scale applied after the projection
-        out = layer_norm_project(x, block.ln_1, w, b)  # [B, 3H, T, K]
-        return out.split(H, dim=1)  # q, k, v [B, H, T, K]
+        w = c_attn.weight.view(D, 3 * H, K).permute(1, 2, 0)[part]  # [R, K, D]
+        b = c_attn.bias.view(3 * H, K)[part]  # [R, K]
+        # the norm's scale applied after the projection
+        return layer_norm_project(x, block.ln_1, w, b)  # [B, R, T, K]
+
+    def queries(self, layer, x, position_ids):
+        return self._heads(layer, x, slice(0, self.n_heads))  # [B, H, T, K]
+
+    def keys_values(self, layer, x, position_ids):
+        H = self.n_heads
+        return self._heads(layer, x, slice(H, 3 * H)).split(H, dim=1)  # k, v [B, H, T, K]
 
     def attn_scale(self, layer: int) -> float:
         scale = self.head_dim**-0.5 if self._scale_weights else 1.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import rotate_half
 
 from edgeprune.engine.adapters._norm_project import STANDARD_RMS_NORMS, rms_norm_project
 from edgeprune.engine.adapters.base import Adapter, linear_heads, linear_out_heads, project_heads
@@ -36,21 +36,30 @@ class LlamaAdapter(Adapter):
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.body.embed_tokens(input_ids)[None]  # [1, B, T, D]
 
-    def qkv(self, layer, x, position_ids):
+    def _heads(self, layer: int, x: torch.Tensor, projs: tuple[nn.Linear, ...]) -> torch.Tensor:
+        """Per-reader RMSNorm and projection by the heads of ``projs``: x [R, B, T, D] ->
+        [B, R, T, K]."""
         block = self.body.layers[layer]
-        attn = block.self_attn
-        H, KV = self.n_heads, self.n_kv_heads
-        # [H + 2KV, K, D] and [H + 2KV, K] or None
-        w, b = linear_heads((attn.q_proj, attn.k_proj, attn.v_proj), self.head_dim)
+        w, b = linear_heads(projs, self.head_dim)  # [R, K, D] and [R, K] or None
         norm = block.input_layernorm
         if type(norm).__name__ in STANDARD_RMS_NORMS:
-            out = rms_norm_project(x, norm, w, b)  # [B, H + 2KV, T, K]
-        else:
-            out = project_heads(norm(x), w, b)  # [B, H + 2KV, T, K]
-        q, k, v = out.split((H, KV, KV), dim=1)  # [B, H|KV, T, K]
-        cos, sin = self.body.rotary_emb(q, position_ids)  # [B, T, K] each
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)  # [B, H, T, K], [B, KV, T, K]
-        return q, k, v
+            return rms_norm_project(x, norm, w, b)  # [B, R, T, K]
+        return project_heads(norm(x), w, b)  # [B, R, T, K]
+
+    def _rotate(self, t: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding by the model's own rotary module: t [B, R, T, K] -> [B, R, T, K]."""
+        cos, sin = self.body.rotary_emb(t, position_ids)  # [B|1, T, K] each
+        cos, sin = cos[:, None], sin[:, None]  # [B|1, 1, T, K]
+        return t * cos + rotate_half(t) * sin  # as the model's apply_rotary_pos_emb
+
+    def queries(self, layer, x, position_ids):
+        q = self._heads(layer, x, (self.body.layers[layer].self_attn.q_proj,))  # [B, H, T, K]
+        return self._rotate(q, position_ids)
+
+    def keys_values(self, layer, x, position_ids):
+        attn = self.body.layers[layer].self_attn
+        k, v = self._heads(layer, x, (attn.k_proj, attn.v_proj)).split(self.n_kv_heads, dim=1)
+        return self._rotate(k, position_ids), v  # [B, KV, T, K] each
 
     def attn_scale(self, layer: int) -> float:
         return self.body.layers[layer].self_attn.scaling

@@ -38,10 +38,14 @@ class TracrAdapter(Adapter):
         pos = self.module.pos_embed(position_ids).expand_as(tok)  # [B, T, D]
         return torch.stack([tok, pos])  # [2, B, T, D]
 
-    def qkv(self, layer, x, position_ids):
+    def queries(self, layer, x, position_ids):
+        w, b = linear_heads((self.module.layers[layer].attn.q,), self.head_dim)  # [H, K, D]
+        return project_heads(x, w, b)  # [B, H, T, K]
+
+    def keys_values(self, layer, x, position_ids):
         attn = self.module.layers[layer].attn
-        w, b = linear_heads((attn.q, attn.k, attn.v), self.head_dim)  # [3H, K, D], [3H, K] | None
-        return project_heads(x, w, b).split(self.n_heads, dim=1)  # q, k, v [B, H, T, K]
+        w, b = linear_heads((attn.k, attn.v), self.head_dim)  # [2H, K, D], [2H, K] | None
+        return project_heads(x, w, b).split(self.n_heads, dim=1)  # k, v [B, H, T, K]
 
     def out_proj(self, layer):
         o = self.module.layers[layer].attn.o

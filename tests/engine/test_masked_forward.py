@@ -71,6 +71,37 @@ def test_positions_unembed_only_there(model):
     )
 
 
+
+@pytest.mark.parametrize("ablation", ["corrupted", "zero", "mean"])
+def test_answer_positions_give_the_full_forward_at_those_rows(model, ablation):
+    """With positions, the last layer's queries, heads and MLP run at those rows alone (the rest
+    of the batch never reaches the logits): logits and mask gradients equal the full forward's."""
+    ids, corrupted, mask = batch(4)
+    last = mask.sum(1) - 1  # [B]
+    # a row twice, a first token (which attends to itself alone) and rows of unequal lengths
+    positions = torch.stack([last, torch.zeros_like(last), last, last.clamp(max=2)], 1)  # [B, 4]
+    gen = torch.Generator().manual_seed(4)
+    g = model.graph
+    edge = torch.rand(g.n_edges, generator=gen).requires_grad_()
+    node = torch.rand(g.n_writers, generator=gen).requires_grad_()
+    proj = torch.randn(3, 4, model.vocab_size, generator=gen)
+    results = []
+    for where in (None, positions):
+        out = model.logits(
+            ids, attention_mask=mask, corrupted_ids=corrupted, edge_mask=edge, node_mask=node,
+            ablation=ablation, positions=where,
+        )  # [B, T, V] | [B, 4, V]
+        if where is None:
+            out = out[torch.arange(3)[:, None], positions]  # [B, 4, V]
+        grads = torch.autograd.grad((out * proj).sum(), (edge, node))
+        results.append((out, *grads))
+    (full, full_edge, full_node), (at, at_edge, at_node) = results
+    torch.testing.assert_close(at, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(at_edge, full_edge, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(at_node, full_node, rtol=1e-4, atol=1e-5)
+    last_layer = g.layer_start(g.n_layers - 1)  # the last layer's writers got gradient too
+    assert full_node[last_layer:].abs().min() > 0
+
 def test_padding_does_not_leak(model):
     """A row's logits do not depend on what sits in its padding or on the other rows."""
     ids, corrupted, mask = batch(3)
