@@ -155,7 +155,9 @@ class DeltaBuffer:
         # d at rows ``index`` of the flat (B*T) axis [W, N, D], copied as writers write (while
         # the rows are in cache), for the logits reader that reads only there
         self.index = index
-        self.d_at_index = None if index is None else like.new_empty(n_writers, len(index), width)
+        self.d_at_index = None  # [W, N, D]
+        if index is not None:
+            self.d_at_index = _scratch(workspace, self, (n_writers, len(index), width), like)
         self.index_only = n_writers  # writers from here on exist only in d_at_index
         if index is not None:  # the (example, token) of every answer row [N] each
             self._at = (torch.div(index, tokens, rounding_mode="floor"), index % tokens)
@@ -164,7 +166,8 @@ class DeltaBuffer:
         self.ablated_sum: torch.Tensor | None = None
         self._grad: torch.Tensor | None = None  # [W, B, T, D]; rows ready.. hold gradient
         self.ready = n_writers
-        self._sparse: tuple[torch.Tensor, torch.Tensor] | None = None  # (index [N], g [W', N, D])
+        self._grad_at_index: torch.Tensor | None = None  # [W, N, D]; rows ..held hold gradient
+        self.held = 0
 
     @property
     def grad(self) -> torch.Tensor:
@@ -175,7 +178,7 @@ class DeltaBuffer:
 
     def start_backward(self) -> None:
         """Forget any gradient (the first backward function of a pass calls this)."""
-        self.ready, self._sparse = self.index_only, None
+        self.ready, self.held = self.index_only, 0
 
     def at_index(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """``t`` [..., B|1, T, D] at the answer rows: [..., N, D] (None stays None)."""
@@ -208,14 +211,12 @@ class DeltaBuffer:
             # (not index_select, which copies a strided input whole first)
             self.d_at_index[start:stop] = rows[:, self.index]  # [n, N, D]
 
-    def rows(self, n: int, index: torch.Tensor | None) -> torch.Tensor:
-        """d of writers ..n [n, B, T, D], or at rows ``index`` of the flat (B*T) axis [n, N, D]."""
-        if index is None:
-            assert n <= self.index_only, "writers kept only at the answer rows read in full"
-            return self.d[:n]
-        if index is self.index:
+    def rows(self, n: int, at_index: bool) -> torch.Tensor:
+        """d of writers ..n [n, B, T, D], or at the answer rows [n, N, D]."""
+        if at_index:
             return self.d_at_index[:n]
-        return self.d[:n].flatten(1, 2)[:, index]  # [n, N, D]
+        assert n <= self.index_only, "writers kept only at the answer rows read in full"
+        return self.d[:n]
 
     def _init_rows(self, start: int) -> None:
         """Make rows ``start..W`` hold gradient (zero the ones that have none yet)."""
@@ -238,38 +239,39 @@ class DeltaBuffer:
             _mm_wide(m_t[fresh:], g, flat[fresh:], add=True)
         self.ready = min(self.ready, start)
 
-    def add_sparse(self, index: torch.Tensor, g: torch.Tensor) -> None:
-        """Gradient at rows ``index`` of the flat (B*T) axis only, for writers 0..n: g [n, N, D]
-        (taken over: it may be added to in place)."""
-        if self._sparse is None:
-            self._sparse = (index, g)
-            return
-        held_index, held = self._sparse
-        if held_index is not index:  # one index at a time: fold the previous one in
-            self._init_rows(0)
-            self._fold(0, self.index_only)
-            self._sparse = (index, g)
-            return
-        if g.shape[0] > held.shape[0]:
-            held, g = g, held
-        held[: g.shape[0]] += g  # [n, N, D]
-        self._sparse = (index, held)
+    @property
+    def grad_at_index(self) -> torch.Tensor:
+        """dL/dd at the answer rows only [W, N, D] (rows ``..held`` are meaningful)."""
+        if self._grad_at_index is None:
+            self._grad_at_index = _scratch(self.workspace, self, self.d_at_index.shape, self.d)
+        return self._grad_at_index
+
+    def accumulate_at_index(self, m_t: torch.Tensor, g: torch.Tensor) -> None:
+        """grad_at_index[:n] += m_t @ g: m_t [n, R], g [R, N*D] (readers at the answer rows)."""
+        n = m_t.shape[0]
+        flat = self.grad_at_index[:n].view(n, -1)  # [n, N*D]
+        k = min(n, self.held)  # rows holding gradient already
+        if k:
+            flat[:k].addmm_(m_t[:k], g)
+        if k < n:
+            torch.mm(m_t[k:], g, out=flat[k:])
+        self.held = max(self.held, n)
 
     def _fold(self, start: int, stop: int) -> None:
-        if self._sparse is None:
-            return
-        index, g = self._sparse
-        stop = min(stop, g.shape[0], self.index_only)
+        """Add the answer rows' gradient of writers start..stop into their full gradient."""
+        stop = min(stop, self.held, self.index_only)
         if start < stop:
-            self.grad[start:stop].flatten(1, 2).index_add_(1, index, g[start:stop])
+            rows = self.grad[start:stop].flatten(1, 2)  # [n, B*T, D]
+            rows.index_add_(1, self.index, self.grad_at_index[start:stop])
 
     def writer_grad(self, start: int, stop: int) -> torch.Tensor:
         """The complete gradient of writers ``start..stop`` [n, B, T, D] (every reader of theirs
         has run its backward); [n, 1, N, D] for writers kept only at the answer rows."""
         if start >= self.index_only:
-            if self._sparse is None:  # nothing read them
-                return self.d_at_index.new_zeros(stop - start, 1, *self.d_at_index.shape[1:])
-            return self._sparse[1][start:stop, None]  # [n, 1, N, D]
+            if stop > self.held:  # rows no reader added to
+                self.grad_at_index[max(start, self.held) : stop].zero_()
+                self.held = stop
+            return self.grad_at_index[start:stop, None]  # [n, 1, N, D]
         self._init_rows(start)
         self._fold(start, stop)
         return self.grad[start:stop]
@@ -360,17 +362,17 @@ class _Mix(torch.autograd.Function):
         token: torch.Tensor,
         buf: DeltaBuffer,
         base: torch.Tensor | None,
-        index: torch.Tensor | None,
+        at_index: bool,
         last: bool,
     ) -> torch.Tensor:
-        # m [R, W]; base broadcastable to one reader input; index [N] rows of the flat (B*T) axis
+        # m [R, W]; base broadcastable to one reader input
         n = m.shape[1]
-        d = buf.rows(n, index)  # [n, B, T, D] or [n, N, D]
+        d = buf.rows(n, at_index)  # [n, B, T, D] or [n, N, D]
         x = (m @ d.reshape(n, -1)).view(m.shape[0], *d.shape[1:])  # [R, B, T, D] or [R, N, D]
         if base is not None:
             x += base
         ctx.save_for_backward(m)
-        ctx.buf, ctx.index, ctx.last = buf, index, last  # type: ignore[attr-defined]
+        ctx.buf, ctx.at_index, ctx.last = buf, at_index, last  # type: ignore[attr-defined]
         return x
 
     @staticmethod
@@ -381,12 +383,12 @@ class _Mix(torch.autograd.Function):
             buf.start_backward()
         n = m.shape[1]
         g_flat = g_x.reshape(m.shape[0], -1)  # [R, B*T*D] or [R, N*D]
-        d = buf.rows(n, ctx.index).reshape(n, -1)  # [n, B*T*D] or [n, N*D]
+        d = buf.rows(n, ctx.at_index).reshape(n, -1)  # [n, B*T*D] or [n, N*D]
         g_m = _grad_m(d, g_flat) if ctx.needs_input_grad[0] else None  # [R, n]
-        if ctx.index is None:
-            buf.accumulate(0, m.T, g_flat)  # [n, B*T*D] += [n, R] @ [R, B*T*D]
+        if ctx.at_index:
+            buf.accumulate_at_index(m.T, g_flat)  # [n, N*D] += [n, R] @ [R, N*D]
         else:
-            buf.add_sparse(ctx.index, (m.T @ g_flat).view(n, ctx.index.shape[0], -1))  # [n, N, D]
+            buf.accumulate(0, m.T, g_flat)  # [n, B*T*D] += [n, R] @ [R, B*T*D]
         return g_m, _zero(m), None, None, None, None
 
 
@@ -398,12 +400,14 @@ class Block:
     block in place (``read``). So the buffer's prefix is read once per block, not once per layer.
 
     ``x`` and its gradient take ``capacity`` rows from the workspace (at least ``rows``), so that
-    blocks of a few sizes (a shorter last block) share one size of buffer between steps.
+    blocks of a few sizes (a shorter last block) share one size of buffer between steps, and
+    ``GRAD_M_ROWS - 1`` rows more, so that ``_grad_m`` always widens a run of gradient rows (the
+    same computation whatever the workspace lent).
     """
 
     def __init__(self, rows: int, buf: DeltaBuffer, capacity: int = 0) -> None:
         _, B, T, D = buf.shape
-        self._capacity = max(rows, capacity)
+        self._capacity = max(rows, capacity) + GRAD_M_ROWS - 1
         self.x = _scratch(buf.workspace, self, (self._capacity, B, T, D), buf.d)[:rows]
         # x [R_blk, B, T, D]
         self._buf = buf
@@ -416,7 +420,9 @@ class Block:
         if self._grad is None:
             self._loan = _Loan()
             shape = (self._capacity, *self.x.shape[1:])
-            self._grad = _scratch(self._buf.workspace, self._loan, shape, self.x)[: len(self.x)]
+            grad = _scratch(self._buf.workspace, self._loan, shape, self.x)
+            grad[len(self.x) :].zero_()  # read (and dropped) by _grad_m: no stale denormals
+            self._grad = grad[: len(self.x)]
         return self._grad
 
     def free_grad(self) -> None:
@@ -549,12 +555,37 @@ def _mm_wide(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, add: bool =
             torch.mm(a, part, out=o)
 
 
+GRAD_M_ROWS = 8  # g_x in _grad_m is widened to a multiple of this many rows where it can be
+
+
 def _grad_m(d: torch.Tensor, g_x: torch.Tensor) -> torch.Tensor:
     """dL/dM = g_x @ d^T: d [n, X], g_x [R, X] -> [R, n].
 
-    Computed as (d @ g_x^T)^T, which reads d row-major: several times faster for long rows.
+    Computed as (d @ g_x^T)^T, which reads d row-major: several times faster for long rows. MKL
+    runs it markedly slower when R, the product's column count, is not a multiple of 8 (on an AMD
+    EPYC, 2 threads: 56-88 against 112 GFLOP/s for 111 against 112 rows, 32 against 74 for 15
+    against 16). Where g_x's memory runs on past its rows with the same stride (rows of a block's
+    gradient, see :class:`Block`), more than 8 rows are widened to a multiple of 8: each product
+    column depends on its own row alone, so the extra rows, whatever they hold, give extra columns
+    that are dropped.
     """
-    return (d @ g_x.T).T
+    R = g_x.shape[0]
+    if R <= GRAD_M_ROWS:  # few rows: widening costs more than it gains
+        return (d @ g_x.T).T
+    wide = _widened(g_x, -(-R // GRAD_M_ROWS) * GRAD_M_ROWS)  # [R', X]
+    return (d @ wide.T)[:, :R].T
+
+
+def _widened(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` [R, X] with rows ``rows`` >= R: the same memory read on to ``rows`` rows when its
+    storage holds them (t's rows are contiguous), else ``t`` itself."""
+    R, X = t.shape
+    if rows == R or t.stride(1) != 1:
+        return t
+    end = t.storage_offset() + (rows - 1) * t.stride(0) + X  # elements the widened view spans
+    if end > t.untyped_storage().nbytes() // t.element_size():
+        return t
+    return t.as_strided((rows, X), t.stride())  # [rows, X]
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -600,16 +631,17 @@ def mix(
     token: torch.Tensor,
     m: torch.Tensor,
     base: torch.Tensor | None = None,
-    index: torch.Tensor | None = None,
     *,
+    at_index: bool = False,
     last: bool = False,
 ) -> torch.Tensor:
-    """Readers' inputs ``base + m @ d[:n]``: m [R, n] -> [R, B, T, D] ([R, N, D] at ``index``).
+    """Readers' inputs ``base + m @ d[:n]``: m [R, n] -> [R, B, T, D], or with ``at_index`` only
+    at the buffer's answer rows [R, N, D].
 
     ``last`` marks the final mix of a forward (the logits reader): its backward runs first and
     resets the gradient buffer.
     """
-    return _Mix.apply(m, token, buf, base, index, last)
+    return _Mix.apply(m, token, buf, base, at_index, last)
 
 
 def prefix(

@@ -264,7 +264,7 @@ def masked_forward(
     base = buf.ablated_sum if index is None else buf.at_index(buf.ablated_sum)
     # base [B|1, T, D] or [N, D] or None
     m = weights[graph.logits_group().edges].view(1, -1)  # [1, W]
-    x = mix(buf, token, m, base, index, last=True)  # [1, B, T, D] | [1, N, D]
+    x = mix(buf, token, m, base, at_index=index is not None, last=True)  # [1, B, T, D] | [1, N, D]
     return adapter.unembed(x[0]), buf  # [B, T, V] | [N, V]
 
 
@@ -296,7 +296,8 @@ def _answer_layer(
     m_attn = weights[attn.edges].view(-1, attn.n_upstream)  # [H + 2KV, heads]
     (x_kv,) = read(buf, token, block, block_token, m_attn[H:, first:], row=row, start=first,
                    base=base)  # [2KV, B, T, D]
-    x_q = mix(buf, token, m_attn[:H], buf.at_index(buf.ablated_sum), buf.index)  # [H, N, D]
+    x_q = mix(buf, token, m_attn[:H], buf.at_index(buf.ablated_sum), at_index=True)
+    # x_q [H, N, D]
     attend = functools.partial(
         answer_attention, adapter, layer, position_ids=position_ids, mask=mask, index=buf.index
     )
@@ -304,7 +305,7 @@ def _answer_layer(
     weight, bias = adapter.out_proj(layer)  # [H, K, D], [D] or None
     token = write_heads(buf, token, heads, z, weight, bias, ablation(heads, heads + H))
     m_mlp = weights[mlp.edges].view(1, -1)  # [1, heads + H]
-    x = mix(buf, token, m_mlp, buf.at_index(buf.ablated_sum), buf.index)  # [1, N, D]
+    x = mix(buf, token, m_mlp, buf.at_index(buf.ablated_sum), at_index=True)  # [1, N, D]
     y = _call(adapter.mlp, layer, x, recompute=recompute)  # [1, N, D]
     return write(buf, token, heads + H, y[:, None], ablation(heads + H, heads + H + 1))
 

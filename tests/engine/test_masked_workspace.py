@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeprune.engine._autograd import Workspace, _Loan, row_stride
+from edgeprune.engine._autograd import Workspace, _grad_m, _Loan, _widened, row_stride
 from edgeprune.engine.masked import CircuitModel, masked_forward
 from tests.engine.masked_models import batch, tiny_models
 
@@ -132,3 +132,21 @@ def test_padded_rows_give_the_results_of_unpadded_ones(name: str) -> None:
         results.append((logits, grad))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+
+
+def test_mask_gradient_widens_gradient_rows_only_within_their_memory() -> None:
+    # MKL is faster on a multiple of 8 rows: a run of rows whose memory goes on is read on to one,
+    # and the extra rows' products are dropped whatever they hold
+    gen = torch.Generator().manual_seed(0)
+    d = torch.randn(5, 40, generator=gen)  # [n, X]
+    rows = torch.randn(16, 40, generator=gen)
+    rows[11:] = float("nan")  # what follows the 11 rows read
+    g = rows[:11]
+    wide = _widened(g, 16)
+    assert wide.shape == (16, 40) and wide.data_ptr() == g.data_ptr()
+    torch.testing.assert_close(_grad_m(d, g), g @ d.T, rtol=1e-6, atol=1e-6)
+    # no memory past the rows (the end of the storage) or rows not contiguous: unchanged
+    tail = rows[5:11].clone()
+    assert _widened(tail, 8) is tail
+    cols = rows.T[:9]  # [9, 16], rows strided by 1
+    assert _widened(cols, 16) is cols
