@@ -137,13 +137,13 @@ class DeltaBuffer:
 
     The gradient buffer is never zeroed as a whole: backward functions run from the last writer to
     the first, and rows ``ready..W`` are the ones already holding gradient. The first contribution
-    to a row overwrites it (a matmul with beta 0) instead of adding to zeros, and a gradient at a
-    few token positions only (from readers read at the answer positions) is kept aside, summed,
-    and added when its writer's gradient is read (:meth:`writer_grad`).
+    to a row overwrites it (a matmul with beta 0) instead of adding to zeros. The gradient from
+    readers read at the answer rows only (``index``) is summed in ``grad_at_index`` [W, N, D] and
+    added when its writer's gradient is read (:meth:`writer_grad`).
 
-    Writers from ``index_only`` on are read by nobody but readers at the answer positions (the
-    last layer's, when only the logits there are wanted): they are kept in ``d_at_index`` alone,
-    written there directly, and their gradient is the kept-aside one.
+    Writers from ``index_only`` on are read by nobody but readers at the answer rows (the last
+    layer's, when only the logits there are wanted): they are kept in ``d_at_index`` alone,
+    written there directly, and their gradient is their rows of ``grad_at_index``.
     """
 
     def __init__(self, n_writers: int, batch: int, tokens: int, width: int, *,
@@ -153,14 +153,14 @@ class DeltaBuffer:
         self.workspace = workspace
         self.d = _scratch(workspace, self, self.shape, like)  # [W, B, T, D]
         # d at rows ``index`` of the flat (B*T) axis [W, N, D], copied as writers write (while
-        # the rows are in cache), for the logits reader that reads only there
+        # the rows are in cache), for the readers that read only there
         self.index = index
         self.d_at_index = None  # [W, N, D]
         if index is not None:
             self.d_at_index = _scratch(workspace, self, (n_writers, len(index), width), like)
-        self.index_only = n_writers  # writers from here on exist only in d_at_index
-        if index is not None:  # the (example, token) of every answer row [N] each
+            # the (example, token) of every answer row [N] each
             self._at = (torch.div(index, tokens, rounding_mode="floor"), index % tokens)
+        self.index_only = n_writers  # writers from here on exist only in d_at_index
         # sum of the written writers' ablation values y~ [B|1, T, D] (None: zero ablation), from
         # which readers' ablated residuals A_r are formed; replaced, never updated in place
         self.ablated_sum: torch.Tensor | None = None
