@@ -98,33 +98,24 @@ def attention_heads(
     x_kv: torch.Tensor,
     position_ids: torch.Tensor,
     mask: torch.Tensor,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One layer's attention from its q/k/v readers' inputs to its heads' outputs before the output
-    projection, a pure function: x_q [H, B, T, D], x_kv [2KV, B, T, D], mask [B, 1, T, T] ->
-    z [B, H, T, K]."""
-    q = adapter.queries(layer, x_q, position_ids)  # [B, H, T, K]
+    projection, a pure function: x_q [H, B, T, D], x_kv [2KV, B, T, D], position_ids [1, T],
+    mask [B, 1, T, T] -> z [B, H, T, K].
+
+    With ``index`` [N] (rows of the flat (B*T) axis) the queries are taken there only: x_q
+    [H, N, D] -> z [1, H, N, K], every answer row one single-query attention over its example's
+    keys.
+    """
     k, v = adapter.keys_values(layer, x_kv, position_ids)  # [B, KV, T, K] each
-    return _attend(adapter, layer, q, k, v, mask)  # [B, H, T, K]
-
-
-def answer_attention(
-    adapter: Adapter,
-    layer: int,
-    x_q: torch.Tensor,
-    x_kv: torch.Tensor,
-    position_ids: torch.Tensor,
-    mask: torch.Tensor,
-    index: torch.Tensor,
-) -> torch.Tensor:
-    """One layer's attention with queries at the answer rows only, a pure function: x_q [H, N, D]
-    (the query readers' inputs at rows ``index`` [N] of the flat (B*T) axis), x_kv [2KV, B, T, D],
-    position_ids [1, T], mask [B, 1, T, T] -> z [1, H, N, K] (the heads' outputs at those rows)."""
+    if index is None:
+        q = adapter.queries(layer, x_q, position_ids)  # [B, H, T, K]
+        return _attend(adapter, layer, q, k, v, mask)  # [B, H, T, K]
     B, T = x_kv.shape[1:3]
     b, t = torch.div(index, T, rounding_mode="floor"), index % T  # [N] each
     at = position_ids.expand(B, T)[b, t]  # [N]
     q = adapter.queries(layer, x_q[:, None], at[None])  # [1, H, N, K]
-    k, v = adapter.keys_values(layer, x_kv, position_ids)  # [B, KV, T, K] each
-    # every answer row is one single-query batch of its example's keys
     q = q[0].transpose(0, 1)[:, :, None]  # [N, H, 1, K]
     z = _attend(adapter, layer, q, k[b], v[b], mask[b, :, t][:, :, None])  # [N, H, 1, K]
     return z.transpose(0, 2)  # [1, H, N, K]
@@ -299,7 +290,7 @@ def _answer_layer(
     x_q = mix(buf, token, m_attn[:H], buf.at_index(buf.ablated_sum), at_index=True)
     # x_q [H, N, D]
     attend = functools.partial(
-        answer_attention, adapter, layer, position_ids=position_ids, mask=mask, index=buf.index
+        attention_heads, adapter, layer, position_ids=position_ids, mask=mask, index=buf.index
     )
     z = _call(attend, x_q, x_kv, recompute=recompute)  # [1, H, N, K]
     weight, bias = adapter.out_proj(layer)  # [H, K, D], [D] or None
