@@ -158,8 +158,8 @@ class DeltaBuffer:
         self.d_at_index = None  # [W, N, D]
         if index is not None:
             self.d_at_index = _scratch(workspace, self, (n_writers, len(index), width), like)
-            # the (example, token) of every answer row [N] each
-            self._at = (torch.div(index, tokens, rounding_mode="floor"), index % tokens)
+            # the example and the token of every answer row, [N] each
+            self.answer_rows = (torch.div(index, tokens, rounding_mode="floor"), index % tokens)
         self.index_only = n_writers  # writers from here on exist only in d_at_index
         # sum of the written writers' ablation values y~ [B|1, T, D] (None: zero ablation), from
         # which readers' ablated residuals A_r are formed; replaced, never updated in place
@@ -184,7 +184,7 @@ class DeltaBuffer:
         """``t`` [..., B|1, T, D] at the answer rows: [..., N, D] (None stays None)."""
         if t is None:
             return None
-        b, tok = self._at
+        b, tok = self.answer_rows
         return t[..., b if t.shape[-3] > 1 else torch.zeros_like(b), tok, :]  # [..., N, D]
 
     def destination(self, start: int, stop: int, ablated: torch.Tensor | None) -> tuple[

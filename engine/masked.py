@@ -27,16 +27,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from edgeprune.engine import _checks
-from edgeprune.engine._autograd import (
-    Block,
-    DeltaBuffer,
-    Workspace,
-    mix,
-    prefix,
-    read,
-    write,
-    write_heads,
-)
+from edgeprune.engine._autograd import DeltaBuffer, Workspace, mix, prefix, read, write, write_heads
 from edgeprune.engine._checks import Mask
 from edgeprune.engine.adapters import Adapter, adapter_for
 from edgeprune.engine.errors import InvalidArgument
@@ -74,14 +65,17 @@ def _block_prefix(
     first = graph.layer_start(start)
     rows = []
     for layer in range(start, stop):
-        attn = graph.attn_group(layer)
-        m = weights[attn.edges].view(-1, attn.n_upstream)[:, :first]  # [H + 2KV, n]
+        m = _group_weights(weights, graph.attn_group(layer))[:, :first]  # [H + 2KV, n]
         if layer == answer_layer:
             rows.append(m[graph.n_heads :])
             continue
-        mlp = graph.mlp_group(layer)
-        rows += [m, weights[mlp.edges].view(-1, mlp.n_upstream)[:, :first]]
+        rows += [m, _group_weights(weights, graph.mlp_group(layer))[:, :first]]
     return torch.cat(rows)
+
+
+def _group_weights(weights: torch.Tensor, group: ReaderGroup) -> torch.Tensor:
+    """A reader group's mixing weights over its upstream writers: [R, writers upstream]."""
+    return weights[group.edges].view(-1, group.n_upstream)
 
 
 def _difference(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor | None:
@@ -98,23 +92,22 @@ def attention_heads(
     x_kv: torch.Tensor,
     position_ids: torch.Tensor,
     mask: torch.Tensor,
-    index: torch.Tensor | None = None,
+    answer_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One layer's attention from its q/k/v readers' inputs to its heads' outputs before the output
     projection, a pure function: x_q [H, B, T, D], x_kv [2KV, B, T, D], position_ids [1, T],
     mask [B, 1, T, T] -> z [B, H, T, K].
 
-    With ``index`` [N] (rows of the flat (B*T) axis) the queries are taken there only: x_q
-    [H, N, D] -> z [1, H, N, K], every answer row one single-query attention over its example's
-    keys.
+    With ``answer_rows`` (the example and the token of N rows, [N] each; see
+    ``DeltaBuffer.answer_rows``) the queries are taken there only: x_q [H, N, D] -> z [1, H, N, K],
+    every answer row one single-query attention over its example's keys.
     """
     k, v = adapter.keys_values(layer, x_kv, position_ids)  # [B, KV, T, K] each
-    if index is None:
+    if answer_rows is None:
         q = adapter.queries(layer, x_q, position_ids)  # [B, H, T, K]
         return _attend(adapter, layer, q, k, v, mask)  # [B, H, T, K]
-    B, T = x_kv.shape[1:3]
-    b, t = torch.div(index, T, rounding_mode="floor"), index % T  # [N] each
-    at = position_ids.expand(B, T)[b, t]  # [N]
+    b, t = answer_rows
+    at = position_ids.expand(x_kv.shape[1:3])[b, t]  # [N]
     q = adapter.queries(layer, x_q[:, None], at[None])  # [1, H, N, K]
     q = q[0].transpose(0, 1)[:, :, None]  # [N, H, 1, K]
     z = _attend(adapter, layer, q, k[b], v[b], mask[b, :, t][:, :, None])  # [N, H, 1, K]
@@ -203,9 +196,6 @@ def masked_forward(
     if answer_layer is not None:
         buf.index_only = graph.layer_start(answer_layer)
 
-    def upstream(group: ReaderGroup) -> torch.Tensor:
-        return weights[group.edges].view(-1, group.n_upstream)[:, first:]  # [R, writers in block]
-
     token = write(buf, emb.new_zeros(()), 0, emb, ablation(0, graph.n_embed))
     for layer in range(L):
         j = layer % size  # position in the block
@@ -219,86 +209,51 @@ def masked_forward(
 
         row = j * (R_attn + 1)
         heads = graph.layer_start(layer)
+        at_answers = layer == answer_layer  # queries, heads and MLP at the answer rows only
+        m_attn = _group_weights(weights, graph.attn_group(layer))  # [H + 2KV, heads]
+        m_mlp = _group_weights(weights, graph.mlp_group(layer))  # [1, heads + H]
+        base = _difference(buf.ablated_sum, block_base)  # the block's writers before the layer
+        if at_answers:
+            # keys and values in the block; queries over every writer before the layer, there
+            (x_kv,) = read(buf, token, block, block_token, m_attn[H:, first:], row=row,
+                           start=first, base=base)  # [2KV, B, T, D]
+            x_q = mix(buf, token, m_attn[:H], buf.at_index(buf.ablated_sum), at_index=True)
+            # x_q [H, N, D]
+        else:
+            # the layer's q/k/v readers and its MLP reader over the block's writers before the
+            # layer, in one matmul; the MLP reader adds the layer's heads once they are written
+            m = torch.cat([m_attn[:, first:], m_mlp[:, first:heads]])
+            x_q, x_kv = read(buf, token, block, block_token, m, row=row, start=first,
+                             returned=(H, 2 * KV), base=base)
+            # x_q [H, B, T, D], x_kv [2KV, B, T, D]
         window = adapter.sliding_window(layer)
         if window not in masks:
             masks[window] = attention_mask_4d(valid, causal=adapter.causal, window=window)
-        base = _difference(buf.ablated_sum, block_base)  # the block's writers before the layer
-        if layer == answer_layer:
-            token = _answer_layer(
-                adapter, graph, buf, weights, layer, token, block, block_token, row, first, base,
-                position_ids, masks[window], ablation, checkpoint_layers,
-            )
-            continue
-        # the layer's q/k/v readers and its MLP reader over the block's writers before the layer,
-        # in one matmul; the MLP reader adds the layer's heads once they are written
-        m_mlp = upstream(graph.mlp_group(layer))  # [1, heads + H - first]
-        m = torch.cat([upstream(graph.attn_group(layer)), m_mlp[:, : heads - first]])
-        x_q, x_kv = read(buf, token, block, block_token, m, row=row, start=first,
-                         returned=(H, 2 * KV), base=base)
-        # x_q [H, B, T, D], x_kv [2KV, B, T, D]
         attend = functools.partial(
-            attention_heads, adapter, layer, position_ids=position_ids, mask=masks[window]
+            attention_heads, adapter, layer, position_ids=position_ids, mask=masks[window],
+            answer_rows=buf.answer_rows if at_answers else None,
         )
-        z = _call(attend, x_q, x_kv, recompute=checkpoint_layers)  # [B, H, T, K]
+        z = _call(attend, x_q, x_kv, recompute=checkpoint_layers)  # [B, H, T, K] | [1, H, N, K]
         weight, bias = adapter.out_proj(layer)  # [H, K, D], [D] or None
         before = buf.ablated_sum
         token = write_heads(buf, token, heads, z, weight, bias, ablation(heads, heads + H))
-        m = m_mlp[:, heads - first :]  # [1, H]
-        base = _difference(buf.ablated_sum, before)  # the layer's heads
-        (x,) = read(buf, token, block, block_token, m, row=row + R_attn, start=heads, base=base)
-        # x [1, B, T, D]
-        y = _call(adapter.mlp, layer, x, recompute=checkpoint_layers)  # [1, B, T, D]
+        if at_answers:  # over every writer before it, at the answer rows
+            x = mix(buf, token, m_mlp, buf.at_index(buf.ablated_sum), at_index=True)[:, None]
+        else:
+            base = _difference(buf.ablated_sum, before)  # the layer's heads
+            (x,) = read(buf, token, block, block_token, m_mlp[:, heads:], row=row + R_attn,
+                        start=heads, base=base)
+        # x [1, B, T, D] | [1, 1, N, D]
+        y = _call(adapter.mlp, layer, x, recompute=checkpoint_layers)  # x's shape
         token = write(buf, token, heads + H, y, ablation(heads + H, heads + H + 1))
 
     if not logits:
         return None, buf
     base = buf.ablated_sum if index is None else buf.at_index(buf.ablated_sum)
     # base [B|1, T, D] or [N, D] or None
-    m = weights[graph.logits_group().edges].view(1, -1)  # [1, W]
+    m = _group_weights(weights, graph.logits_group())  # [1, W]
     x = mix(buf, token, m, base, at_index=index is not None, last=True)  # [1, B, T, D] | [1, N, D]
     return adapter.unembed(x[0]), buf  # [B, T, V] | [N, V]
-
-
-def _answer_layer(
-    adapter: Adapter,
-    graph: Graph,
-    buf: DeltaBuffer,
-    weights: torch.Tensor,
-    layer: int,
-    token: torch.Tensor,
-    block: Block,
-    block_token: torch.Tensor,
-    row: int,
-    first: int,
-    base: torch.Tensor | None,
-    position_ids: torch.Tensor,
-    mask: torch.Tensor,
-    ablation: Callable[[int, int], torch.Tensor | None],
-    recompute: bool,
-) -> torch.Tensor:
-    """The last layer when only the logits at the answer rows are wanted (see masked_forward):
-    its key and value readers over the whole batch (rows ``row..`` of ``block``, whose writers
-    before the block are mixed in already; ``base`` the ablation values of the block's writers
-    before the layer), its query readers, heads, MLP reader and MLP at the answer rows only.
-    Returns the next write token."""
-    H = adapter.n_heads
-    heads = graph.layer_start(layer)
-    attn, mlp = graph.attn_group(layer), graph.mlp_group(layer)
-    m_attn = weights[attn.edges].view(-1, attn.n_upstream)  # [H + 2KV, heads]
-    (x_kv,) = read(buf, token, block, block_token, m_attn[H:, first:], row=row, start=first,
-                   base=base)  # [2KV, B, T, D]
-    x_q = mix(buf, token, m_attn[:H], buf.at_index(buf.ablated_sum), at_index=True)
-    # x_q [H, N, D]
-    attend = functools.partial(
-        attention_heads, adapter, layer, position_ids=position_ids, mask=mask, index=buf.index
-    )
-    z = _call(attend, x_q, x_kv, recompute=recompute)  # [1, H, N, K]
-    weight, bias = adapter.out_proj(layer)  # [H, K, D], [D] or None
-    token = write_heads(buf, token, heads, z, weight, bias, ablation(heads, heads + H))
-    m_mlp = weights[mlp.edges].view(1, -1)  # [1, heads + H]
-    x = mix(buf, token, m_mlp, buf.at_index(buf.ablated_sum), at_index=True)  # [1, N, D]
-    y = _call(adapter.mlp, layer, x, recompute=recompute)  # [1, N, D]
-    return write(buf, token, heads + H, y[:, None], ablation(heads + H, heads + H + 1))
 
 
 class CircuitModel(nn.Module):

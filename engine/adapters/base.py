@@ -4,7 +4,8 @@ An adapter wraps a frozen module and exposes its pieces per layer, on *disentang
 query, key and value reader gets its own residual input, so queries and keys/values come in as
 stacks [readers, B, T, D] and are normalised and projected head by head (with views of the module's
 own weights, never copies). Queries and keys/values come separately: the last layer's queries may
-be taken at the answer positions only. The masked forward in ``edgeprune.engine.masked`` knows nothing of families.
+be taken at the answer positions only. The masked forward in ``edgeprune.engine.masked`` knows
+nothing of families.
 
 Shapes: B batch, T tokens, D model width, H query heads, KV key/value heads, K head width, V vocab.
 """
