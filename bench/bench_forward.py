@@ -1,41 +1,29 @@
 """Masked forward + backward (w.r.t. the masks) against a plain HF fine-tuning step.
 
-For each model shape (random weights of the real shapes; nothing is loaded) the two steps are:
+For each model shape (random weights of the real shapes; nothing is loaded) it measures, each in a
+fresh subprocess so that peak memories are separable (VmHWM from /proc/self/status):
 
 * ``masked``: one ``CircuitModel.logits`` forward at the last position with dense edge and node
   masks that require grad, the corrupted run precomputed (``ablated=``), KL to cached clean logits,
   backward to the masks;
+* ``masked_checkpointed``: the same with activation checkpointing (only on request:
+  ``python -m bench.bench_forward --measure gpt2-small masked_checkpointed``);
 * ``hf``: one plain forward of the Hugging Face module (eval mode, weights requiring grad), the
-  same KL at the last position, backward to the weights;
-* ``masked_checkpointed`` (only on request:
-  ``python -m bench.bench_forward --measure gpt2-small masked_checkpointed``): ``masked`` with
-  activation checkpointing.
+  same KL at the last position, backward to the weights.
 
-Two kinds of measurement, each in a fresh subprocess:
-
-* the **time ratio** comes from one process that alternates the two steps, ``PAIRS`` pairs after a
-  warm-up, and takes the median of the per-pair ratios masked / hf. On a shared machine whose speed
-  drifts by tens of percent within minutes, steps seconds apart see the same load; processes a
-  minute apart do not;
-* **peak memory** (VmHWM from /proc/self/status) comes from one process per kind, ``ROUNDS`` of
-  them alternating, each timing ``REPEATS`` steps too (those times are printed beside the paired
-  ones, but only steps in one process are compared).
-
-Prints one JSON line per measurement and, per shape, a summary line, which also goes to
-``bench/results/forward.jsonl``.
+Prints one JSON line per measurement and, per shape, one with the time ratio masked / hf of the
+best round of each.
 Run: ``python -m bench forward`` (or ``python -m bench.bench_forward [shape ...]``).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,10 +60,9 @@ SHAPES = {
         },
     },
 }
-PAIRS = 8  # alternating hf / masked step pairs timed in the paired process (after one warm-up)
-REPEATS = 3  # timed steps per memory process (after one warm-up step); the median is kept
+REPEATS = 3  # timed steps per process (after one warm-up step); the median is kept
 RESULTS = Path(__file__).parent / "results" / "forward.jsonl"  # the last run's summaries
-ROUNDS = 2  # memory processes per kind, alternating hf / masked
+ROUNDS = 2  # processes per kind, alternating hf / masked
 # BENCH_THREADS=n pins torch's thread count (on a shared, oversubscribed machine one thread gives
 # far steadier figures than the default); 0 keeps torch's default.
 THREADS = int(os.environ.get("BENCH_THREADS", "0"))
@@ -106,8 +93,8 @@ def _kl_last(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _steps(shape: str, kinds: tuple[str, ...]) -> tuple[dict[str, Callable[[], None]], dict]:
-    """One step function per kind on one model and batch of ``shape``, and the shape's facts."""
+def measure(shape: str, kind: str) -> dict:
+    """One measurement (run in its own process): median step time and peak memory."""
     from edgeprune.engine.masked import CircuitModel
 
     if THREADS:
@@ -121,93 +108,52 @@ def _steps(shape: str, kinds: tuple[str, ...]) -> tuple[dict[str, Callable[[], N
     corrupted = torch.randint(vocab, (B, T), generator=gen)
     mask = torch.ones(B, T, dtype=torch.long)
     last = torch.full((B,), T - 1)
-    model = CircuitModel(module)  # freezes the module's weights
+    model = CircuitModel(module)
     target = model.reference_logits(ids, attention_mask=mask, positions=last).log_softmax(-1)
-    edge = torch.rand(model.graph.n_edges, generator=gen).requires_grad_()
-    node = torch.rand(model.graph.n_writers, generator=gen).requires_grad_()
-    # the cached corrupted run, only where a masked step needs it (it would add to hf's peak)
-    needs_ablated = any(kind.startswith("masked") for kind in kinds)
-    ablated = model.ablation_outputs(corrupted, attention_mask=mask) if needs_ablated else None
 
-    def masked(checkpointed: bool) -> None:
-        model.checkpoint_layers = checkpointed
-        out = model.logits(
-            ids,
-            attention_mask=mask,
-            ablated=ablated,
-            edge_mask=edge,
-            node_mask=node,
-            positions=last,
-        )  # [B, V]
-        _kl_last(out, target).backward()
-        edge.grad = node.grad = None
+    if kind in ("masked", "masked_checkpointed"):
+        model.checkpoint_layers = kind == "masked_checkpointed"
+        ablated = model.ablation_outputs(corrupted, attention_mask=mask)  # cached corrupted run
+        edge = torch.rand(model.graph.n_edges, generator=gen).requires_grad_()
+        node = torch.rand(model.graph.n_writers, generator=gen).requires_grad_()
 
-    def hf() -> None:
-        module.requires_grad_(True)  # weight gradients for this step only
-        try:
+        def step() -> None:
+            out = model.logits(
+                ids,
+                attention_mask=mask,
+                ablated=ablated,
+                edge_mask=edge,
+                node_mask=node,
+                positions=last,
+            )  # [B, V]
+            _kl_last(out, target).backward()
+            edge.grad = node.grad = None
+    else:
+        module.requires_grad_(True)
+
+        def step() -> None:
             out = module(input_ids=ids, attention_mask=mask).logits[:, -1]  # [B, V]
             _kl_last(out, target).backward()
             module.zero_grad(set_to_none=True)
-        finally:
-            module.requires_grad_(False)
 
-    steps = {
-        "hf": hf,
-        "masked": functools.partial(masked, False),
-        "masked_checkpointed": functools.partial(masked, True),
-    }
-    facts = {
+    base_rss = _peak_rss_mb()
+    times = []
+    for _ in range(REPEATS + 1):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {
+        "bench": "forward",
         "shape": shape,
+        "kind": kind,
         "batch": B,
         "tokens": T,
-        "threads": torch.get_num_threads(),
-        "edges": model.graph.n_edges,
-    }
-    return {kind: steps[kind] for kind in kinds}, facts
-
-
-def _timed(step: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
-
-
-def measure(shape: str, kind: str) -> dict:
-    """One memory measurement (run in its own process): median step time and peak memory."""
-    steps, facts = _steps(shape, (kind,))
-    step = steps[kind]
-    base_rss = _peak_rss_mb()
-    step()  # warm-up
-    times = [_timed(step) for _ in range(REPEATS)]
-    return {
-        "bench": "forward",
-        **facts,
-        "kind": kind,
-        "seconds": round(statistics.median(times), 4),
-        "seconds_min": round(min(times), 4),
+        "seconds": round(statistics.median(times[1:]), 4),
+        "seconds_min": round(min(times[1:]), 4),
         "peak_mb": round(_peak_rss_mb(), 1),
         "peak_before_steps_mb": round(base_rss, 1),
-    }
-
-
-def measure_paired(shape: str) -> dict:
-    """The time ratio (run in its own process): hf and masked steps alternating, ``PAIRS`` pairs
-    after one warm-up pair; the median of the per-pair ratios masked / hf."""
-    steps, facts = _steps(shape, ("hf", "masked"))
-    hf, masked = steps["hf"], steps["masked"]
-    hf()
-    masked()
-    pairs = [(_timed(hf), _timed(masked)) for _ in range(PAIRS)]
-    ratios = [m / h for h, m in pairs]
-    return {
-        "bench": "forward",
-        **facts,
-        "kind": "paired",
-        "pairs": PAIRS,
-        "hf_seconds": round(statistics.median(h for h, _ in pairs), 4),
-        "masked_seconds": round(statistics.median(m for _, m in pairs), 4),
-        "time_ratio": round(statistics.median(ratios), 3),
-        "time_ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+        "threads": torch.get_num_threads(),
+        "edges": model.graph.n_edges,
     }
 
 
@@ -225,16 +171,12 @@ def _measure_in_subprocess(shape: str, kind: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--measure"]:
-        shape, kind = argv[1], argv[2]
-        result = measure_paired(shape) if kind == "paired" else measure(shape, kind)
-        print(json.dumps(result), flush=True)
+        print(json.dumps(measure(argv[1], argv[2])), flush=True)
         return
     shapes = [a for a in argv if a in SHAPES] or list(SHAPES)
     lines: list[dict] = []
     for shape in shapes:
-        paired = _measure_in_subprocess(shape, "paired")
-        print(json.dumps(paired), flush=True)
-        # memory: alternate the kinds' processes; keep each kind's best round
+        # alternate the two kinds so that both see the same machine load; keep each kind's best round
         best: dict[str, dict] = {}
         for _ in range(ROUNDS):
             for kind in ("hf", "masked"):
@@ -246,13 +188,10 @@ def main(argv: list[str] | None = None) -> None:
             "bench": "forward",
             "shape": shape,
             "kind": "ratio",
-            "threads": paired["threads"],
-            "hf_seconds": paired["hf_seconds"],
-            "masked_seconds": paired["masked_seconds"],
-            "time_ratio": paired["time_ratio"],
-            "time_ratio_range": paired["time_ratio_range"],
-            # the memory processes' best rounds, minutes apart (for reference only)
-            "separate_time_ratio": round(best["masked"]["seconds"] / best["hf"]["seconds"], 3),
+            "threads": best["hf"]["threads"],
+            "hf_seconds": best["hf"]["seconds"],
+            "masked_seconds": best["masked"]["seconds"],
+            "time_ratio": round(best["masked"]["seconds"] / best["hf"]["seconds"], 3),
             "peak_mb_masked": best["masked"]["peak_mb"],
             "peak_mb_hf": best["hf"]["peak_mb"],
         }
