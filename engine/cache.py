@@ -10,6 +10,7 @@ activations [W, N, T, D] would exceed the memory budget they are recomputed for 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,7 @@ class ActivationCache:
             budget_bytes -= logits_size
         self.mean: torch.Tensor | None = self._mean() if ablation == "mean" else None  # [W, 1, T, D]
         self.corrupted: torch.Tensor | None = None  # [W, N, T, D] when cached
+        self._scratch: torch.Tensor | None = None  # flat, reused by batch(scratch=True)
         if ablation == "corrupted":
             size = model.graph.n_writers * N * T * model.d_model * model.dtype.itemsize
             if size <= budget_bytes:
@@ -118,8 +120,15 @@ class ActivationCache:
             count[:t] += valid.sum(0)
         return total / count.clamp(min=1)[None, None, :, None]  # [W, 1, T, D]
 
-    def batch(self, index: torch.Tensor) -> Batch:
-        """The rows ``index`` [B] with their cached (or freshly computed) activations."""
+    def batch(self, index: torch.Tensor, *, scratch: bool = False) -> Batch:
+        """The rows ``index`` [B] with their cached (or freshly computed) activations.
+
+        With ``scratch``, cached corrupted activations are gathered into one buffer that the next
+        ``scratch`` batch overwrites, for a loop done with each batch before it asks for the next
+        (a training step). A fresh [W, B, T, D] tensor per step costs page faults that can take
+        longer than the gather itself (SmolLM2-135M at 16 x 24: 266 MB, about 125 against 33 ms
+        on a 2-core VM).
+        """
         data = self.dataset.subset(index)
         T, P = data.clean_ids.shape[1], data.positions.shape[1]
         if self.ablation == "zero":
@@ -127,7 +136,9 @@ class ActivationCache:
         elif self.mean is not None:
             ablated = self.mean[:, :, :T]  # [W, 1, T, D]
         elif self.corrupted is not None:
-            ablated = self.corrupted[:, index.to(self.corrupted.device), :T]  # [W, B, T, D]
+            rows = self.corrupted[:, :, :T]  # [W, N, T, D]
+            index = index.to(self.corrupted.device)
+            ablated = self._gather(rows, index) if scratch else rows[:, index]  # [W, B, T, D]
         else:
             ablated = self.model.ablation_outputs(
                 data.corrupted_ids, attention_mask=data.attention_mask
@@ -139,6 +150,15 @@ class ActivationCache:
                 data.clean_ids, attention_mask=data.attention_mask, positions=data.positions
             )  # [B, P, V]
         return Batch(data=data, clean_logits=clean, ablated=ablated)
+
+    def _gather(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``rows[:, index]`` [W, B, T, D] in the scratch buffer (kept while its size fits)."""
+        W, _, T, D = rows.shape
+        shape = (W, len(index), T, D)
+        if self._scratch is None or self._scratch.numel() < math.prod(shape):
+            self._scratch = rows.new_empty(math.prod(shape))
+        out = self._scratch[: math.prod(shape)].view(shape)  # [W, B, T, D]
+        return torch.index_select(rows, 1, index, out=out)
 
     def logits(
         self, batch: Batch, edge_mask: torch.Tensor | None, node_mask: torch.Tensor | None

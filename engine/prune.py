@@ -311,7 +311,7 @@ class _Run:
         z_nodes = None if self.node_la is None else masks.sample(self.node_la, generator)  # [W]
         index = batch_rows(len(self.dataset), config.batch_size, config.seed, step)  # [B]
         mine = index[rank::world]  # this rank's share [B / world]
-        batch = cache.batch(mine)
+        batch = cache.batch(mine, scratch=True)  # done with before the next step's
         with model.checkpointing(config.activation_checkpointing):  # decided in the forward pass
             logits = cache.logits(batch, z_edges, z_nodes)  # [b, P, V]
         # Weighted so that the mean over ranks of the local losses is the loss of the whole batch.

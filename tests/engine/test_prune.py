@@ -215,3 +215,20 @@ def test_activation_cache_within_and_over_budget(model: CircuitModel, ioi: TaskD
     assert torch.allclose(a.clean_logits, b.clean_logits, atol=1e-4)
     with pytest.raises(InvalidArgument):
         ActivationCache(model, ioi, ablation="noise")
+
+
+def test_scratch_batches_reuse_one_buffer_and_match_fresh_gathers(
+    model: CircuitModel, ioi: TaskDataset
+) -> None:
+    cache = ActivationCache(model, ioi)
+    first = cache.batch(torch.tensor([5, 0, 3]), scratch=True)
+    assert first.ablated is not None
+    assert torch.equal(first.ablated, cache.batch(torch.tensor([5, 0, 3])).ablated)
+    memory = first.ablated.data_ptr()
+    for index in (torch.tensor([2, 7, 1]), torch.tensor([4]), torch.arange(len(ioi))):
+        batch = cache.batch(index, scratch=True)  # overwrites the previous scratch batch
+        expected = cache.batch(index).ablated  # [W, B, T, D], a fresh gather
+        assert batch.ablated is not None and expected is not None
+        assert batch.ablated.shape == expected.shape and torch.equal(batch.ablated, expected)
+        if len(index) <= 3:
+            assert batch.ablated.data_ptr() == memory  # no new allocation while it fits
