@@ -322,17 +322,9 @@ class _WriteHeads(torch.autograd.Function):
     ) -> torch.Tensor:
         # z [B, H, T, K] ([1, H, N, K] for heads kept at the answer rows only); weight [H, K, D]
         # (frozen); bias [D] or None; ablated [H, B|1, T, D]
-        B, H, T, K = z.shape
-        # z laid out [H, K, B*T] and read transposed (MKL's fastest form of this small-K product);
-        # a bias comes in as one more row of z, of ones, against the bias share as one more row of W
-        z_t = z.new_empty(H, K if bias is None else K + 1, B * T)  # [H, K(+1), B*T]
-        z_t[:, :K].view(H, K, B, T).copy_(z.permute(1, 3, 0, 2))
-        w = weight
-        if bias is not None:
-            z_t[:, K] = 1
-            w = torch.cat([weight, (bias / H).expand(H, 1, -1)], 1)  # [H, K + 1, D]
+        H = z.shape[1]
         out, subtracted = buf.destination(start, start + H, ablated)  # [H, B, T, D]
-        torch.bmm(z_t.transpose(1, 2), w, out=out.view(H, B * T, -1))  # [H, B*T, D]
+        head_outputs(z, weight, bias, out)
         if subtracted is not None:
             out.sub_(subtracted)
         buf.wrote(start, start + H, ablated)
@@ -352,6 +344,23 @@ class _WriteHeads(torch.autograd.Function):
             g_z = torch.bmm(weight, g.view(H, B * T, D).transpose(1, 2))  # [H, K, B*T]
             g_z = g_z.view(H, -1, B, T).permute(2, 0, 3, 1)  # [B, H, T, K]
         return g_z, None, None, g_token, None, None, None
+
+
+def head_outputs(
+    z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+) -> None:
+    """Every head's output ``z[:, h] @ weight[h] + bias / H`` into ``out`` (contiguous rows):
+    z [B, H, T, K], weight [H, K, D], bias [D] or None, out [H, B, T, D]."""
+    B, H, T, K = z.shape
+    # z laid out [H, K, B*T] and read transposed (MKL's fastest form of this small-K product);
+    # a bias comes in as one more row of z, of ones, against the bias share as one more row of W
+    z_t = z.new_empty(H, K if bias is None else K + 1, B * T)  # [H, K(+1), B*T]
+    z_t[:, :K].view(H, K, B, T).copy_(z.permute(1, 3, 0, 2))
+    w = weight
+    if bias is not None:
+        z_t[:, K] = 1
+        w = torch.cat([weight, (bias / H).expand(H, 1, -1)], 1)  # [H, K + 1, D]
+    torch.bmm(z_t.transpose(1, 2), w, out=out.view(H, B * T, -1))  # [H, B*T, D]
 
 
 class _Mix(torch.autograd.Function):

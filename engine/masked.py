@@ -27,7 +27,16 @@ import torch.utils.checkpoint
 from torch import nn
 
 from edgeprune.engine import _checks
-from edgeprune.engine._autograd import DeltaBuffer, Workspace, mix, prefix, read, write, write_heads
+from edgeprune.engine._autograd import (
+    DeltaBuffer,
+    Workspace,
+    head_outputs,
+    mix,
+    prefix,
+    read,
+    write,
+    write_heads,
+)
 from edgeprune.engine._checks import Mask
 from edgeprune.engine.adapters import Adapter, adapter_for
 from edgeprune.engine.errors import InvalidArgument
@@ -256,6 +265,39 @@ def masked_forward(
     return adapter.unembed(x[0]), buf  # [B, T, V] | [N, V]
 
 
+@torch.no_grad()
+def writer_outputs(
+    adapter: Adapter, graph: Graph, input_ids: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Every writer's output in the model's own (unmasked) run: [W, B, T, D], no grad.
+
+    With every edge kept, every reader's input is the residual stream (the sum of the outputs
+    written so far), so this runs the model layer by layer on one residual, writing each head's
+    and MLP's output as it goes: no mixing, which the masked forward with all masks 1 would do.
+    input_ids [B, T]; valid [B, T] bool.
+    """
+    B, T = input_ids.shape
+    H, KV, D = adapter.n_heads, adapter.n_kv_heads, adapter.d_model
+    position_ids = torch.arange(T, device=input_ids.device)[None]  # [1, T]
+    emb = adapter.embed(input_ids, position_ids)  # [n_embed, B, T, D]
+    out = emb.new_empty(graph.n_writers, B, T, D)  # [W, B, T, D]
+    out[: len(emb)] = emb
+    resid = emb.sum(0)  # [B, T, D]
+    masks: dict[int | None, torch.Tensor] = {}  # attention masks by sliding window
+    for layer in range(adapter.n_layers):
+        heads = graph.layer_start(layer)
+        window = adapter.sliding_window(layer)
+        if window not in masks:
+            masks[window] = attention_mask_4d(valid, causal=adapter.causal, window=window)
+        x_q, x_kv = resid.expand(H, B, T, D), resid.expand(2 * KV, B, T, D)  # every reader's input
+        z = attention_heads(adapter, layer, x_q, x_kv, position_ids, masks[window])  # [B, H, T, K]
+        head_outputs(z, *adapter.out_proj(layer), out[heads : heads + H])  # [H, B, T, D]
+        resid = resid + out[heads : heads + H].sum(0)  # [B, T, D]
+        out[heads + H] = adapter.mlp(layer, resid)  # [B, T, D]
+        resid = resid + out[heads + H]
+    return out
+
+
 class CircuitModel(nn.Module):
     """A frozen language model whose every edge can be masked between clean and ablated values.
 
@@ -367,9 +409,7 @@ class CircuitModel(nn.Module):
     ) -> torch.Tensor:
         """Every writer's output in the plain (unmasked) run on these ids: [W, B, T, D], no grad."""
         ids, valid = self._check_batch(input_ids, attention_mask)
-        ones = torch.ones(self.graph.n_edges, device=self.device, dtype=self.dtype)  # [E]
-        _, buf = masked_forward(self.adapter, self.graph, ids, valid, ones, None, logits=False)
-        return buf.d  # zero ablation: d_w = y_w  [W, B, T, D]
+        return writer_outputs(self.adapter, self.graph, ids, valid)  # [W, B, T, D]
 
     @torch.no_grad()
     def mean_ablation(

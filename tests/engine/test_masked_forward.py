@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeprune.engine.masked import CircuitModel
+from edgeprune.engine.masked import CircuitModel, masked_forward
 from tests.engine.masked_models import batch, reference_run, tiny_models
 
 MODELS = tiny_models()
@@ -165,6 +165,10 @@ def test_ablation_outputs_are_writer_outputs(model):
     assert got.shape == (model.graph.n_writers, 3, 7, model.d_model)
     for i, w in enumerate(model.graph.writers):
         assert (got[i] - outs[w])[valid].abs().max() <= 1e-4, w
+    # the masked forward with every edge kept writes the same outputs (zero ablation: d = y)
+    ones = torch.ones(model.graph.n_edges)
+    _, buf = masked_forward(model.adapter, model.graph, ids, valid, ones, None, logits=False)
+    assert (buf.d - got)[:, valid].abs().max() <= 1e-5
     mean = model.mean_ablation(ids, attention_mask=mask)  # [W, 1, T, D]
     assert mean.shape == (model.graph.n_writers, 1, 7, model.d_model)
     torch.testing.assert_close(mean[:, 0, -1], got[:, 0, -1])  # only row 0 is unpadded at T-1
