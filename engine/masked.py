@@ -433,11 +433,12 @@ class CircuitModel(nn.Module):
         """The original module's logits: [B, T, V], or at ``positions`` as in :meth:`logits`."""
         ids, valid = self._check_batch(input_ids, attention_mask)
         B, T = ids.shape
-        index = _checks.check_positions(positions, B, T)
-        out = self.adapter.reference_logits(ids, valid.long())  # [B, T, V]
-        if index is None:
-            return out
-        return out.reshape(B * T, -1)[index.to(out.device)].view(*positions.shape, -1)  # type: ignore[union-attr]
+        if _checks.check_positions(positions, B, T) is None:
+            return self.adapter.reference_logits(ids, valid.long())  # [B, T, V]
+        assert positions is not None
+        at = positions.to(self.device).long().reshape(B, -1)  # [B, P]
+        out = self.adapter.reference_logits(ids, valid.long(), at)  # [B, P, V]
+        return out.view(*positions.shape, -1)  # [B, V] | [B, P, V]
 
     # ---- helpers -----------------------------------------------------------------------------
 

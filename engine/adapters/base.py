@@ -76,9 +76,11 @@ class Adapter(ABC):
 
     @abstractmethod
     def reference_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The original module's own logits [B, T, V]."""
+        """The original module's own logits [B, T, V], or only at ``positions`` [B, P] (token
+        indices per example): [B, P, V]."""
 
 
 def project_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

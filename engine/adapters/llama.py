@@ -81,5 +81,9 @@ class LlamaAdapter(Adapter):
     def unembed(self, x):
         return self.module.lm_head(self.body.norm(x))  # [..., V]
 
-    def reference_logits(self, input_ids, attention_mask):
-        return self.module(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]
+    def reference_logits(self, input_ids, attention_mask, positions=None):
+        # the unembedding only at the positions: [B, P, V] (the whole sequence: [B, T, V])
+        keep = 0 if positions is None else positions
+        return self.module(
+            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep
+        ).logits

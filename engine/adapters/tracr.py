@@ -58,5 +58,8 @@ class TracrAdapter(Adapter):
     def unembed(self, x):
         return self.module.unembed(x)  # [..., V]
 
-    def reference_logits(self, input_ids, attention_mask):
-        return self.module(input_ids, attention_mask=attention_mask)  # [B, T, V]
+    def reference_logits(self, input_ids, attention_mask, positions=None):
+        out = self.module(input_ids, attention_mask=attention_mask)  # [B, T, V]
+        if positions is None:
+            return out
+        return torch.take_along_dim(out, positions[..., None], dim=1)  # [B, P, V]

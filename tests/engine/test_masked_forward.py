@@ -65,9 +65,13 @@ def test_positions_unembed_only_there(model):
     at_two = model.logits(ids, attention_mask=mask, corrupted_ids=corrupted, positions=two)
     assert at_two.shape == (3, 2, model.vocab_size)
     torch.testing.assert_close(at_two[:, 0], at_last)
+    # the plain model unembeds at the positions only, with the same logits there
+    reference = model.reference_logits(ids, attention_mask=mask)  # [B, T, V]
+    at_two = model.reference_logits(ids, attention_mask=mask, positions=two)  # [B, 2, V]
+    torch.testing.assert_close(at_two[:, 1], reference[:, 0])
+    torch.testing.assert_close(at_two[:, 0], reference[torch.arange(3), last])
     torch.testing.assert_close(
-        model.reference_logits(ids, attention_mask=mask, positions=two)[:, 1],
-        model.reference_logits(ids, attention_mask=mask)[:, 0],
+        model.reference_logits(ids, attention_mask=mask, positions=last), at_two[:, 0]
     )
 
 
