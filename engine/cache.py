@@ -123,11 +123,11 @@ class ActivationCache:
     def batch(self, index: torch.Tensor, *, scratch: bool = False) -> Batch:
         """The rows ``index`` [B] with their cached (or freshly computed) activations.
 
-        With ``scratch``, cached corrupted activations are gathered into one buffer that the next
-        ``scratch`` batch overwrites, for a loop done with each batch before it asks for the next
-        (a training step). A fresh [W, B, T, D] tensor per step costs page faults that can take
-        longer than the gather itself (SmolLM2-135M at 16 x 24: 266 MB, about 125 against 33 ms
-        on a 2-core VM).
+        With ``scratch``, the corrupted activations (gathered from the cache, or the corrupted run
+        on this batch when they are not cached) go into one buffer that the next ``scratch`` batch
+        overwrites, for a loop done with each batch before it asks for the next (a training step).
+        A fresh [W, B, T, D] tensor per step costs page faults that can take longer than the
+        gather itself (SmolLM2-135M at 16 x 24: 266 MB, about 125 against 33 ms on a 2-core VM).
         """
         data = self.dataset.subset(index)
         T, P = data.clean_ids.shape[1], data.positions.shape[1]
@@ -138,10 +138,19 @@ class ActivationCache:
         elif self.corrupted is not None:
             rows = self.corrupted[:, :, :T]  # [W, N, T, D]
             index = index.to(self.corrupted.device)
-            ablated = self._gather(rows, index) if scratch else rows[:, index]  # [W, B, T, D]
-        else:
-            ablated = self.model.ablation_outputs(
-                data.corrupted_ids, attention_mask=data.attention_mask
+            if scratch:
+                out = self._scratch_buffer((rows.shape[0], len(index), T, rows.shape[3]), rows)
+                ablated = torch.index_select(rows, 1, index, out=out)  # [W, B, T, D]
+            else:
+                ablated = rows[:, index]  # [W, B, T, D]
+        else:  # the corrupted run on this batch
+            model = self.model
+            shape = (model.graph.n_writers, len(index), T, model.d_model)
+            like = torch.empty((), device=model.device, dtype=model.dtype)
+            ablated = model.ablation_outputs(
+                data.corrupted_ids,
+                attention_mask=data.attention_mask,
+                out=self._scratch_buffer(shape, like) if scratch else None,
             )  # [W, B, T, D]
         if self.clean_logits is not None:
             clean = self.clean_logits[index.to(self.clean_logits.device), :P]  # [B, P, V]
@@ -151,14 +160,12 @@ class ActivationCache:
             )  # [B, P, V]
         return Batch(data=data, clean_logits=clean, ablated=ablated)
 
-    def _gather(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``rows[:, index]`` [W, B, T, D] in the scratch buffer (kept while its size fits)."""
-        W, _, T, D = rows.shape
-        shape = (W, len(index), T, D)
-        if self._scratch is None or self._scratch.numel() < math.prod(shape):
-            self._scratch = rows.new_empty(math.prod(shape))
-        out = self._scratch[: math.prod(shape)].view(shape)  # [W, B, T, D]
-        return torch.index_select(rows, 1, index, out=out)
+    def _scratch_buffer(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The scratch buffer as a contiguous tensor of ``shape`` (grown when it is too small)."""
+        n = math.prod(shape)
+        if self._scratch is None or self._scratch.numel() < n:
+            self._scratch = like.new_empty(n)
+        return self._scratch[:n].view(shape)
 
     def logits(
         self, batch: Batch, edge_mask: torch.Tensor | None, node_mask: torch.Tensor | None

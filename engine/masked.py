@@ -267,20 +267,26 @@ def masked_forward(
 
 @torch.no_grad()
 def writer_outputs(
-    adapter: Adapter, graph: Graph, input_ids: torch.Tensor, valid: torch.Tensor
+    adapter: Adapter,
+    graph: Graph,
+    input_ids: torch.Tensor,
+    valid: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every writer's output in the model's own (unmasked) run: [W, B, T, D], no grad.
 
     With every edge kept, every reader's input is the residual stream (the sum of the outputs
     written so far), so this runs the model layer by layer on one residual, writing each head's
     and MLP's output as it goes: no mixing, which the masked forward with all masks 1 would do.
-    input_ids [B, T]; valid [B, T] bool.
+    input_ids [B, T]; valid [B, T] bool; ``out``: a contiguous [W, B, T, D] tensor to write
+    into (else a new one).
     """
     B, T = input_ids.shape
     H, KV, D = adapter.n_heads, adapter.n_kv_heads, adapter.d_model
     position_ids = torch.arange(T, device=input_ids.device)[None]  # [1, T]
     emb = adapter.embed(input_ids, position_ids)  # [n_embed, B, T, D]
-    out = emb.new_empty(graph.n_writers, B, T, D)  # [W, B, T, D]
+    if out is None:
+        out = emb.new_empty(graph.n_writers, B, T, D)  # [W, B, T, D]
     out[: len(emb)] = emb
     resid = emb.sum(0)  # [B, T, D]
     masks: dict[int | None, torch.Tensor] = {}  # attention masks by sliding window
@@ -405,11 +411,30 @@ class CircuitModel(nn.Module):
 
     @torch.no_grad()
     def ablation_outputs(
-        self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Every writer's output in the plain (unmasked) run on these ids: [W, B, T, D], no grad."""
+        """Every writer's output in the plain (unmasked) run on these ids: [W, B, T, D], no grad;
+        written into ``out`` (a contiguous tensor of that shape, the model's dtype and device)
+        when given, which a loop can reuse instead of mapping fresh memory every call."""
         ids, valid = self._check_batch(input_ids, attention_mask)
-        return writer_outputs(self.adapter, self.graph, ids, valid)  # [W, B, T, D]
+        if out is not None:
+            shape = (self.graph.n_writers, *ids.shape, self.d_model)
+            if (
+                not isinstance(out, torch.Tensor)
+                or out.shape != shape
+                or out.dtype != self.dtype
+                or out.device != self.device
+                or not out.is_contiguous()
+            ):
+                raise InvalidArgument(
+                    f"out must be a contiguous {self.dtype} tensor {list(shape)} on {self.device}",
+                    field="out",
+                )
+        return writer_outputs(self.adapter, self.graph, ids, valid, out)  # [W, B, T, D]
 
     @torch.no_grad()
     def mean_ablation(

@@ -79,6 +79,22 @@ def test_bad_input_ids(model, ids):
         assert err.value.field == "input_ids"
 
 
+def test_ablation_outputs_into_a_given_tensor(model):
+    expected = model.ablation_outputs(IDS, attention_mask=MASK)  # [W, B, T, D]
+    out = torch.full_like(expected, float("nan"))
+    got = model.ablation_outputs(IDS, attention_mask=MASK, out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, expected)
+    for bad in (
+        out[:, :2],  # another shape
+        out.double(),  # another dtype
+        out.transpose(1, 2).contiguous().transpose(1, 2),  # not contiguous
+        out.numpy(),  # not a tensor
+    ):
+        with pytest.raises(InvalidArgument) as err:
+            model.ablation_outputs(IDS, attention_mask=MASK, out=bad)
+        assert err.value.field == "out"
+
+
 def test_unsupported_architecture_names_the_supported_ones():
     neox = GPTNeoXForCausalLM(
         GPTNeoXConfig(

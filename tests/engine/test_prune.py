@@ -217,17 +217,19 @@ def test_activation_cache_within_and_over_budget(model: CircuitModel, ioi: TaskD
         ActivationCache(model, ioi, ablation="noise")
 
 
-def test_scratch_batches_reuse_one_buffer_and_match_fresh_gathers(
-    model: CircuitModel, ioi: TaskDataset
+@pytest.mark.parametrize("budget", [1 << 30, 0], ids=["cached", "recomputed"])
+def test_scratch_batches_reuse_one_buffer_and_match_fresh_ones(
+    model: CircuitModel, ioi: TaskDataset, budget: int
 ) -> None:
-    cache = ActivationCache(model, ioi)
+    cache = ActivationCache(model, ioi, budget_bytes=budget)
+    assert cache.cached == (budget > 0)
     first = cache.batch(torch.tensor([5, 0, 3]), scratch=True)
     assert first.ablated is not None
     assert torch.equal(first.ablated, cache.batch(torch.tensor([5, 0, 3])).ablated)
     memory = first.ablated.data_ptr()
     for index in (torch.tensor([2, 7, 1]), torch.tensor([4]), torch.arange(len(ioi))):
         batch = cache.batch(index, scratch=True)  # overwrites the previous scratch batch
-        expected = cache.batch(index).ablated  # [W, B, T, D], a fresh gather
+        expected = cache.batch(index).ablated  # [W, B, T, D], freshly gathered or computed
         assert batch.ablated is not None and expected is not None
         assert batch.ablated.shape == expected.shape and torch.equal(batch.ablated, expected)
         if len(index) <= 3:
