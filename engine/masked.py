@@ -60,6 +60,20 @@ def attention_mask_4d(valid: torch.Tensor, *, causal: bool, window: int | None) 
     return allowed | ~valid[:, None, :, None]  # [B, 1, T, T]
 
 
+def layer_masks(adapter: Adapter, valid: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """Each layer's attention mask [B, 1, T, T] for padding ``valid`` [B, T], built once per
+    sliding window (see :func:`attention_mask_4d`)."""
+    masks: dict[int | None, torch.Tensor] = {}
+
+    def mask(layer: int) -> torch.Tensor:
+        window = adapter.sliding_window(layer)
+        if window not in masks:
+            masks[window] = attention_mask_4d(valid, causal=adapter.causal, window=window)
+        return masks[window]
+
+    return mask
+
+
 def block_layers(n_layers: int) -> int:
     """Layers per mixing block: about sqrt(L) balances prefix reads against in-block reads."""
     return max(1, round(math.sqrt(n_layers)))
@@ -196,7 +210,7 @@ def masked_forward(
     def ablation(start: int, stop: int) -> torch.Tensor | None:
         return None if ablated is None else ablated[start:stop]  # [n, B|1, T, D]
 
-    masks: dict[int | None, torch.Tensor] = {}  # attention masks by sliding window
+    mask_of = layer_masks(adapter, valid)
     size = block_layers(L)
     R_attn = H + 2 * KV
     # Only the logits read the last layer's writers: with answer positions, its queries, heads and
@@ -235,11 +249,8 @@ def masked_forward(
             x_q, x_kv = read(buf, token, block, block_token, m, row=row, start=first,
                              returned=(H, 2 * KV), base=base)
             # x_q [H, B, T, D], x_kv [2KV, B, T, D]
-        window = adapter.sliding_window(layer)
-        if window not in masks:
-            masks[window] = attention_mask_4d(valid, causal=adapter.causal, window=window)
         attend = functools.partial(
-            attention_heads, adapter, layer, position_ids=position_ids, mask=masks[window],
+            attention_heads, adapter, layer, position_ids=position_ids, mask=mask_of(layer),
             answer_rows=buf.answer_rows if at_answers else None,
         )
         z = _call(attend, x_q, x_kv, recompute=checkpoint_layers)  # [B, H, T, K] | [1, H, N, K]
@@ -289,14 +300,11 @@ def writer_outputs(
         out = emb.new_empty(graph.n_writers, B, T, D)  # [W, B, T, D]
     out[: len(emb)] = emb
     resid = emb.sum(0)  # [B, T, D]
-    masks: dict[int | None, torch.Tensor] = {}  # attention masks by sliding window
+    mask_of = layer_masks(adapter, valid)
     for layer in range(adapter.n_layers):
         heads = graph.layer_start(layer)
-        window = adapter.sliding_window(layer)
-        if window not in masks:
-            masks[window] = attention_mask_4d(valid, causal=adapter.causal, window=window)
         x_q, x_kv = resid.expand(H, B, T, D), resid.expand(2 * KV, B, T, D)  # every reader's input
-        z = attention_heads(adapter, layer, x_q, x_kv, position_ids, masks[window])  # [B, H, T, K]
+        z = attention_heads(adapter, layer, x_q, x_kv, position_ids, mask_of(layer))  # [B, H, T, K]
         head_outputs(z, *adapter.out_proj(layer), out[heads : heads + H])  # [H, B, T, D]
         resid = resid + out[heads : heads + H].sum(0)  # [B, T, D]
         out[heads + H] = adapter.mlp(layer, resid)  # [B, T, D]
