@@ -135,23 +135,19 @@ class ActivationCache:
             ablated = None
         elif self.mean is not None:
             ablated = self.mean[:, :, :T]  # [W, 1, T, D]
-        elif self.corrupted is not None:
-            rows = self.corrupted[:, :, :T]  # [W, N, T, D]
-            index = index.to(self.corrupted.device)
-            if scratch:
-                out = self._scratch_buffer((rows.shape[0], len(index), T, rows.shape[3]), rows)
-                ablated = torch.index_select(rows, 1, index, out=out)  # [W, B, T, D]
-            else:
-                ablated = rows[:, index]  # [W, B, T, D]
-        else:  # the corrupted run on this batch
-            model = self.model
-            shape = (model.graph.n_writers, len(index), T, model.d_model)
-            like = torch.empty((), device=model.device, dtype=model.dtype)
-            ablated = model.ablation_outputs(
-                data.corrupted_ids,
-                attention_mask=data.attention_mask,
-                out=self._scratch_buffer(shape, like) if scratch else None,
-            )  # [W, B, T, D]
+        else:
+            out = self._scratch_buffer(len(index), T) if scratch else None  # [W, B, T, D]
+            if self.corrupted is not None:
+                rows = self.corrupted[:, :, :T]  # [W, N, T, D]
+                index = index.to(self.corrupted.device)
+                if out is None:
+                    ablated = rows[:, index]  # [W, B, T, D]
+                else:
+                    ablated = torch.index_select(rows, 1, index, out=out)  # [W, B, T, D]
+            else:  # the corrupted run on this batch
+                ablated = self.model.ablation_outputs(
+                    data.corrupted_ids, attention_mask=data.attention_mask, out=out
+                )  # [W, B, T, D]
         if self.clean_logits is not None:
             clean = self.clean_logits[index.to(self.clean_logits.device), :P]  # [B, P, V]
         else:
@@ -160,11 +156,14 @@ class ActivationCache:
             )  # [B, P, V]
         return Batch(data=data, clean_logits=clean, ablated=ablated)
 
-    def _scratch_buffer(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """The scratch buffer as a contiguous tensor of ``shape`` (grown when it is too small)."""
+    def _scratch_buffer(self, batch: int, tokens: int) -> torch.Tensor:
+        """The scratch buffer as a contiguous [W, batch, tokens, D] tensor (grown when it is too
+        small)."""
+        model = self.model
+        shape = (model.graph.n_writers, batch, tokens, model.d_model)
         n = math.prod(shape)
         if self._scratch is None or self._scratch.numel() < n:
-            self._scratch = like.new_empty(n)
+            self._scratch = torch.empty(n, device=model.device, dtype=model.dtype)
         return self._scratch[:n].view(shape)
 
     def logits(

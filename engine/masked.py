@@ -430,18 +430,9 @@ class CircuitModel(nn.Module):
         when given, which a loop can reuse instead of mapping fresh memory every call."""
         ids, valid = self._check_batch(input_ids, attention_mask)
         if out is not None:
-            shape = (self.graph.n_writers, *ids.shape, self.d_model)
-            if (
-                not isinstance(out, torch.Tensor)
-                or out.shape != shape
-                or out.dtype != self.dtype
-                or out.device != self.device
-                or not out.is_contiguous()
-            ):
-                raise InvalidArgument(
-                    f"out must be a contiguous {self.dtype} tensor {list(shape)} on {self.device}",
-                    field="out",
-                )
+            like = torch.empty((), device=self.device, dtype=self.dtype)
+            out = _checks.check_out(out, (self.graph.n_writers, *ids.shape, self.d_model), like,
+                                    "out")
         return writer_outputs(self.adapter, self.graph, ids, valid, out)  # [W, B, T, D]
 
     @torch.no_grad()
