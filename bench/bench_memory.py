@@ -21,12 +21,23 @@ from typing import Any
 
 import torch
 
-from edgeprune.engine.memory import PRESETS, ModelShape, estimate_job_memory, track_peak_memory
+from edgeprune.engine.memory import (
+    PRESETS,
+    ModelShape,
+    estimate_evaluation_memory,
+    estimate_job_memory,
+    track_peak_memory,
+)
 
 # (shape, batch, tokens) measured by main(): the real shapes of GPT-2 small and SmolLM2-135M.
 CASES: list[dict[str, Any]] = [
     {"preset": "gpt2-small", "batch": 8, "seq": 32},
     {"preset": "smollm2-135m", "batch": 8, "seq": 24},
+]
+# measured by main() as an evaluation (metrics.evaluate_many of one circuit; no gradients)
+EVALUATION_CASES: list[dict[str, Any]] = [
+    {"preset": "gpt2-small", "batch": 32, "seq": 32, "examples": 64, "evaluate": True},
+    {"preset": "smollm2-135m", "batch": 32, "seq": 24, "examples": 64, "evaluate": True},
 ]
 # measured by main() with and without activation checkpointing
 CHECKPOINTING_CASE: dict[str, Any] = {"preset": "gpt2-small", "batch": 8, "seq": 64}
@@ -89,12 +100,22 @@ def _prune_steps(
     prune(model, dataset, config)
 
 
+def _evaluate(model: Any, dataset: Any, batch: int) -> None:
+    from edgeprune.engine.metrics import evaluate_many
+
+    g = torch.Generator().manual_seed(0)
+    edges = torch.rand(model.graph.n_edges, generator=g) < 0.1  # a random circuit
+    evaluate_many(model, [(edges.float(), None)], dataset, batch_size=batch)
+
+
 def measure(case: dict[str, Any]) -> dict[str, Any]:
     """Run in *this* process: measured peak of two pruning steps and the estimate, in bytes.
 
     ``case``: "preset" (a name in PRESETS) or "shape" (ModelShape fields), "batch", "seq",
     optional "examples" (default: batch; all are cached, as prune does within its budget),
-    "dtype" (default "float32") and "activation_checkpointing" (default false).
+    "dtype" (default "float32") and "activation_checkpointing" (default false); with
+    "evaluate" true, an evaluation of one random circuit on the examples instead (and
+    :func:`estimate_evaluation_memory`).
     """
     shape = PRESETS[case["preset"]] if "preset" in case else ModelShape(**case["shape"])
     batch, seq = int(case["batch"]), int(case["seq"])
@@ -117,19 +138,29 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
     _prune_steps(random_model(tiny), random_dataset(32, 2, 4), 2, 1)
     with track_peak_memory("cpu") as base:
         pass
+    evaluate = bool(case.get("evaluate", False))
     with track_peak_memory("cpu") as peak:
         model = random_model(shape, getattr(torch, dtype))
         dataset = random_dataset(shape.vocab_size, examples, seq)
-        _prune_steps(model, dataset, batch, 2, checkpointing)
-    estimate = estimate_job_memory(
-        shape,
-        batch_size=batch,
-        seq_len=seq,
-        n_examples=examples,
-        dtype=dtype,
-        activation_checkpointing=checkpointing,
-    )
+        if evaluate:
+            _evaluate(model, dataset, batch)
+        else:
+            _prune_steps(model, dataset, batch, 2, checkpointing)
+    if evaluate:
+        estimate = estimate_evaluation_memory(
+            shape, batch_size=batch, seq_len=seq, n_examples=examples, dtype=dtype
+        )
+    else:
+        estimate = estimate_job_memory(
+            shape,
+            batch_size=batch,
+            seq_len=seq,
+            n_examples=examples,
+            dtype=dtype,
+            activation_checkpointing=checkpointing,
+        )
     return {
+        "evaluate": evaluate,
         "model": shape.name,
         "batch": batch,
         "seq": seq,
@@ -164,6 +195,10 @@ def main() -> None:
         result = measure_in_subprocess(case)
         result["ratio"] = round(result["estimate_bytes"] / result["measured_bytes"], 3)
         print(json.dumps({"bench": "memory", **result}), flush=True)
+    for case in EVALUATION_CASES:
+        result = measure_in_subprocess(case)
+        result["ratio"] = round(result["estimate_bytes"] / result["measured_bytes"], 3)
+        print(json.dumps({"bench": "memory_evaluation", **result}), flush=True)
     plain, checkpointed = (
         measure_in_subprocess({**CHECKPOINTING_CASE, "activation_checkpointing": on})
         for on in (False, True)

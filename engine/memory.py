@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,7 @@ __all__ = [
     "PeakMemory",
     "check_fits",
     "device_memory",
+    "estimate_evaluation_memory",
     "estimate_job_memory",
     "track_peak_memory",
 ]
@@ -80,6 +82,7 @@ _PLAIN_HIDDEN_COPIES = 4.0  # the tanh-GELU's input, tanh, halves [B, T, F]
 _BACKWARD_COPIES = 2.0  # one layer's input and hidden gradients alive during its backward
 _LOGIT_COPIES = 6.0  # clean and masked logits, their log-softmaxes, KL terms, gradient [B, P, V]
 _MASK_BYTES_PER_ENTRY = 4 * 12  # fp32: log_alpha, grad, 2 AdamW moments, ~8 sampling temporaries
+_EVAL_MASK_COPIES = 4  # an evaluation's dense masks: the circuit's, the empty one's, their weights
 
 # dtype name (or alias) -> (canonical name, bytes per element); torch dtypes are named "torch.x".
 _DTYPES = {
@@ -309,20 +312,8 @@ def estimate_job_memory(
     [W, N, T, D] too when they fit in ``cache_bytes`` (see ``engine/cache.py``).
     """
     shape = _shape(model)
-    for name, value in (
-        ("batch_size", batch_size),
-        ("seq_len", seq_len),
-        ("world_size", world_size),
-    ):
-        if value < 1:
-            raise InvalidArgument(f"{name} must be positive, got {value}", field=name)
-    if answer_positions < 1 or answer_positions > seq_len:
-        raise InvalidArgument(
-            f"answer_positions must be in 1..{seq_len}, got {answer_positions}",
-            field="answer_positions",
-        )
-    if n_examples < 0:
-        raise InvalidArgument(f"n_examples must be >= 0, got {n_examples}", field="n_examples")
+    _check_sizes(batch_size=batch_size, seq_len=seq_len, world_size=world_size,
+                 answer_positions=answer_positions, n_examples=n_examples)
     dtype_name, s = _dtype(dtype)  # s: bytes per element of activations and weights
     B = -(-batch_size // world_size)  # this rank's share of the batch
     T, D, F, K = seq_len, shape.d_model, shape.d_ff, shape.head_dim
@@ -342,10 +333,7 @@ def estimate_job_memory(
         activations = L * (H + 2 * KV + 1) * tokens * D * s + layer
     else:
         activations = L * layer
-    corrupted_cache = n_examples * T * W * D * s  # [W, N, T, D]
-    if corrupted_cache > cache_bytes:
-        corrupted_cache = 0  # recomputed for every batch instead
-    clean_logits = n_examples * answer_positions * shape.vocab_size * s  # [N, P, V]
+    corrupted_cache, clean_logits = _cached(shape, n_examples, T, answer_positions, s, cache_bytes)
     return MemoryEstimate(
         weights=shape.n_params * s,
         ablated=W * per_writer + corrupted_cache,
@@ -366,6 +354,96 @@ def estimate_job_memory(
             "world_size": world_size,
         },
     )
+
+
+def estimate_evaluation_memory(
+    model: ModelShape | Mapping[str, Any] | Any,
+    *,
+    batch_size: int,
+    seq_len: int,
+    dtype: str | torch.dtype = "float32",
+    answer_positions: int = 1,
+    n_examples: int = 0,
+    cache_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> MemoryEstimate:
+    """Peak memory of evaluating circuits (``metrics.evaluate_many``, an evaluation job): masked
+    forwards of one batch at a time, without gradients.
+
+    Per batch it holds the ablation values y~ [W, B, T, D] and the delta buffer d [W, B, T, D],
+    the reader inputs of one mixing block of layers (``activations``), one layer's transient
+    heads and MLP activations (``workspace``), and the logits at the answer positions; the run
+    caches what :func:`estimate_job_memory`'s run caches (clean logits, corrupted activations
+    within ``cache_bytes``). Arguments as there; ``n_examples`` is the evaluated dataset's size.
+    """
+    shape = _shape(model)
+    _check_sizes(batch_size=batch_size, seq_len=seq_len, world_size=1,
+                 answer_positions=answer_positions, n_examples=n_examples)
+    dtype_name, s = _dtype(dtype)
+    B = min(batch_size, n_examples) if n_examples else batch_size
+    T, D, F, K = seq_len, shape.d_model, shape.d_ff, shape.head_dim
+    H, KV, W = shape.n_heads, shape.n_kv_heads, shape.n_writers
+    tokens = B * T
+    per_writer = tokens * D * s  # one writer's [B, T, D]
+    # the masked forward's mixing block: the readers of round(sqrt(L)) layers (as
+    # masked.block_layers), and the few spare rows a block keeps
+    block = max(1, round(math.sqrt(shape.n_layers))) * (H + 2 * KV + 1) + 7
+    heads = tokens * K * (2 * H + 2 * KV) * s  # q, out [B, H, T, K]; k, v [B, KV, T, K]
+    hidden = tokens * F * s * (_GATED_HIDDEN_COPIES if shape.gated_mlp else _PLAIN_HIDDEN_COPIES)
+    corrupted_cache, clean_logits = _cached(shape, n_examples, T, answer_positions, s, cache_bytes)
+    return MemoryEstimate(
+        weights=shape.n_params * s,
+        ablated=W * per_writer + corrupted_cache,
+        deltas=W * per_writer,
+        delta_grads=0,
+        activations=block * per_writer,
+        masks=(shape.n_edges + W) * 4 * _EVAL_MASK_COPIES,
+        logits=int(_LOGIT_COPIES * B * answer_positions * shape.vocab_size * 4) + clean_logits,
+        workspace=int(heads + hidden),
+        settings={
+            "model": shape.name,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "dtype": dtype_name,
+            "activation_checkpointing": False,
+            "answer_positions": answer_positions,
+            "n_examples": n_examples,
+            "world_size": 1,
+            "evaluation": True,
+        },
+    )
+
+
+def _check_sizes(*, batch_size: int, seq_len: int, world_size: int, answer_positions: int,
+                 n_examples: int) -> None:
+    for name, value in (
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+        ("world_size", world_size),
+    ):
+        if value < 1:
+            raise InvalidArgument(f"{name} must be positive, got {value}", field=name)
+    if answer_positions < 1 or answer_positions > seq_len:
+        raise InvalidArgument(
+            f"answer_positions must be in 1..{seq_len}, got {answer_positions}",
+            field="answer_positions",
+        )
+    if n_examples < 0:
+        raise InvalidArgument(f"n_examples must be >= 0, got {n_examples}", field="n_examples")
+
+
+def _cached(shape: ModelShape, n_examples: int, seq_len: int, answer_positions: int,
+            element_bytes: int, cache_bytes: int) -> tuple[int, int]:
+    """Bytes of what a run caches for every example, as engine/cache.py fills its budget: the
+    full model's logits at the answer positions [N, P, V] (fp32) first, then its corrupted
+    activations [W, N, T, D] within what is left (0 when they do not fit and are recomputed per
+    batch)."""
+    logits = n_examples * answer_positions * shape.vocab_size * 4
+    if logits > cache_bytes:
+        return 0, 0  # both recomputed for every batch
+    corrupted = n_examples * seq_len * shape.n_writers * shape.d_model * element_bytes
+    if corrupted > cache_bytes - logits:
+        corrupted = 0
+    return corrupted, logits
 
 
 def _shape(model: Any) -> ModelShape:
@@ -398,14 +476,16 @@ def check_fits(estimate: MemoryEstimate, available: int | None, *, headroom: flo
         return
     budget = int(available * headroom)
     if estimate.total > budget:
-        hint = (
-            ""
-            if estimate.settings.get("activation_checkpointing")
-            else ("; try activation checkpointing,")
-        )
+        settings = estimate.settings
+        if settings.get("evaluation"):  # no gradients to checkpoint, one device
+            hint = "; try a smaller batch or shorter sequences, or bf16"
+        elif settings.get("activation_checkpointing"):
+            hint = "; try a smaller batch or shorter sequences, bf16, or more GPUs"
+        else:
+            hint = "; try activation checkpointing, a smaller batch or shorter sequences, bf16, " \
+                   "or more GPUs"
         raise ResourceExhausted(
-            f"job needs about {estimate} but the device allows {budget / GiB:.2f} GiB"
-            f"{hint or ';'} a smaller batch or shorter sequences, bf16, or more GPUs"
+            f"job needs about {estimate} but the device allows {budget / GiB:.2f} GiB{hint}"
         )
 
 

@@ -305,7 +305,9 @@ def evaluate_many(
     full, void = _Totals(), _Totals()
     totals = [_Totals() for _ in circuits]
     for index in torch.arange(len(dataset)).split(batch_size):
-        batch = cache.batch(index)
+        # the ablation values go into the cache's one reused buffer (each batch is done with
+        # before the next), so a batch's [W, B, T, D] is not allocated twice over
+        batch = cache.batch(index, scratch=True)
         data, reference = batch.data, batch.clean_logits  # [B,P,V]
         _accumulate(full, reference, reference, data, keys)
         _accumulate(void, cache.logits(batch, empty, None), reference, data, keys)

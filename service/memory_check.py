@@ -1,7 +1,9 @@
-"""Does a job fit a worker's memory? Checked at SubmitJob, from the model's config alone.
+"""Does a job fit a worker's memory? Checked at SubmitJob and EvaluateCircuit, from the model's
+config alone.
 
-The API process estimates the peak memory of one pruning step with the engine's arithmetic
-(`edgeprune.engine.memory`, which imports no torch) from:
+The API process estimates the peak memory of one pruning step (of one evaluation batch, for an
+evaluation job) with the engine's arithmetic (`edgeprune.engine.memory`, which imports no torch)
+from:
 
 * the model's shape: the `smollm2-135m` preset, or the ``config.json`` of an ``hf:<dir>`` /
   ``tracr:<dir>`` checkpoint (no weights are read; a hub id the API cannot see is not checked);
@@ -32,6 +34,7 @@ from edgeprune.engine.memory import (
     ModelShape,
     check_fits,
     device_memory,
+    estimate_evaluation_memory,
 )
 from edgeprune.engine.memory import estimate_job_memory as engine_estimate
 from edgeprune.service.config import Config
@@ -91,9 +94,10 @@ def min_tokens(texts: Iterable[str]) -> int:
     return max((len(text.split()) for text in texts), default=1)
 
 
-def data_shape(data: job_pb2.DataSpec,
-               dataset_texts: Callable[[str], tuple[int, int]]) -> tuple[int, int]:
-    """(sequence length lower bound, number of training examples) of a normalised job's data.
+def data_shape(data: job_pb2.DataSpec, dataset_texts: Callable[[str], tuple[int, int]], *,
+               evaluation: bool = False) -> tuple[int, int]:
+    """(sequence length lower bound, number of training examples) of a normalised job's data, or
+    with ``evaluation`` of every example (an evaluation job's data, see runner.build_eval_data).
     ``dataset_texts(id)`` gives (length bound, example count) of an uploaded dataset."""
     source = data.WhichOneof("source")
     if source == "task":  # the held-out examples are generated apart
@@ -103,6 +107,8 @@ def data_shape(data: job_pb2.DataSpec,
     else:
         examples = data.examples.examples
         tokens, count = min_tokens(e.clean for e in examples), len(examples)
+    if evaluation:
+        return tokens, count
     held_out = round(count * data.eval_fraction) if count >= 2 else 0  # as runner.build_data
     return tokens, count - held_out
 
@@ -136,6 +142,38 @@ def check_job_memory(spec: job_pb2.JobSpec, ref: str, config: Config,
                    answer_positions=seq_len if all_positions else 1,
                    dtype=DTYPE_NAMES.get(spec.dtype, "bfloat16" if on_gpu else "float32"),
                    on_gpu=on_gpu)
+    return _check(est, budget, seq_len, spec.batch_size)
+
+
+def estimate_evaluation(spec: job_pb2.EvaluationSpec, shape: ModelShape, *, seq_len: int,
+                        n_examples: int, answer_positions: int, dtype: str) -> MemoryEstimate:
+    """The peak of one evaluation batch of ``spec`` (a normalised spec) on a worker device (the
+    API and the workers both call this)."""
+    return estimate_evaluation_memory(shape, batch_size=spec.batch_size, seq_len=seq_len,
+                                      dtype=dtype, n_examples=n_examples,
+                                      answer_positions=min(answer_positions, seq_len))
+
+
+def check_evaluation_memory(spec: job_pb2.EvaluationSpec, ref: str, config: Config,
+                            dataset_texts: Callable[[str], tuple[int, int]]
+                            ) -> MemoryEstimate | None:
+    """As :func:`check_job_memory`, for an evaluation of a stored circuit of model ``ref``."""
+    budget = memory_budget(config)
+    shape = model_shape(ref)
+    if budget is None or shape is None:
+        return None
+    seq_len, n_examples = data_shape(spec.data, dataset_texts, evaluation=True)
+    on_gpu = config.device.startswith("cuda")
+    est = estimate_evaluation(
+        spec, shape, seq_len=seq_len, n_examples=n_examples,
+        answer_positions=seq_len if spec.data.examples.all_positions else 1,
+        dtype=DTYPE_NAMES.get(spec.dtype, "bfloat16" if on_gpu else "float32"))
+    return _check(est, budget, seq_len, spec.batch_size)
+
+
+def _check(est: MemoryEstimate, budget: int, seq_len: int, batch_size: int) -> MemoryEstimate:
+    """RESOURCE_EXHAUSTED (INSUFFICIENT_DEVICE_MEMORY, the figures in ErrorInfo metadata) when
+    ``est`` does not fit ``budget``; else ``est``."""
     try:
         check_fits(est, budget)
     except engine_errors.ResourceExhausted as err:
@@ -143,7 +181,7 @@ def check_job_memory(spec: job_pb2.JobSpec, ref: str, config: Config,
             "estimate_bytes": str(est.total),
             "budget_bytes": str(budget),
             "seq_len_at_least": str(seq_len),
-            "batch_size": str(spec.batch_size),
+            "batch_size": str(batch_size),
             "dtype": est.settings["dtype"],
             "activation_checkpointing": str(est.settings["activation_checkpointing"]).lower(),
         }) from err

@@ -326,17 +326,25 @@ def evaluate_circuits(model: CircuitModel, circuits: list[Circuit], data: TaskDa
     return summary
 
 
-def check_memory(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobSpec,
-                 budget: int | None) -> None:
-    """ResourceExhausted (with the estimate) when a pruning step on the tokenised data cannot
-    fit ``budget`` bytes (the API checked a lower bound of the sequence length already)."""
+def check_memory(model: CircuitModel, data: TaskDataset,
+                 spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, budget: int | None) -> None:
+    """ResourceExhausted (with the estimate) when a pruning step (an evaluation batch, for an
+    EvaluationSpec) on the tokenised data cannot fit ``budget`` bytes (the API checked a lower
+    bound of the sequence length already)."""
     if budget is None:
         return
-    n_tokens, n_positions = train.clean_ids.shape[1], train.positions.shape[1]  # T, P
-    check_fits(memory_check.estimate(
-        spec, ModelShape.from_model(model), seq_len=n_tokens, n_examples=len(train),
-        answer_positions=n_positions, dtype=str(model.dtype).removeprefix("torch."),
-        on_gpu=model.device.type == "cuda"), budget)
+    n_tokens, n_positions = data.clean_ids.shape[1], data.positions.shape[1]  # T, P
+    dtype = str(model.dtype).removeprefix("torch.")
+    shape = ModelShape.from_model(model)
+    if isinstance(spec, job_pb2.EvaluationSpec):
+        est = memory_check.estimate_evaluation(spec, shape, seq_len=n_tokens,
+                                               n_examples=len(data),
+                                               answer_positions=n_positions, dtype=dtype)
+    else:
+        est = memory_check.estimate(spec, shape, seq_len=n_tokens, n_examples=len(data),
+                                    answer_positions=n_positions, dtype=dtype,
+                                    on_gpu=model.device.type == "cuda")
+    check_fits(est, budget)
 
 
 def run_discovery(spec: job_pb2.JobSpec, ref: str, models: ModelCache, datasets: DatasetRepo,
@@ -373,12 +381,14 @@ def _discover(model: CircuitModel, spec: job_pb2.JobSpec, datasets: DatasetRepo,
 
 
 def run_evaluation(spec: job_pb2.EvaluationSpec, record: CircuitRecord, ref: str,
-                   models: ModelCache, datasets: DatasetRepo, device: str, hooks: Hooks) -> Outcome:
+                   models: ModelCache, datasets: DatasetRepo, device: str, hooks: Hooks, *,
+                   memory_budget: int | None = None) -> Outcome:
     hooks.progress({"phase": "load_model"})
     model = models.get(ref, device, resolve_dtype(spec.dtype, device))
     try:
         hooks.progress({"phase": "prepare_data"})
         held_out = build_eval_data(spec.data, model, datasets)
+        check_memory(model, held_out, spec, memory_budget)
         circuit = Circuit(model=record.model, method=record.method,
                           edges=list(record.edges or []),
                           edge_scores=dict(record.edge_scores or {}),

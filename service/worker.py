@@ -156,7 +156,8 @@ class Worker:
             assert isinstance(spec, job_pb2.EvaluationSpec)
             record = self.circuits.get(spec.circuit.removeprefix("circuits/"), full=True)
             return runner.run_evaluation(spec, record, self._ref(record.model), self.models,
-                                         self.datasets, self.device, hooks)
+                                         self.datasets, self.device, hooks,
+                                         memory_budget=self.memory_budget)
         assert isinstance(spec, job_pb2.JobSpec)
         return runner.run_discovery(spec, self._ref(spec.model), self.models, self.datasets,
                                     self.device, hooks, memory_budget=self.memory_budget)

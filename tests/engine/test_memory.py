@@ -18,6 +18,7 @@ from edgeprune.engine.memory import (
     PRESETS,
     ModelShape,
     check_fits,
+    estimate_evaluation_memory,
     estimate_job_memory,
     track_peak_memory,
 )
@@ -94,9 +95,12 @@ def test_dataset_cache_counts_only_when_it_fits_its_budget() -> None:
     small = estimate_job_memory("gpt2-small", batch_size=8, seq_len=32, n_examples=8)
     none = estimate_job_memory("gpt2-small", batch_size=8, seq_len=32)
     assert small.ablated == 2 * none.ablated
+    mid = estimate_job_memory("gpt2-small", batch_size=8, seq_len=32, n_examples=1000)
+    assert mid.ablated == none.ablated, "too big for the cache: recomputed per batch"
+    assert mid.logits > none.logits, "the full model's logits are cached first"
     huge = estimate_job_memory("gpt2-small", batch_size=8, seq_len=32, n_examples=100_000)
-    assert huge.ablated == none.ablated, "too big for the cache: recomputed per batch"
-    assert huge.logits > none.logits, "the full model's logits are always cached"
+    assert huge.ablated == none.ablated and huge.logits == none.logits, (
+        "logits over the budget are recomputed per batch too (engine/cache.py)")
 
 
 def test_80gb_gpu_table() -> None:
@@ -150,6 +154,27 @@ def test_bad_arguments_name_their_field(kwargs: dict, field: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         estimate_job_memory("gpt2-small", **kwargs)
     assert info.value.field == field
+
+
+def test_an_evaluation_keeps_no_gradients_and_one_batch() -> None:
+    job = estimate_job_memory("smollm2-135m", batch_size=16, seq_len=24)
+    one = estimate_evaluation_memory("smollm2-135m", batch_size=16, seq_len=24)
+    assert one.delta_grads == 0 and one.deltas == job.deltas and one.total < job.total
+    two = estimate_evaluation_memory("smollm2-135m", batch_size=32, seq_len=24)
+    assert two.deltas == 2 * one.deltas and two.ablated == 2 * one.ablated
+    # a batch is never larger than the data; the data's corrupted run is cached within budget
+    few = estimate_evaluation_memory("smollm2-135m", batch_size=1024, seq_len=24, n_examples=16)
+    assert few.deltas == one.deltas and few.ablated == 2 * one.ablated
+    many = estimate_evaluation_memory("smollm2-135m", batch_size=16, seq_len=24,
+                                      n_examples=100_000)  # too many to cache: recomputed
+    assert many.ablated == one.ablated and many.settings["evaluation"]
+    with pytest.raises(ResourceExhausted) as info:
+        check_fits(estimate_evaluation_memory("llama-2-7b", batch_size=64, seq_len=512), 8 * GiB)
+    assert "job needs about" in str(info.value)
+    assert "checkpointing" not in str(info.value) and "GPUs" not in str(info.value)
+    with pytest.raises(InvalidArgument) as bad:
+        estimate_evaluation_memory("gpt2-small", batch_size=0, seq_len=8)
+    assert bad.value.field == "batch_size"
 
 
 def test_bad_model_configs_are_invalid_arguments(tmp_path: Path) -> None:
@@ -241,6 +266,18 @@ CALIBRATION_CASES = [
         "activation_checkpointing": True,
     },
 ]
+
+
+# An evaluation (no gradients; metrics.evaluate_many of one circuit) against its estimate: with
+# the corrupted activations cached, and with too many examples for the cache's budget, so that
+# every batch recomputes them.
+EVALUATION_CASES = [
+    {"shape": {**CALIBRATION_CASES[0]["shape"], "name": "gpt2-like-evaluation-cached"},
+     "batch": 32, "seq": 64, "examples": 64, "evaluate": True},
+    {"shape": {**CALIBRATION_CASES[1]["shape"], "name": "llama-like-evaluation-recomputed"},
+     "batch": 48, "seq": 48, "examples": 220, "evaluate": True},
+]
+CALIBRATION_CASES += EVALUATION_CASES
 
 
 @pytest.mark.parametrize("case", CALIBRATION_CASES, ids=lambda c: c["shape"]["name"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from edgeprune.engine.cache import ActivationCache
 from edgeprune.engine.circuit import Circuit
 from edgeprune.engine.errors import InvalidArgument
 from edgeprune.engine.masked import CircuitModel
@@ -151,6 +152,20 @@ def test_full_and_empty_circuits_bound_faithfulness(model: CircuitModel) -> None
         "edges",
         "nodes",
     }
+
+
+def test_batches_give_the_metrics_of_one_batch(model: CircuitModel) -> None:
+    """Batches reuse one buffer for their ablation values (gathered from the cache, or recomputed
+    when the cache keeps nothing): metrics do not depend on the batching or the cache."""
+    ds = build_task("ioi", model.tokenizer, n=11, seed=1, split="test")
+    g = torch.Generator().manual_seed(0)
+    circuits = [((torch.rand(model.graph.n_edges, generator=g) < 0.5).float(), None)]
+    whole = evaluate_many(model, circuits, ds, batch_size=len(ds))
+    for budget in (1 << 30, 0):  # cached; recomputed for every batch
+        cache = ActivationCache(model, ds, budget_bytes=budget)
+        assert cache.cached == bool(budget)
+        batched = evaluate_many(model, circuits, ds, batch_size=4, cache=cache)
+        assert batched == [pytest.approx(w, rel=1e-5, abs=1e-6) for w in whole]
 
 
 def test_a_circuit_matches_its_masks(model: CircuitModel) -> None:

@@ -14,14 +14,15 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from edgeprune.engine.loading import load_model
-from edgeprune.engine.memory import estimate_job_memory
+from edgeprune.engine.memory import estimate_evaluation_memory, estimate_job_memory
 from edgeprune.engine.tasks import Example, build_task, from_examples
 from edgeprune.service import memory_check
 from edgeprune.service.memory_check import TASK_MIN_TOKENS, min_tokens
-from edgeprune.v1 import common_pb2, job_pb2, server_pb2
+from edgeprune.storage import CircuitRepo, Database, NewCircuit
+from edgeprune.v1 import circuit_pb2, common_pb2, job_pb2, server_pb2
 from tests.service.conftest import running
 from tests.service.errors import fails
-from tests.service.harness import Server, edge_pruning_spec, inline_examples
+from tests.service.harness import MODEL, Server, edge_pruning_spec, inline_examples
 from tests.tiny_models import tiny_gpt2
 
 BUDGET = 32 * 2**20  # a tiny GPT-2 job of batch 4 needs ~2 MiB, one of batch 1024 ~260 MiB
@@ -33,7 +34,19 @@ def small_server(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) 
     url = f"sqlite:///{folder / 'edgeprune.db'}"
     with running(folder, url, tiny_gpt2_dir, workers=0, worker_memory_bytes=BUDGET,
                  max_data_parallel=2) as server:
+        server.stored_circuit = _store_circuit(url)  # type: ignore[attr-defined]
         yield server
+
+
+def _store_circuit(url: str) -> str:
+    """A circuit of the tiny model in the server's database (no worker runs here to find one)."""
+    db = Database(url)
+    try:
+        record = CircuitRepo(db).create(NewCircuit(model=MODEL, method="eap",
+                                                   edges=["tok->logits"], n_edges_total=100))
+    finally:
+        db.dispose()
+    return f"circuits/{record.id}"
 
 
 def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo:
@@ -79,6 +92,32 @@ def test_a_normal_job_fits(small_server: Server) -> None:
     assert small_server.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=task), timeout=30).name
     few = ioi_spec(8, 1024)  # a batch is never larger than the data
     assert small_server.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=few), timeout=30).name
+
+
+def test_an_evaluation_too_large_for_the_budget_is_rejected(small_server: Server) -> None:
+    """An evaluation of 4096 IOI prompts in batches of 1024 is over the budget, and nothing is
+    queued; one of 16 prompts in batches of 8 fits."""
+    circuit = small_server.stored_circuit  # type: ignore[attr-defined]
+    spec = job_pb2.EvaluationSpec(circuit=circuit, batch_size=1024)
+    spec.data.task.name = "ioi"
+    spec.data.task.example_count = 4096
+    before = small_server.jobs.ListJobs(job_pb2.ListJobsRequest(page_size=1000)).jobs
+    request = circuit_pb2.EvaluateCircuitRequest(evaluation=spec)
+    with pytest.raises(grpc.RpcError) as caught:
+        small_server.circuits.EvaluateCircuit(request, timeout=30)
+    err = caught.value
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "job needs about" in err.details() and "checkpointing" not in err.details()
+    info = error_info(err)
+    assert info.reason == "INSUFFICIENT_DEVICE_MEMORY"
+    assert int(info.metadata["estimate_bytes"]) > BUDGET * 0.9
+    assert info.metadata["batch_size"] == "1024"
+    after = small_server.jobs.ListJobs(job_pb2.ListJobsRequest(page_size=1000)).jobs
+    assert [j.name for j in after] == [j.name for j in before]
+    spec.batch_size, spec.data.task.example_count = 8, 16
+    job = small_server.circuits.EvaluateCircuit(
+        circuit_pb2.EvaluateCircuitRequest(evaluation=spec), timeout=30)
+    assert job.type == job_pb2.JOB_TYPE_EVALUATION and job.state == job_pb2.JOB_STATE_PENDING
 
 
 def test_activation_checkpointing_lets_a_job_fit(
@@ -155,7 +194,8 @@ def test_token_lower_bounds_hold_for_real_tokenizers(tiny_gpt2_dir: Path,
 def test_the_worker_checks_the_exact_token_count(tmp_path_factory: pytest.TempPathFactory,
                                                  tiny_gpt2_dir: Path) -> None:
     """One long 'word' passes the API's bound (a token per word) but tokenises into many
-    tokens: the worker, which sees them, fails the job with RESOURCE_EXHAUSTED before pruning."""
+    tokens: the worker, which sees them, fails the job with RESOURCE_EXHAUSTED before pruning,
+    and an evaluation of the same data before evaluating."""
     junk = "".join("qzxjvkw"[(i * i + 3 * i) % 7] for i in range(300))
     spec = edge_pruning_spec(job_pb2.DataSpec())
     spec.batch_size = 8
@@ -168,18 +208,30 @@ def test_the_worker_checks_the_exact_token_count(tmp_path_factory: pytest.TempPa
     n_tokens = from_examples(examples, model.tokenizer).clean_ids.shape[1]
     assert n_tokens > 50 * min_tokens(e.clean for e in examples)
 
-    def needs(seq_len: int) -> int:
-        return estimate_job_memory(model, batch_size=8, seq_len=seq_len, n_examples=32).total
+    def needs(seq_len: int) -> int:  # a pruning job's, or an evaluation's of the same data
+        return max(estimate_job_memory(model, batch_size=8, seq_len=seq_len, n_examples=32).total,
+                   estimate_evaluation_memory(model, batch_size=8, seq_len=seq_len,
+                                              n_examples=40).total)
 
-    budget = int((needs(2) + needs(n_tokens)) / 2 / 0.9)
+    def least(seq_len: int) -> int:
+        return min(estimate_job_memory(model, batch_size=8, seq_len=seq_len, n_examples=32).total,
+                   estimate_evaluation_memory(model, batch_size=8, seq_len=seq_len,
+                                              n_examples=40).total)
+
+    assert needs(2) < least(n_tokens)
+    budget = int((needs(2) + least(n_tokens)) / 2 / 0.9)
     folder = tmp_path_factory.mktemp("memory-worker")
-    with running(folder, f"sqlite:///{folder / 'edgeprune.db'}", tiny_gpt2_dir,
-                 worker_memory_bytes=budget) as server:
+    url = f"sqlite:///{folder / 'edgeprune.db'}"
+    with running(folder, url, tiny_gpt2_dir, worker_memory_bytes=budget) as server:
         job = server.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=spec), timeout=30)
-        done = server.wait_done(job.name, timeout=120)
-    assert done.state == job_pb2.JOB_STATE_FAILED
-    assert done.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-    assert "job needs about" in done.error.message
+        evaluation = server.circuits.EvaluateCircuit(circuit_pb2.EvaluateCircuitRequest(
+            evaluation=job_pb2.EvaluationSpec(circuit=_store_circuit(url), data=spec.data,
+                                              batch_size=8)), timeout=30)
+        done = [server.wait_done(j.name, timeout=120) for j in (job, evaluation)]
+    for job in done:
+        assert job.state == job_pb2.JOB_STATE_FAILED
+        assert job.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert "job needs about" in job.error.message
 
 
 def test_the_estimate_loads_no_torch() -> None:
