@@ -9,6 +9,7 @@ No pickle anywhere: JSON and safetensors only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -16,7 +17,7 @@ import random
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -347,14 +348,22 @@ def check_memory(model: CircuitModel, data: TaskDataset,
     check_fits(est, budget)
 
 
+@contextlib.contextmanager
+def _loaded(ref: str, models: ModelCache, device: str, dtype: int,
+            hooks: Hooks) -> Iterator[CircuitModel]:
+    """The job's model from the cache; it keeps no step buffers once the job is done."""
+    hooks.progress({"phase": "load_model"})
+    model = models.get(ref, device, resolve_dtype(dtype, device))
+    try:
+        yield model
+    finally:
+        model.release_workspace()
+
+
 def run_discovery(spec: job_pb2.JobSpec, ref: str, models: ModelCache, datasets: DatasetRepo,
                   device: str, hooks: Hooks, *, memory_budget: int | None = None) -> Outcome:
-    hooks.progress({"phase": "load_model"})
-    model = models.get(ref, device, resolve_dtype(spec.dtype, device))
-    try:
+    with _loaded(ref, models, device, spec.dtype, hooks) as model:
         return _discover(model, spec, datasets, hooks, ref=ref, memory_budget=memory_budget)
-    finally:  # the cached model keeps no step buffers between jobs
-        model.release_workspace()
 
 
 def _discover(model: CircuitModel, spec: job_pb2.JobSpec, datasets: DatasetRepo, hooks: Hooks,
@@ -383,9 +392,7 @@ def _discover(model: CircuitModel, spec: job_pb2.JobSpec, datasets: DatasetRepo,
 def run_evaluation(spec: job_pb2.EvaluationSpec, record: CircuitRecord, ref: str,
                    models: ModelCache, datasets: DatasetRepo, device: str, hooks: Hooks, *,
                    memory_budget: int | None = None) -> Outcome:
-    hooks.progress({"phase": "load_model"})
-    model = models.get(ref, device, resolve_dtype(spec.dtype, device))
-    try:
+    with _loaded(ref, models, device, spec.dtype, hooks) as model:
         hooks.progress({"phase": "prepare_data"})
         held_out = build_eval_data(spec.data, model, datasets)
         check_memory(model, held_out, spec, memory_budget)
@@ -398,8 +405,6 @@ def run_evaluation(spec: job_pb2.EvaluationSpec, record: CircuitRecord, ref: str
         results = evaluate_many(model, [circuit], held_out, ablation=ablation,
                                 batch_size=spec.batch_size)
         return Outcome(metrics=float_map(_clean_metrics(results[0])), model=model)
-    finally:
-        model.release_workspace()
 
 
 def masks_blob(model: CircuitModel, circuit: Circuit) -> bytes:
