@@ -23,6 +23,9 @@ of the backward pass), term by term:
                    and gradient (fp32), and the cached full-model logits [N, P, V];
 * ``workspace``    the transient gradients of one layer during the backward pass.
 
+:func:`estimate_evaluation_memory` gives the same terms for an evaluation (``metrics.evaluate_many``,
+an evaluation job): one batch's masked forwards without gradients.
+
 The per-term copy counts (``_*_COPIES``) were calibrated on CPU against measured peaks of the real
 masked forward + backward (bench/bench_memory.py; tests/engine/test_memory.py holds the
 estimate within ``CALIBRATION_TOLERANCE`` of a measurement). On GPU the CUDA caching allocator adds

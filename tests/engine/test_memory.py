@@ -10,9 +10,11 @@ import torch
 from transformers import AutoConfig
 
 from bench.bench_memory import measure_in_subprocess
+from edgeprune.engine._autograd import GRAD_M_ROWS
 from edgeprune.engine.errors import InvalidArgument, ResourceExhausted
 from edgeprune.engine.graph import Graph
 from edgeprune.engine.loading import load_model
+from edgeprune.engine.masked import block_layers
 from edgeprune.engine.memory import (
     CALIBRATION_TOLERANCE,
     PRESETS,
@@ -172,6 +174,10 @@ def test_an_evaluation_keeps_no_gradients_and_one_batch() -> None:
         check_fits(estimate_evaluation_memory("llama-2-7b", batch_size=64, seq_len=512), 8 * GiB)
     assert "job needs about" in str(info.value)
     assert "checkpointing" not in str(info.value) and "GPUs" not in str(info.value)
+    for name, shape in PRESETS.items():  # the reader inputs of one of the forward's blocks
+        est = estimate_evaluation_memory(shape, batch_size=2, seq_len=8)
+        readers = block_layers(shape.n_layers) * (shape.n_heads + 2 * shape.n_kv_heads + 1)
+        assert est.activations == (readers + GRAD_M_ROWS - 1) * est.deltas // shape.n_writers, name
     with pytest.raises(InvalidArgument) as bad:
         estimate_evaluation_memory("gpt2-small", batch_size=0, seq_len=8)
     assert bad.value.field == "batch_size"
