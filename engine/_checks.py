@@ -95,18 +95,18 @@ def check_ablated(
     return ablated.detach().to(device=like.device, dtype=like.dtype)  # type: ignore[union-attr]
 
 
-def check_out(out: object, shape: tuple[int, ...], like: torch.Tensor, field: str) -> torch.Tensor:
-    """A caller's tensor to write into: contiguous, of ``shape`` and ``like``'s dtype and device."""
+def check_out(out: object, shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device,
+              field: str) -> torch.Tensor:
+    """A caller's tensor to write into: contiguous, of ``shape``, ``dtype`` and ``device``."""
     if (
         not isinstance(out, torch.Tensor)
         or out.shape != shape
-        or out.dtype != like.dtype
-        or out.device != like.device
+        or out.dtype != dtype
+        or out.device != device
         or not out.is_contiguous()
     ):
         raise InvalidArgument(
-            f"{field} must be a contiguous {like.dtype} tensor {list(shape)} on {like.device}",
-            field=field,
+            f"{field} must be a contiguous {dtype} tensor {list(shape)} on {device}", field=field
         )
     return out
 

@@ -430,9 +430,8 @@ class CircuitModel(nn.Module):
         when given, which a loop can reuse instead of mapping fresh memory every call."""
         ids, valid = self._check_batch(input_ids, attention_mask)
         if out is not None:
-            like = torch.empty((), device=self.device, dtype=self.dtype)
-            out = _checks.check_out(out, (self.graph.n_writers, *ids.shape, self.d_model), like,
-                                    "out")
+            out = _checks.check_out(out, (self.graph.n_writers, *ids.shape, self.d_model),
+                                    dtype=self.dtype, device=self.device, field="out")
         return writer_outputs(self.adapter, self.graph, ids, valid, out)  # [W, B, T, D]
 
     @torch.no_grad()
