@@ -113,67 +113,43 @@ def data_shape(data: job_pb2.DataSpec, dataset_texts: Callable[[str], tuple[int,
     return tokens, count - held_out
 
 
-def estimate(spec: job_pb2.JobSpec, shape: ModelShape, *, seq_len: int, n_examples: int,
-             answer_positions: int, dtype: str, on_gpu: bool) -> MemoryEstimate:
-    """The peak of one pruning step of ``spec`` (a normalised spec) on one worker device (the API
-    and the workers both call this). Data-parallel ranks on GPUs each hold their share of the
-    batch; on the CPU they share one memory, so the whole batch counts."""
+def estimate(spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, shape: ModelShape, *, seq_len: int,
+             n_examples: int, answer_positions: int, dtype: str, on_gpu: bool) -> MemoryEstimate:
+    """The peak of one pruning step of ``spec`` (a normalised spec), or of one evaluation batch
+    for an EvaluationSpec, on one worker device (the API and the workers both call this).
+    Data-parallel ranks on GPUs each hold their share of the batch; on the CPU they share one
+    memory, so the whole batch counts."""
+    answer_positions = min(answer_positions, seq_len)
+    if isinstance(spec, job_pb2.EvaluationSpec):
+        return estimate_evaluation_memory(shape, batch_size=spec.batch_size, seq_len=seq_len,
+                                          dtype=dtype, n_examples=n_examples,
+                                          answer_positions=answer_positions)
     world = max(1, spec.data_parallel_workers) if on_gpu else 1
     batch = min(spec.batch_size, n_examples) if n_examples else spec.batch_size
     return engine_estimate(shape, batch_size=batch, seq_len=seq_len, dtype=dtype,
-                           answer_positions=min(answer_positions, seq_len), n_examples=n_examples,
+                           answer_positions=answer_positions, n_examples=n_examples,
                            world_size=world,
                            activation_checkpointing=spec.edge_pruning.activation_checkpointing)
 
 
-def check_job_memory(spec: job_pb2.JobSpec, ref: str, config: Config,
+def check_job_memory(spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, ref: str, config: Config,
                      dataset_texts: Callable[[str], tuple[int, int]]) -> MemoryEstimate | None:
     """RESOURCE_EXHAUSTED (reason INSUFFICIENT_DEVICE_MEMORY, the estimate in the message and in
-    ErrorInfo metadata) when the job cannot fit; the estimate, or None when not checked."""
+    ErrorInfo metadata) when the job (a pruning job, or an evaluation of a stored circuit of
+    model ``ref``) cannot fit; the estimate, or None when not checked."""
     budget = memory_budget(config)
     shape = model_shape(ref)
     if budget is None or shape is None:
         return None
-    seq_len, n_examples = data_shape(spec.data, dataset_texts)
+    evaluation = isinstance(spec, job_pb2.EvaluationSpec)
+    seq_len, n_examples = data_shape(spec.data, dataset_texts, evaluation=evaluation)
     on_gpu = config.device.startswith("cuda")
-    all_positions = (spec.positions == common_pb2.POSITION_MODE_ALL
-                     or spec.data.examples.all_positions)
+    all_positions = spec.data.examples.all_positions or (
+        not evaluation and spec.positions == common_pb2.POSITION_MODE_ALL)
     est = estimate(spec, shape, seq_len=seq_len, n_examples=n_examples,
                    answer_positions=seq_len if all_positions else 1,
                    dtype=DTYPE_NAMES.get(spec.dtype, "bfloat16" if on_gpu else "float32"),
                    on_gpu=on_gpu)
-    return _check(est, budget, seq_len, spec.batch_size)
-
-
-def estimate_evaluation(spec: job_pb2.EvaluationSpec, shape: ModelShape, *, seq_len: int,
-                        n_examples: int, answer_positions: int, dtype: str) -> MemoryEstimate:
-    """The peak of one evaluation batch of ``spec`` (a normalised spec) on a worker device (the
-    API and the workers both call this)."""
-    return estimate_evaluation_memory(shape, batch_size=spec.batch_size, seq_len=seq_len,
-                                      dtype=dtype, n_examples=n_examples,
-                                      answer_positions=min(answer_positions, seq_len))
-
-
-def check_evaluation_memory(spec: job_pb2.EvaluationSpec, ref: str, config: Config,
-                            dataset_texts: Callable[[str], tuple[int, int]]
-                            ) -> MemoryEstimate | None:
-    """As :func:`check_job_memory`, for an evaluation of a stored circuit of model ``ref``."""
-    budget = memory_budget(config)
-    shape = model_shape(ref)
-    if budget is None or shape is None:
-        return None
-    seq_len, n_examples = data_shape(spec.data, dataset_texts, evaluation=True)
-    on_gpu = config.device.startswith("cuda")
-    est = estimate_evaluation(
-        spec, shape, seq_len=seq_len, n_examples=n_examples,
-        answer_positions=seq_len if spec.data.examples.all_positions else 1,
-        dtype=DTYPE_NAMES.get(spec.dtype, "bfloat16" if on_gpu else "float32"))
-    return _check(est, budget, seq_len, spec.batch_size)
-
-
-def _check(est: MemoryEstimate, budget: int, seq_len: int, batch_size: int) -> MemoryEstimate:
-    """RESOURCE_EXHAUSTED (INSUFFICIENT_DEVICE_MEMORY, the figures in ErrorInfo metadata) when
-    ``est`` does not fit ``budget``; else ``est``."""
     try:
         check_fits(est, budget)
     except engine_errors.ResourceExhausted as err:
@@ -181,7 +157,7 @@ def _check(est: MemoryEstimate, budget: int, seq_len: int, batch_size: int) -> M
             "estimate_bytes": str(est.total),
             "budget_bytes": str(budget),
             "seq_len_at_least": str(seq_len),
-            "batch_size": str(batch_size),
+            "batch_size": str(spec.batch_size),
             "dtype": est.settings["dtype"],
             "activation_checkpointing": str(est.settings["activation_checkpointing"]).lower(),
         }) from err

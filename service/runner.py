@@ -335,17 +335,10 @@ def check_memory(model: CircuitModel, data: TaskDataset,
     if budget is None:
         return
     n_tokens, n_positions = data.clean_ids.shape[1], data.positions.shape[1]  # T, P
-    dtype = str(model.dtype).removeprefix("torch.")
-    shape = ModelShape.from_model(model)
-    if isinstance(spec, job_pb2.EvaluationSpec):
-        est = memory_check.estimate_evaluation(spec, shape, seq_len=n_tokens,
-                                               n_examples=len(data),
-                                               answer_positions=n_positions, dtype=dtype)
-    else:
-        est = memory_check.estimate(spec, shape, seq_len=n_tokens, n_examples=len(data),
-                                    answer_positions=n_positions, dtype=dtype,
-                                    on_gpu=model.device.type == "cuda")
-    check_fits(est, budget)
+    check_fits(memory_check.estimate(
+        spec, ModelShape.from_model(model), seq_len=n_tokens, n_examples=len(data),
+        answer_positions=n_positions, dtype=str(model.dtype).removeprefix("torch."),
+        on_gpu=model.device.type == "cuda"), budget)
 
 
 @contextlib.contextmanager

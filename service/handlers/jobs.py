@@ -9,11 +9,7 @@ from google.protobuf import json_format
 from edgeprune.service.config import Config
 from edgeprune.service.converters import KIND_DISCOVERY, KIND_EVALUATION, STATES_BY_PROTO
 from edgeprune.service.errors import FailedPrecondition, NotFound, ResourceExhausted
-from edgeprune.service.memory_check import (
-    check_evaluation_memory,
-    check_job_memory,
-    min_tokens,
-)
+from edgeprune.service.memory_check import check_job_memory, min_tokens
 from edgeprune.service.validation import (
     Violations,
     check_common,
@@ -86,8 +82,8 @@ class JobHandler:
             raise FailedPrecondition(f"the circuit's model {circuit.model!r} is no longer on the "
                                      "allow-list", reason="MODEL_NOT_ALLOWED")
         self._check_references(spec.data, "evaluation.data")
-        check_evaluation_memory(spec, self.config.models[circuit.model], self.config,
-                                self._dataset_shape)
+        check_job_memory(spec, self.config.models[circuit.model], self.config,
+                         self._dataset_shape)
         return self._create(spec, KIND_EVALUATION, request.priority, request.labels,
                             request.request_id, caller)
 
