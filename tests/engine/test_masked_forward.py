@@ -101,8 +101,11 @@ def test_answer_positions_give_the_full_forward_at_those_rows(model, ablation):
         results.append((out, *grads))
     (full, full_edge, full_node), (at, at_edge, at_node) = results
     torch.testing.assert_close(at, full, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(at_edge, full_edge, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(at_node, full_node, rtol=1e-4, atol=1e-5)
+    # The two paths sum the same products in another order; fp32 rounding scales with the
+    # largest gradient, so the absolute tolerance does too.
+    for got, want in ((at_edge, full_edge), (at_node, full_node)):
+        scale = float(want.abs().max().clamp(min=1))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
     last_layer = g.layer_start(g.n_layers - 1)  # the last layer's writers got gradient too
     assert full_node[last_layer:].abs().min() > 0
 
