@@ -325,7 +325,7 @@ def evaluate_many(
 def _metric_keys(dataset: TaskDataset) -> list[str]:
     keys = []
     if (dataset.has_targets and dataset.has_distractors) or dataset.has_answer_sets:
-        keys = ["logit_diff", "prob_diff"]
+        keys = ["logit_diff", "prob_diff", "pairwise_accuracy"]
     return keys
 
 
@@ -341,8 +341,11 @@ def _accumulate(
     total.kl += float(kl_divergence(reference, logits, mask)) * n
     total.kl_n += n
     if "logit_diff" in keys:
-        total.add_rows("logit_diff", logit_diff(logits, data))
+        diff = logit_diff(logits, data)  # [B]
+        total.add_rows("logit_diff", diff)
         total.add_rows("prob_diff", prob_diff(logits, data))
+        # the target (or the good set) beats the distractor (or the bad set): NaN rows stay NaN
+        total.add_rows("pairwise_accuracy", torch.where(diff.isnan(), diff, (diff > 0).float()))
     hit, has_answer = correct(logits, data)  # [B,P]
     total.hits += float((hit & has_answer).sum())
     total.answers += float(has_answer.sum())
@@ -359,7 +362,8 @@ def _summary(
     keys: list[str],
     size: dict[str, Any],
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"kl": total.kl / max(total.kl_n, 1.0)}
+    out: dict[str, Any] = {"kl": total.kl / max(total.kl_n, 1.0),
+                           "empty_kl": void.kl / max(void.kl_n, 1.0)}
     for key in keys:
         out[key] = total.mean(key)
         out[f"full_{key}"] = full.mean(key)

@@ -165,7 +165,12 @@ def test_batches_give_the_metrics_of_one_batch(model: CircuitModel) -> None:
         cache = ActivationCache(model, ds, budget_bytes=budget)
         assert cache.cached == bool(budget)
         batched = evaluate_many(model, circuits, ds, batch_size=4, cache=cache)
-        assert batched == [pytest.approx(w, rel=1e-5, abs=1e-6) for w in whole]
+        # faithfulness divides differences of means, so its fp32 rounding is that of the logit
+        # differences (order 1-10), not of its own size
+        faith = [m.pop("faithfulness") for m in batched]
+        assert faith == [pytest.approx(w["faithfulness"], rel=1e-5, abs=1e-5) for w in whole]
+        assert batched == [pytest.approx({k: v for k, v in w.items() if k != "faithfulness"},
+                                         rel=1e-5, abs=1e-6) for w in whole]
 
 
 def test_a_circuit_matches_its_masks(model: CircuitModel) -> None:
@@ -252,3 +257,23 @@ def test_all_position_tasks_count_only_real_positions() -> None:
             count += 1
     assert count == int(ds.answer_mask.sum())
     assert empty["kl"] == pytest.approx(total / count, rel=1e-4)
+
+
+def test_pairwise_accuracy_and_the_empty_circuits_kl(model: CircuitModel) -> None:
+    """pairwise_accuracy is the share of examples whose target logit beats the distractor's, for
+    the circuit, the full model and the empty circuit; empty_kl is the KL of the empty circuit."""
+    ds = build_task("ioi", model.tokenizer, n=12, seed=2, split="test")
+    g = torch.Generator().manual_seed(3)
+    half = ((torch.rand(model.graph.n_edges, generator=g) < 0.5).float(), None)
+    empty = (torch.zeros(model.graph.n_edges), None)
+    got, nothing, full = evaluate_many(model, [half, empty, None], ds, batch_size=5)
+    cache = ActivationCache(model, ds)
+    batch = cache.batch(torch.arange(len(ds)))
+    for circuit, key in ((half, ""), (empty, "empty_"), (None, "full_")):
+        logits = batch.clean_logits if circuit is None else cache.logits(batch, *circuit)
+        wins = (logit_diff(logits, ds) > 0).float().mean()
+        assert got[f"{key}pairwise_accuracy"] == pytest.approx(float(wins), abs=1e-6)
+    assert full["pairwise_accuracy"] == pytest.approx(got["full_pairwise_accuracy"])
+    assert 0 <= got["pairwise_accuracy"] <= 1
+    assert got["empty_kl"] == pytest.approx(nothing["kl"], rel=1e-5)
+    assert got["empty_kl"] > 0 and full["kl"] == pytest.approx(0, abs=1e-6)
