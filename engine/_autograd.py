@@ -17,6 +17,10 @@ read that came later in the forward, i.e. after every reader of that writer has 
 gradient. The writers ``d[a:b]`` that a mix read are never overwritten afterwards (writes only
 append), so mixes need not save them.
 
+The backward reads the buffer's deltas only to form dL/dM = g_x @ d^T, so a buffer given other
+``grad_deltas`` (EAP-IG's clean-minus-corrupted outputs, say) yields the gradient of the masks
+against those instead, at no cost, while every other gradient stays that of the forward that ran.
+
 The big tensors of a forward (the buffer, its gradient, every block's reader inputs) come from a
 :class:`Workspace` that outlives the forward, so repeated steps reuse memory instead of mapping
 fresh pages.
@@ -148,7 +152,7 @@ class DeltaBuffer:
 
     def __init__(self, n_writers: int, batch: int, tokens: int, width: int, *,
                  like: torch.Tensor, workspace: Workspace | None = None,
-                 index: torch.Tensor | None = None) -> None:
+                 index: torch.Tensor | None = None, grad_deltas: torch.Tensor | None = None) -> None:
         self.shape = (n_writers, batch, tokens, width)
         self.workspace = workspace
         self.d = _scratch(workspace, self, self.shape, like)  # [W, B, T, D]
@@ -160,6 +164,12 @@ class DeltaBuffer:
             self.d_at_index = _scratch(workspace, self, (n_writers, len(index), width), like)
             # the example and the token of every answer row, [N] each
             self.answer_rows = (torch.div(index, tokens, rounding_mode="floor"), index % tokens)
+        # the deltas dL/dM is taken against in place of d (see :meth:`against`), [W, B, T, D],
+        # and at the answer rows [W, N, D]; None: d itself
+        self.grad_deltas = grad_deltas
+        self.grad_deltas_at_index = None
+        if grad_deltas is not None and index is not None:
+            self.grad_deltas_at_index = grad_deltas.flatten(1, 2)[:, index]  # [W, N, D]
         self.index_only = n_writers  # writers from here on exist only in d_at_index
         # sum of the written writers' ablation values y~ [B|1, T, D] (None: zero ablation), from
         # which readers' ablated residuals A_r are formed; replaced, never updated in place
@@ -217,6 +227,22 @@ class DeltaBuffer:
             return self.d_at_index[:n]
         assert n <= self.index_only, "writers kept only at the answer rows read in full"
         return self.d[:n]
+
+    def against(self, start: int, stop: int, at_index: bool = False) -> torch.Tensor:
+        """The deltas of writers ``start..stop`` that the mixing weights' gradient is taken
+        against, dL/dM[r, w] = sum g_r * delta_w, as a matrix: [n, B*T*D], or at the answer rows
+        [n, N*D]. They are the forward's own deltas ``d``, unless the buffer was given
+        ``grad_deltas``: the backward reads ``d`` for nothing else, so swapping them changes the
+        masks' gradient and nothing upstream of it (the gradient reaching writers and the model
+        stays that of the forward that ran)."""
+        n = stop - start
+        if self.grad_deltas is None:
+            rows = self.d_at_index[start:stop] if at_index else self.d[start:stop]
+        else:
+            rows = self.grad_deltas_at_index[start:stop] if at_index else self.grad_deltas[start:stop]
+        if not at_index:
+            assert stop <= self.index_only, "writers kept only at the answer rows read in full"
+        return rows.reshape(n, -1)
 
     def _init_rows(self, start: int) -> None:
         """Make rows ``start..W`` hold gradient (zero the ones that have none yet)."""
@@ -392,7 +418,7 @@ class _Mix(torch.autograd.Function):
             buf.start_backward()
         n = m.shape[1]
         g_flat = g_x.reshape(m.shape[0], -1)  # [R, B*T*D] or [R, N*D]
-        d = buf.rows(n, ctx.at_index).reshape(n, -1)  # [n, B*T*D] or [n, N*D]
+        d = buf.against(0, n, ctx.at_index)  # [n, B*T*D] or [n, N*D]
         g_m = _grad_m(d, g_flat) if ctx.needs_input_grad[0] else None  # [R, n]
         if ctx.at_index:
             buf.accumulate_at_index(m.T, g_flat)  # [n, N*D] += [n, R] @ [R, N*D]
@@ -464,7 +490,7 @@ class _Prefix(torch.autograd.Function):
         buf: DeltaBuffer = ctx.buf
         n = m.shape[1]
         g_x = ctx.block.grad.view(m.shape[0], -1)  # [R_blk, B*T*D]
-        d = buf.d[:n].view(n, -1)  # [n, B*T*D]
+        d = buf.against(0, n)  # [n, B*T*D]
         g_m = _grad_m(d, g_x) if ctx.needs_input_grad[0] else None  # [R_blk, n]
         buf.accumulate(0, m.T, g_x)  # [n, B*T*D] += [n, R_blk] @ [R_blk, B*T*D]
         ctx.block.free_grad()
@@ -524,7 +550,7 @@ class _Read(torch.autograd.Function):
             offset += g.shape[0]
         g_m = None
         if n:
-            g_flat, d = g_x.view(R, -1), buf.d[ctx.start : ctx.start + n].view(n, -1)
+            g_flat, d = g_x.view(R, -1), buf.against(ctx.start, ctx.start + n)  # [R|n, B*T*D]
             g_m = _grad_m(d, g_flat) if ctx.needs_input_grad[0] else None  # [R, n]
             buf.accumulate(ctx.start, m.T, g_flat)  # [n, B*T*D] += [n, R] @ [R, B*T*D]
         return g_m, _zero(m), _zero(m), None, None, None, None, None, None

@@ -95,6 +95,15 @@ def check_ablated(
     return ablated.detach().to(device=like.device, dtype=like.dtype)  # type: ignore[union-attr]
 
 
+def check_activations(value: object, shape: tuple[int, ...], *, like: torch.Tensor,
+                      field: str) -> torch.Tensor:
+    """Per-writer activations of exactly ``shape`` ([writers, B, T, D]), cast to ``like``'s
+    dtype and device (gradients flow through the cast)."""
+    if not isinstance(value, torch.Tensor) or value.shape != shape or not value.is_floating_point():
+        raise InvalidArgument(f"{field} must be a float tensor {list(shape)}", field=field)
+    return value.to(device=like.device, dtype=like.dtype)
+
+
 def check_out(out: object, shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device,
               field: str) -> torch.Tensor:
     """A caller's tensor to write into: contiguous, of ``shape``, ``dtype`` and ``device``."""

@@ -172,6 +172,8 @@ def masked_forward(
     logits: bool = True,
     checkpoint_layers: bool = False,
     workspace: Workspace | None = None,
+    embeddings: torch.Tensor | None = None,
+    grad_deltas: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, DeltaBuffer]:
     """Logits of the masked model, and the delta buffer.
 
@@ -197,13 +199,25 @@ def masked_forward(
 
     ``workspace`` lends the buffer and the blocks' reader inputs (see ``Workspace``); it must not be
     given when the caller keeps the returned buffer's ``d``.
+
+    ``embeddings`` [n_embed, B, T, D], when given, are the embedding writers' outputs instead of
+    the model's embeddings of ``input_ids`` (which then only give the shape): an input between two
+    prompts, as EAP-IG integrates along. ``grad_deltas`` [W, B, T, D], when given, are the deltas
+    the gradient of ``weights`` is taken against: dL/dM[r, w] = sum over rows of g_r * delta_w
+    (g_r = dL/dx_r) instead of g_r * d_w; the forward and every other gradient are unchanged (see
+    _autograd.py). With every mask 1 the forward is the plain model whatever the ablation values,
+    and this gives each edge's gradient . delta in one backward, for any delta.
     """
     B, T = input_ids.shape
     H, KV, L = adapter.n_heads, adapter.n_kv_heads, adapter.n_layers
     position_ids = torch.arange(T, device=input_ids.device)[None]  # [1, T]
-    emb = adapter.embed(input_ids, position_ids)  # [n_embed, B, T, D]
+    if embeddings is None:
+        emb = adapter.embed(input_ids, position_ids)  # [n_embed, B, T, D]
+    else:
+        emb = embeddings  # [n_embed, B, T, D]
     buf = DeltaBuffer(
-        graph.n_writers, B, T, adapter.d_model, like=emb, workspace=workspace, index=index
+        graph.n_writers, B, T, adapter.d_model, like=emb, workspace=workspace, index=index,
+        grad_deltas=grad_deltas,
     )
     # buf.d [W, B, T, D]
 
@@ -383,6 +397,8 @@ class CircuitModel(nn.Module):
         ablation: str = "corrupted",
         ablated: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        embeddings: torch.Tensor | None = None,
+        grad_deltas: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of the masked model: [B, T, V], or [B, V] / [B, P, V] at ``positions`` [B] / [B, P].
 
@@ -391,6 +407,11 @@ class CircuitModel(nn.Module):
         ablation values y~ are ``ablated`` [W, B|1, T, D] when given, else the corrupted run's writer
         outputs (``corrupted_ids`` [B, T], same attention mask), zero, or the per-position mean over
         the batch (``corrupted_ids`` if given, else ``input_ids``).
+
+        ``embeddings`` [n_embed, B, T, D] replace the embedding writers' outputs on ``input_ids``
+        (differentiable); ``grad_deltas`` [W, B, T, D] are the writer deltas the dense masks'
+        gradient is taken against instead of y - y~ (see :func:`masked_forward`: with every mask
+        1 the edge mask's gradient is then g_r . grad_deltas_w for each edge w -> r).
         """
         ids, valid = self._check_batch(input_ids, attention_mask)
         ablation = _checks.check_ablation(ablation)
@@ -401,6 +422,16 @@ class CircuitModel(nn.Module):
         y_tilde = self._ablation_values(
             ids, valid, attention_mask, corrupted_ids, ablation, ablated
         )
+        like = torch.empty((), device=self.device, dtype=self.dtype)
+        if embeddings is not None:
+            embeddings = _checks.check_activations(
+                embeddings, (self.graph.n_embed, B, T, self.d_model), like=like, field="embeddings"
+            )  # [n_embed, B, T, D]
+        if grad_deltas is not None:
+            grad_deltas = _checks.check_activations(
+                grad_deltas, (self.graph.n_writers, B, T, self.d_model), like=like,
+                field="grad_deltas",
+            ).detach()  # [W, B, T, D]
         out, _ = masked_forward(
             self.adapter,
             self.graph,
@@ -411,6 +442,8 @@ class CircuitModel(nn.Module):
             index,
             checkpoint_layers=self.checkpoint_layers,
             workspace=self.workspace,
+            embeddings=embeddings,
+            grad_deltas=grad_deltas,
         )
         assert out is not None
         if positions is None:

@@ -6,7 +6,9 @@ re-drawn at random so a mistake in any of them shows in the logits.
 
 from __future__ import annotations
 
+import copy
 import math
+import types
 
 import torch
 from torch import nn
@@ -41,6 +43,20 @@ def _randomise(module: nn.Module, seed: int) -> nn.Module:
                 torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if p.dim() == 1 else 0.0) * 0.5
             )
     return module.eval()
+
+
+def _float64_rms_norm(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm in the input's precision (HF's computes in float32 even for float64 models)."""
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def float64(module: nn.Module) -> nn.Module:
+    """A float64 copy of an HF model whose RMSNorms compute in float64 too."""
+    module = copy.deepcopy(module).double()
+    for sub in module.modules():
+        if type(sub).__name__.endswith("RMSNorm"):
+            sub.forward = types.MethodType(_float64_rms_norm, sub)
+    return module
 
 
 def tiny_models() -> dict[str, nn.Module]:
@@ -242,9 +258,27 @@ def reference_run(
     ``edge[(writer, reader)]`` and ``node[writer]`` default to 1; ``ablated[writer]`` to zero.
     Reader r's input is sum over its upstream writers w of M*y_w + (1-M)*y~_w, M = edge * node.
     """
+    return reference_forward(model, ids, valid, edge, node, ablated)
+
+
+def reference_forward(
+    model: nn.Module,
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    edge: dict[tuple[str, str], float] | None = None,
+    node: dict[str, float] | None = None,
+    ablated: dict[str, torch.Tensor] | None = None,
+    *,
+    embeddings: dict[str, torch.Tensor] | None = None,
+    inputs: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`reference_run` under autograd. ``embeddings`` ({"tok": [B, T, D], "pos": ...})
+    replace the embedding writers' outputs on ``ids``; every reader's input [B, T, D] is put in
+    ``inputs`` (by reader name, each computed once and kept with ``retain_grad``, so that after a
+    backward ``inputs[r].grad`` is dL/dx_r)."""
     f = _Family(model)
     edge, node, ablated = edge or {}, node or {}, ablated or {}
-    ys = f.embeddings(ids)
+    ys = dict(embeddings) if embeddings is not None else f.embeddings(ids)
     order = list(ys)  # writers so far, in graph order
 
     def read(reader: str) -> torch.Tensor:
@@ -252,16 +286,21 @@ def reference_run(
         for w in order:
             m = edge.get((w, reader), 1.0) * node.get(w, 1.0)
             total = total + m * ys[w] + (1 - m) * ablated.get(w, torch.zeros_like(ys[w]))
+        if inputs is not None:
+            if total.requires_grad:
+                total.retain_grad()
+            inputs[reader] = total
         return total
 
     group = f.H // f.KV
     for l in range(f.L):
         new = {}
+        kv = [
+            (f.k(l, g, read(f"a{l}.h{g}.k")), f.v(l, g, read(f"a{l}.h{g}.v"))) for g in range(f.KV)
+        ]
         for h in range(f.H):
-            g = h // group
             q = f.q(l, h, read(f"a{l}.h{h}.q"))
-            k = f.k(l, g, read(f"a{l}.h{g}.k"))
-            v = f.v(l, g, read(f"a{l}.h{g}.v"))
+            k, v = kv[h // group]
             new[f"a{l}.h{h}"] = f.head_out(l, h, f.attend(l, q, k, v, valid))
         ys.update(new)
         order += list(new)

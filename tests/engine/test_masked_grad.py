@@ -6,37 +6,21 @@ Central differences along random directions, one per block of edges that share a
 
 from __future__ import annotations
 
-import copy
-import types
-
 import pytest
 import torch
 from torch import nn
 
 from edgeprune.engine.masked import CircuitModel
-from tests.engine.masked_models import batch, tiny_models
+from tests.engine.masked_models import batch, float64, tiny_models
 
 MODELS = tiny_models()
-
-
-def _float64_rms_norm(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm in the input's precision (HF's computes in float32 even for float64 models)."""
-    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-
-def _float64(module: nn.Module) -> nn.Module:
-    module = copy.deepcopy(module).double()
-    for sub in module.modules():
-        if type(sub).__name__.endswith("RMSNorm"):
-            sub.forward = types.MethodType(_float64_rms_norm, sub)
-    return module
 
 
 @pytest.fixture(
     params=["gpt2", "gpt2-deep", "llama-gqa", "qwen2", "mistral-window"], scope="module"
 )
 def model(request) -> CircuitModel:
-    return CircuitModel(_float64(MODELS[request.param]))
+    return CircuitModel(float64(MODELS[request.param]))
 
 
 def _blocks(model: CircuitModel) -> list[slice]:
@@ -115,3 +99,31 @@ def test_kl_gradient_and_repeated_backward(model):
     ones = torch.ones_like(edge).requires_grad_()
     value = loss(ones)
     assert value.abs() < 1e-10
+
+
+
+@pytest.mark.parametrize("at_positions", [False, True])
+def test_embeddings_and_grad_deltas(model, at_positions):
+    """``embeddings`` replace the ones of ``input_ids``; ``grad_deltas`` X give, at masks 1, the
+    mask gradient that ablation values y - X would: g_r . X_w for every edge w -> r (the forward
+    at masks 1 is the plain model whatever the ablation values)."""
+    ids, corrupted, mask = batch(4, B=2, T=5)
+    positions = mask.sum(1) - 1 if at_positions else None
+    g = model.graph
+    gen = torch.Generator().manual_seed(5)
+    proj = torch.randn(model.vocab_size, generator=gen, dtype=torch.float64)
+    y = model.ablation_outputs(corrupted, attention_mask=mask)  # [W, B, T, D]
+    x = torch.randn(y.shape, generator=gen, dtype=torch.float64)  # [W, B, T, D]
+
+    def run(input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        ones = torch.ones(g.n_edges, dtype=torch.float64, requires_grad=True)  # [E]
+        out = model.logits(input_ids, attention_mask=mask, edge_mask=ones, positions=positions,
+                           **kwargs)
+        return out.detach(), torch.autograd.grad((out * proj).sum(), ones)[0]
+
+    # the run on ids with the corrupted embeddings is the run on the corrupted ids
+    expected_logits, expected = run(corrupted, ablated=y - x)
+    logits, got = run(ids, embeddings=y[: g.n_embed], grad_deltas=x, ablation="zero")
+    torch.testing.assert_close(logits, expected_logits)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-8)
+    assert got.abs().max() > 1e-3  # not vacuous
