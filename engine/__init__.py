@@ -6,6 +6,7 @@ from edgeprune.engine.errors import (
     ModelNotFound,
     NotSupported,
     ResourceExhausted,
+    Stopped,
     UnsupportedArchitecture,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "PruneConfig",
     "PruneResult",
     "ResourceExhausted",
+    "Stopped",
     "SweepResult",
     "TaskDataset",
     "UnsupportedArchitecture",

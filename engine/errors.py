@@ -33,3 +33,11 @@ class NotSupported(EngineError):
 
 class ResourceExhausted(EngineError):
     """A request exceeds a size or memory limit."""
+
+
+class Stopped(Exception):
+    """A long computation ended early because its caller's ``should_stop()`` returned True.
+
+    Not an :class:`EngineError`: nothing was wrong with the request, and a caller that asked to
+    stop (a cancelled job) catches this instead of reporting a failure. Nothing partial is returned.
+    """

@@ -30,7 +30,7 @@ from edgeprune.engine.prune import PruneConfig, prune
 from edgeprune.engine.tasks import TaskDataset
 
 MIB_SIZES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-METHODS = ("edge_pruning", "eap", "eap_ig")
+METHODS = ("edge_pruning", *attribution.SCORED_METHODS)
 
 
 def area(xs: Sequence[float], ys: Sequence[float]) -> float:
