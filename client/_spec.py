@@ -249,7 +249,8 @@ def job_spec(
     ``{clean, corrupted, target, distractor}`` mappings). Size: ``sparsity`` (fraction
     of edges removed), ``edges`` (edges kept) or ``sizes`` (CircuitSize messages or
     mappings); a list of several sizes makes a sweep. ``method`` is ``edge_pruning``,
-    ``eap``, ``eap_ig`` or ``acdc``; ``lr`` is the mask learning rate;
+    ``eap``, ``eap_ig`` (integrated over the input embeddings, as MIB), ``eap_ig_edges``
+    (integrated over the edge masks) or ``acdc``; ``lr`` is the mask learning rate;
     ``warm_start="eap_ig"`` (or True) starts the masks from EAP-IG scores;
     ``activation_checkpointing=True`` recomputes each layer in the backward pass (less memory);
     ``data_parallel_workers=N`` spreads an Edge Pruning job over N processes of its worker.

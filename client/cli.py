@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model on the server's allow-list, e.g. smollm2-135m")
     _add_data_flags(p)
     p.add_argument("--task-seed", type=int, help="seed of the task generator")
-    p.add_argument("--method", help="edge_pruning (default), eap, eap_ig or acdc")
+    p.add_argument("--method", help="edge_pruning (default), eap, eap_ig (over the input "
+                   "embeddings, as MIB), eap_ig_edges (over the edge masks) or acdc")
     p.add_argument("--sparsity", type=float, action="append", help="target edge sparsity (repeat for a sweep)")
     p.add_argument("--edges", type=int, action="append", help="edges to keep (repeat for a sweep)")
     p.add_argument("--steps", type=int, help="Edge Pruning steps")

@@ -22,8 +22,9 @@ EVENT_PROGRESS = "progress"
 METHOD_NAMES = {
     common_pb2.METHOD_EDGE_PRUNING: "edge_pruning",
     common_pb2.METHOD_EAP: "eap",
-    common_pb2.METHOD_EAP_IG: "eap_ig",
+    common_pb2.METHOD_EAP_IG: "eap_ig",  # over the input embeddings, as MIB's EAP-IG
     common_pb2.METHOD_ACDC: "acdc",
+    common_pb2.METHOD_EAP_IG_EDGES: "eap_ig_edges",  # over the edge masks
 }
 METHODS_BY_NAME = {name: method for method, name in METHOD_NAMES.items()}
 STATES = {state: job_pb2.JobState.Value(f"JOB_STATE_{state.value}") for state in JobState}

@@ -54,9 +54,16 @@ class _MethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Method.ValueTy
     METHOD_EAP: _Method.ValueType  # 2
     """Edge Attribution Patching: one gradient per edge."""
     METHOD_EAP_IG: _Method.ValueType  # 3
-    """EAP with integrated gradients."""
+    """EAP with integrated gradients over the input embeddings, as the MIB benchmark defines
+    EAP-IG ("EAP-IG-inputs", Hanna et al. 2024): gradients averaged over runs whose input
+    embeddings go from the corrupted prompt's towards the clean one's.
+    """
     METHOD_ACDC: _Method.ValueType  # 4
     """Automated Circuit DisCovery: greedy edge removal."""
+    METHOD_EAP_IG_EDGES: _Method.ValueType  # 5
+    """EAP with integrated gradients over the edge masks: gradients averaged along every edge
+    mask going from 0 to 1 together.
+    """
 
 class Method(_Method, metaclass=_MethodEnumTypeWrapper):
     """The circuit discovery method."""
@@ -68,9 +75,16 @@ METHOD_EDGE_PRUNING: Method.ValueType  # 1
 METHOD_EAP: Method.ValueType  # 2
 """Edge Attribution Patching: one gradient per edge."""
 METHOD_EAP_IG: Method.ValueType  # 3
-"""EAP with integrated gradients."""
+"""EAP with integrated gradients over the input embeddings, as the MIB benchmark defines
+EAP-IG ("EAP-IG-inputs", Hanna et al. 2024): gradients averaged over runs whose input
+embeddings go from the corrupted prompt's towards the clean one's.
+"""
 METHOD_ACDC: Method.ValueType  # 4
 """Automated Circuit DisCovery: greedy edge removal."""
+METHOD_EAP_IG_EDGES: Method.ValueType  # 5
+"""EAP with integrated gradients over the edge masks: gradients averaged along every edge
+mask going from 0 to 1 together.
+"""
 Global___Method: _TypeAlias = Method  # noqa: Y015
 
 class _Ablation:
