@@ -83,6 +83,37 @@ def _pattern() -> rasp.SOp:
     return lib.detect_pattern(rasp.tokens, "abc").named("pattern")
 
 
+def _hist() -> rasp.SOp:
+    """How often each position's token occurs (tracr's ``make_hist``): one SelectorWidth, i.e. a
+    near-hard attention to BOS feeding a step-function MLP that turns 1/(width+1) into a count."""
+    return lib.make_hist().named("hist")
+
+
+def _sort() -> rasp.SOp:
+    """The tokens in ascending order (tracr's ``make_sort``, ties broken by position): a lookup MLP
+    making the keys unique, a SelectorWidth counting the smaller keys, and a head moving each
+    token to its rank."""
+    return lib.make_sort(rasp.tokens, rasp.tokens, max_seq_len=4, min_key=1).named("sort")
+
+
+def _lookup() -> rasp.SOp:
+    """A chain of two categorical lookup MLPs (a Map of a Map, kept apart with ``simplify=False``)
+    feeding one layer of two heads whose outputs one more lookup MLP combines.
+
+    Both heads always select exactly one position (one the previous position, or position 0 for
+    the first token; the other position 0), so every output is defined and no answer is a tie.
+    """
+    first = rasp.Map(lambda x: (2 * x + 1) % 3, rasp.tokens).named("first")
+    second = rasp.Map(lambda x: (x + 2) % 3, first, simplify=False).named("second")
+    previous = rasp.Aggregate(
+        rasp.Select(rasp.indices, rasp.indices, lambda k, q: k == max(q - 1, 0)), second,
+    ).named("previous")
+    start = rasp.Aggregate(
+        rasp.Select(rasp.indices, rasp.indices, lambda k, q: k == 0), second,
+    ).named("start")
+    return rasp.SequenceMap(lambda a, b: (a + 2 * b) % 3, previous, start).named("lookup")
+
+
 PROGRAMS: dict[str, Program] = {
     "reverse": Program(
         make=lambda: lib.make_reverse(rasp.tokens).named("reverse"),
@@ -101,6 +132,24 @@ PROGRAMS: dict[str, Program] = {
         vocab=frozenset({"a", "b", "c"}),
         max_seq_len=5,
         inputs=(("a", "b", "c"), ("c", "a", "b", "c", "a"), ("a", "b", "c", "a", "b"), ("b",)),
+    ),
+    "hist": Program(
+        make=_hist,
+        vocab=frozenset({"a", "b", "c"}),
+        max_seq_len=5,
+        inputs=(("a", "b", "a"), ("c", "c", "c", "b", "c"), ("b",), ("a", "b", "c", "a")),
+    ),
+    "sort": Program(
+        make=_sort,
+        vocab=frozenset({1, 2, 3}),
+        max_seq_len=4,
+        inputs=((3, 1, 2), (2, 2, 1, 3), (1,), (3, 3, 1, 1)),
+    ),
+    "lookup": Program(
+        make=_lookup,
+        vocab=frozenset({0, 1, 2}),
+        max_seq_len=4,
+        inputs=((0, 1, 2), (2, 2, 1, 0), (1,), (0, 0, 2, 1)),
     ),
 }
 

@@ -19,7 +19,7 @@ from edgeprune.engine.masked import CircuitModel
 from edgeprune.engine.tracr_model import TracrModel, TracrTokenizer, load_tracr
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "tracr"
-PROGRAMS = ("reverse", "xproportion", "pattern")
+PROGRAMS = ("reverse", "xproportion", "pattern", "hist", "sort", "lookup")
 
 
 def reference(program: str) -> list[dict]:
