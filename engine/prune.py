@@ -530,6 +530,14 @@ def _result(
         target = {"kl_tolerance": config.kl_tolerance}
         keep = smallest_faithful(cache, scores, config.loss, config.kl_tolerance,
                                  batch_size=config.batch_size)
+        if not stopped:  # the cut follows the ranking; make it minimal (a stopped run ends now)
+            from edgeprune.engine.refine import minimal_circuit
+
+            refined = minimal_circuit(cache, keep, scores, config.loss, config.kl_tolerance,
+                                      batch_size=config.batch_size)
+            log.info("minimal circuit: %d of %d edges (%d forward passes)",
+                     int(refined.keep.sum()), int(keep.sum()), refined.forwards)
+            keep = refined.keep
     else:
         target = {"expected": True}
         with torch.no_grad():
