@@ -279,25 +279,6 @@ def provenance(dataset: TaskDataset) -> dict[str, Any]:
             "examples": len(dataset)}
 
 
-def warm_start_log_alpha(scores: torch.Tensor, n_keep: int, *, scale: float = 3.0) -> torch.Tensor:
-    """Initial log_alphas [E] from scores [E]: ``log(score / cut)``, clamped to [-scale, scale].
-
-    ``cut`` lies between the ``n_keep``-th and the next score, so the top ``n_keep`` edges start on
-    (log_alpha > 0) and the rest off. On the log scale an edge's start reflects how far its score is
-    from the cut, so the short random walk of early Adam steps only reorders edges of similar
-    scores (a rank-linear start would pack tens of thousands of edges into a few units).
-    """
-    E = scores.numel()
-    n_keep = min(max(n_keep, 1), E)
-    values = scores.detach().float().cpu().clamp(min=0)  # [E]
-    ordered = torch.sort(values, descending=True).values  # [E]
-    above = ordered[n_keep - 1]
-    below = ordered[n_keep] if n_keep < E else above / 2
-    tiny = torch.finfo(torch.float32).tiny
-    cut = torch.sqrt(above.clamp(min=tiny) * below.clamp(min=tiny))
-    return torch.log(values.clamp(min=tiny) / cut).clamp(-scale, scale)
-
-
 # ---- ACDC ----------------------------------------------------------------------------------------
 
 

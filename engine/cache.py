@@ -1,4 +1,4 @@
-"""Per-example activations that every training step needs, computed once (issue 3, item 6).
+"""Per-example activations that every training step needs, computed once.
 
 The full model's logits at the answer positions and the ablation values y~ (the corrupted run's
 writer outputs, or the dataset mean) do not depend on the masks, so a pruning or attribution run
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from edgeprune.engine.errors import InvalidArgument
+from edgeprune.engine.errors import InvalidArgument, Stopped
 from edgeprune.engine.masked import CircuitModel
 from edgeprune.engine.memory import DEFAULT_BUDGET_BYTES
 from edgeprune.engine.tasks import TaskDataset
@@ -40,7 +41,9 @@ class ActivationCache:
     ``ablation`` is "corrupted", "zero" or "mean" (the per-position mean of every writer's output
     over the dataset's clean inputs). ``budget_bytes`` bounds what is kept: the clean logits first,
     then the corrupted activations; what does not fit is recomputed per batch (the mean [W, 1, T, D]
-    is always kept).
+    is always kept). Filling it runs the model over the dataset in chunks: ``progress(done,
+    total)`` is called after each chunk, and ``should_stop()``, polled before each, ends the build
+    with :class:`~edgeprune.engine.errors.Stopped`.
     """
 
     def __init__(
@@ -50,6 +53,8 @@ class ActivationCache:
         *,
         ablation: str = "corrupted",
         budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         if len(dataset) == 0:
             raise InvalidArgument("the dataset has no examples", field="dataset")
@@ -59,17 +64,22 @@ class ActivationCache:
         N, T = dataset.clean_ids.shape
         P = dataset.positions.shape[1]
         logits_size = N * P * model.vocab_size * 4  # float32 [N, P, V]
+        corrupted_size = model.graph.n_writers * N * T * model.d_model * model.dtype.itemsize
+        keep_logits = logits_size <= budget_bytes
+        keep_corrupted = ablation == "corrupted" and corrupted_size <= budget_bytes - (
+            logits_size if keep_logits else 0)
+        passes = keep_logits + (ablation == "mean") + keep_corrupted
+        self._progress, self._should_stop = progress, should_stop
+        self._done, self._total = 0, passes * len(self._chunks())
         self.clean_logits: torch.Tensor | None = None  # [N, P, V] when cached
-        if logits_size <= budget_bytes:
+        if keep_logits:
             self.clean_logits = self._clean_logits()
             budget_bytes -= logits_size
         self.mean: torch.Tensor | None = self._mean() if ablation == "mean" else None  # [W, 1, T, D]
         self.corrupted: torch.Tensor | None = None  # [W, N, T, D] when cached
         self._scratch: torch.Tensor | None = None  # flat, reused by batch(scratch=True)
-        if ablation == "corrupted":
-            size = model.graph.n_writers * N * T * model.d_model * model.dtype.itemsize
-            if size <= budget_bytes:
-                self.corrupted = self._corrupted()
+        if keep_corrupted:
+            self.corrupted = self._corrupted()
         self.cached = self.clean_logits is not None and (
             ablation != "corrupted" or self.corrupted is not None
         )
@@ -80,11 +90,22 @@ class ActivationCache:
     def _chunks(self) -> list[torch.Tensor]:
         return list(torch.arange(len(self.dataset)).split(CHUNK))
 
+    def _filling(self) -> Iterator[torch.Tensor]:
+        """The chunks of one filling pass, polling ``should_stop`` before and reporting
+        ``progress`` after each."""
+        for index in self._chunks():
+            if self._should_stop is not None and self._should_stop():
+                raise Stopped("stopped while filling the activation cache")
+            yield index
+            self._done += 1
+            if self._progress is not None:
+                self._progress(self._done, self._total)
+
     @torch.no_grad()
     def _clean_logits(self) -> torch.Tensor:
         P = self.dataset.positions.shape[1]
         out = []
-        for index in self._chunks():
+        for index in self._filling():
             b = self.dataset.subset(index)
             y = self.model.reference_logits(
                 b.clean_ids, attention_mask=b.attention_mask, positions=b.positions
@@ -96,7 +117,7 @@ class ActivationCache:
     def _corrupted(self) -> torch.Tensor:
         N, T = self.dataset.clean_ids.shape
         out = None
-        for index in self._chunks():
+        for index in self._filling():
             b = self.dataset.subset(index)
             y = self.model.ablation_outputs(b.corrupted_ids, attention_mask=b.attention_mask)
             if out is None:
@@ -111,7 +132,7 @@ class ActivationCache:
         g, model = self.model.graph, self.model
         total = torch.zeros(g.n_writers, 1, T, model.d_model, device=model.device, dtype=model.dtype)
         count = torch.zeros(T, device=model.device, dtype=model.dtype)  # [T]
-        for index in self._chunks():
+        for index in self._filling():
             b = self.dataset.subset(index)
             y = model.ablation_outputs(b.clean_ids, attention_mask=b.attention_mask)  # [W, b, t, D]
             valid = b.attention_mask.to(y.device, y.dtype)  # [b, t]

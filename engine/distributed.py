@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from edgeprune.engine.errors import EngineError, InvalidArgument
+from edgeprune.engine.errors import EngineError, InvalidArgument, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _rank_main(rank: int, world: int, args: _RankArgs, events: Any, stop: Any) -
 
 def _engine_error(exc: BaseException) -> tuple[str, str, str | None] | None:
     """(class name, message, field) of an engine error, so the caller can raise the same kind."""
-    if isinstance(exc, EngineError):
+    if isinstance(exc, (EngineError, Stopped)):  # Stopped: asked to stop during the preparation
         return type(exc).__name__, str(exc), getattr(exc, "field", None)
     return None
 

@@ -57,3 +57,27 @@ def deterministic(log_alpha: torch.Tensor) -> torch.Tensor:
 def keep_probability(log_alpha: torch.Tensor) -> torch.Tensor:
     """``P(z > 0)`` of each mask [n] -> [n]; its mean is the expected density (1 - sparsity)."""
     return torch.sigmoid(log_alpha - _SHIFT)
+
+
+def warm_log_alpha(scores: torch.Tensor, n_keep: int, *, high: float = 3.0,
+                   floor: float = 3.0) -> torch.Tensor:
+    """Initial ``log_alpha`` [E] from attribution scores [E]: ``log(score / cut)``, clamped to
+    ``[-floor, high]``.
+
+    ``cut`` lies between the ``n_keep``-th and the next score, so the top ``n_keep`` edges start on
+    (log_alpha > 0) and the rest off. On the log scale an edge's start reflects how far its score is
+    from the cut, so early optimizer steps only reorder edges of similar scores, and the edges far
+    below the cut keep their attribution order (a circuit cut larger than the trained size is then
+    the attribution's). A deep ``floor`` makes the masks' expected sparsity start near the
+    requested one (``keep_probability(-3)`` is still 0.35), so the sparsity Lagrangian holds the
+    size instead of chasing it.
+    """
+    E = scores.numel()
+    n_keep = min(max(n_keep, 1), E)
+    values = scores.detach().float().cpu().clamp(min=0)  # [E]
+    ordered = torch.sort(values, descending=True).values  # [E]
+    above = ordered[n_keep - 1]
+    below = ordered[n_keep] if n_keep < E else above / 2
+    tiny = torch.finfo(torch.float32).tiny
+    cut = torch.sqrt(above.clamp(min=tiny) * below.clamp(min=tiny))
+    return torch.log(values.clamp(min=tiny) / cut).clamp(-floor, high)  # [E]

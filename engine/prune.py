@@ -11,9 +11,11 @@ takes its rows from a seeded permutation of the dataset, so the run is determini
 resumed run (``resume=`` bytes from ``on_checkpoint``) is exactly the uninterrupted one. The full
 model's logits and the ablation values come from :class:`~edgeprune.engine.cache.ActivationCache`.
 
-Defaults are the paper's GPT-2 settings (3000 steps, batch 32, all learning rates 0.8, sparsity
-warm-up over 5/6 of the steps, edge target 1.02, node masks on, node loss off); the warm-ups are
-fractions of ``steps``, so a short job keeps the same shape.
+The defaults (``engine/defaults.py``) are a recipe that reaches the requested size without
+tuning: the edge masks start from EAP-IG scores (the top edges of the requested size on, the rest
+off and in score order), small learning rates refine that start, and the sparsity target and
+warm-ups are fractions of ``steps``. The paper's own setting (every mask on, 3000 steps, learning
+rates 0.8) is ``warm_start=None`` with those values.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from edgeprune.engine import defaults, masks, objective
-from edgeprune.engine.attribution import eap_ig_scores, warm_start_log_alpha
+from edgeprune.engine import defaults, diagnostics, masks, objective
+from edgeprune.engine.attribution import eap_ig_scores
 from edgeprune.engine.cache import DEFAULT_BUDGET_BYTES, ActivationCache
 from edgeprune.engine.checkpoint import TrainingState, from_bytes, to_bytes
 from edgeprune.engine.circuit import (
@@ -46,6 +48,7 @@ from edgeprune.engine.circuit import (
 from edgeprune.engine.errors import InvalidArgument
 from edgeprune.engine.graph import Graph
 from edgeprune.engine.masked import CircuitModel
+from edgeprune.engine.refine import minimal_circuit
 from edgeprune.engine.tasks import TaskDataset
 
 log = logging.getLogger(__name__)
@@ -61,16 +64,16 @@ class PruneConfig:
     own expected number of edges. ``edge_target`` is the final sparsity target of the
     Lagrangian (None: the requested sparsity, or 1.02 when none is requested).
 
-    Short runs warm-started from EAP-IG (``warm_start="eap_ig"``) want small learning rates
-    (about 0.05): Adam's first steps move every log_alpha by about +-lr, so at the paper's 0.8 a few
+    Runs warm-started from EAP-IG (``warm_start="eap_ig"``, the default) want small learning
+    rates: Adam's first steps move every log_alpha by about +-lr, so at the paper's 0.8 a few
     dozen steps scramble the warm start before the KL gradient has sorted anything.
     """
 
-    steps: int = defaults.PAPER_STEPS
-    batch_size: int = 32
-    edge_lr: float = defaults.PAPER_LEARNING_RATE
-    node_lr: float = defaults.PAPER_LEARNING_RATE
-    lambda_lr: float = defaults.PAPER_LEARNING_RATE
+    steps: int = defaults.STEPS
+    batch_size: int = defaults.BATCH_SIZE
+    edge_lr: float = defaults.MASK_LEARNING_RATE
+    node_lr: float = defaults.MASK_LEARNING_RATE
+    lambda_lr: float = defaults.LAMBDA_LEARNING_RATE
     weight_decay: float = 0.0  # on the log_alphas (lambdas never decay)
     grad_clip: float | None = None  # max global norm of the mask gradients
     lr_warmup_steps: int | None = None  # None: defaults.lr_warmup_steps(steps)
@@ -87,12 +90,16 @@ class PruneConfig:
     init_mean: float = masks.INIT_MEAN
     init_std: float = masks.INIT_STD
     kl_tolerance: float | None = None  # no size asked: smallest top-ranked circuit within it
-    warm_start: str | None = None  # "eap_ig": start log_alphas from EAP-IG scores
-    warm_start_ig_steps: int = 5
-    warm_start_scale: float = 3.0  # warm-start log_alphas are clamped to [-scale, scale]
+    warm_start: str | None = defaults.WARM_START  # "eap_ig" (scores) or None (every mask on)
+    warm_start_ig_steps: int = defaults.WARM_START_IG_STEPS
+    warm_start_scale: float = defaults.WARM_START_SCALE  # top log_alphas start in (0, scale]
+    warm_start_floor: float = defaults.WARM_START_FLOOR  # the rest in [-floor, 0)
     cache_bytes: int = DEFAULT_BUDGET_BYTES
     distributed: bool = False
     activation_checkpointing: bool = False  # recompute layer internals in backward (less memory)
+    # Factor on the Lagrangian terms; None: the number of masks, so each mask feels the
+    # sparsity pressure of its own expected count whatever the graph size (1.0: the paper's).
+    lagrangian_scale: float | None = defaults.LAGRANGIAN_SCALE
 
     def validate(self, model: CircuitModel, dataset: TaskDataset) -> None:
         """InvalidArgument naming the first bad field."""
@@ -105,7 +112,8 @@ class PruneConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise InvalidArgument(f"{name} must be an integer >= 0, got {value!r}", field=name)
-        for name in ("edge_lr", "node_lr", "lambda_lr", "weight_decay", "init_std", "warm_start_scale"):
+        for name in ("edge_lr", "node_lr", "lambda_lr", "weight_decay", "init_std",
+                     "warm_start_scale", "warm_start_floor"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise InvalidArgument(f"{name} must be a finite number >= 0, got {value!r}", field=name)
@@ -113,6 +121,12 @@ class PruneConfig:
             isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0
         ):
             raise InvalidArgument(f"grad_clip must be > 0 or None, got {self.grad_clip!r}", field="grad_clip")
+        if self.lagrangian_scale is not None and not (
+            isinstance(self.lagrangian_scale, (int, float)) and math.isfinite(self.lagrangian_scale)
+            and self.lagrangian_scale > 0
+        ):
+            raise InvalidArgument(f"lagrangian_scale must be > 0 or None, got {self.lagrangian_scale!r}",
+                                  field="lagrangian_scale")
         if self.kl_tolerance is not None and not (
             isinstance(self.kl_tolerance, (int, float)) and self.kl_tolerance >= 0
         ):
@@ -147,6 +161,10 @@ class PruneConfig:
             return defaults.target_warmup_steps(self.steps)
         return self.target_warmup_steps
 
+    def lagrangian_factor(self, n_masks: int) -> float:
+        """The factor on a Lagrangian over ``n_masks`` masks."""
+        return float(n_masks) if self.lagrangian_scale is None else float(self.lagrangian_scale)
+
     def requested_edges(self, graph: Graph) -> int | None:
         """The circuit size asked for by ``n_edges`` or ``sparsity``, or None."""
         return requested_edges(graph, n_edges=self.n_edges, sparsity=self.sparsity)
@@ -160,13 +178,25 @@ class PruneConfig:
 
 
 @dataclass
+class PhaseProgress:
+    """What a progress callback receives while the run prepares: ``phase`` is "cache" (the full
+    model's logits and the ablation values) or "warm_start" (EAP-IG scores); ``step`` of
+    ``total_steps`` passes done."""
+
+    phase: str
+    step: int
+    total_steps: int
+
+
+@dataclass
 class ProgressEvent:
-    """What a progress callback receives after every step."""
+    """What a progress callback receives after every training step."""
 
     step: int  # steps done
     total_steps: int
     loss: float
-    task_loss: float  # KL (or the logit-difference loss)
+    task_loss: float  # the loss named by loss_name
+    loss_name: str  # "kl", "logit_diff" or "mse"
     sparsity_loss: float
     expected_sparsity: float  # of the edge masks
     node_sparsity: float | None
@@ -187,6 +217,9 @@ class PruneResult:
     stopped: bool  # should_stop() ended the run early
     config: PruneConfig
     edge_writer: torch.Tensor  # writer index of every edge [E] (Graph.edge_writer)
+    reached_sparsity: float = math.nan  # the masks' expected edge sparsity at the end
+    target_sparsity: float = math.nan  # the Lagrangian's final target
+    warnings: list[diagnostics.ResultWarning] = dataclasses.field(default_factory=list)
 
     def scores(self) -> torch.Tensor:
         """Ranking score of every edge [E]: its log_alpha, capped by its writer node's."""
@@ -318,11 +351,13 @@ class _Run:
         task = objective.loss(config.loss, batch, logits) * (len(mine) * world / len(index))
 
         sparsity, node_sparsity = self.expected_sparsity()
-        sparsity_loss = _lagrangian(self.lambdas[0], self.lambdas[1], target, sparsity)
+        graph = model.graph
+        sparsity_loss = config.lagrangian_factor(graph.n_edges) * _lagrangian(
+            self.lambdas[0], self.lambdas[1], target, sparsity)
         if config.node_loss:
             assert node_sparsity is not None
-            sparsity_loss = sparsity_loss + _lagrangian(self.lambdas[2], self.lambdas[3], node_target,
-                                                        node_sparsity)
+            sparsity_loss = sparsity_loss + config.lagrangian_factor(graph.n_writers) * _lagrangian(
+                self.lambdas[2], self.lambdas[3], node_target, node_sparsity)
         self.optimizer.zero_grad(set_to_none=False)
         (task + sparsity_loss).backward()
         task_value = task.detach().clone()
@@ -343,6 +378,7 @@ class _Run:
             "step": self.step,
             "loss": float(task_value) + float(sparsity_loss.detach()),
             "task_loss": float(task_value),
+            "loss_name": config.loss,
             "sparsity_loss": float(sparsity_loss.detach()),
             "expected_sparsity": float(sparsity.detach()),
             "node_sparsity": None if node_sparsity is None else float(node_sparsity.detach()),
@@ -411,7 +447,7 @@ def prune(
     dataset: TaskDataset,
     config: PruneConfig | None = None,
     *,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Callable[[ProgressEvent | PhaseProgress], None] | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[bytes], None] | None = None,
     resume: bytes | None = None,
@@ -420,12 +456,16 @@ def prune(
 ) -> PruneResult:
     """Learn edge (and node) masks of ``model`` on ``dataset`` and cut a circuit from them.
 
-    ``progress`` is called after every step; ``on_checkpoint(bytes)`` every ``checkpoint_every``
-    steps and when ``should_stop()`` (polled before every step) ends the run early; ``resume``
-    continues from such bytes (same model, dataset and config). ``warm_scores`` [E]: EAP-IG scores
-    already computed on this dataset, reused by ``warm_start="eap_ig"``. With ``config.distributed`` and
-    torch.distributed initialised, every rank takes its share of each batch and the gradients are
-    averaged across ranks before each optimizer step.
+    ``progress`` receives a :class:`PhaseProgress` after every pass of the preparation (activation
+    cache, EAP-IG warm start) and a :class:`ProgressEvent` after every step;
+    ``on_checkpoint(bytes)`` is called every ``checkpoint_every`` steps and when ``should_stop()``
+    (polled before every step) ends the run early; ``resume`` continues from such bytes (same
+    model, dataset and config). ``should_stop()`` is polled during the preparation too, which has
+    nothing to checkpoint yet: there it raises :class:`~edgeprune.engine.errors.Stopped`.
+    ``warm_scores`` [E]: EAP-IG scores already computed on this dataset, reused by
+    ``warm_start="eap_ig"``. With ``config.distributed`` and torch.distributed initialised, every
+    rank takes its share of each batch and the gradients are averaged across ranks before each
+    optimizer step. The result's ``warnings`` say where the circuit falls short of the request.
     """
     config = config or PruneConfig()
     config.validate(model, dataset)
@@ -437,12 +477,20 @@ def prune(
                               field="batch_size")
     graph = model.graph
     run = _Run(model, dataset, config)
-    cache = ActivationCache(model, dataset, ablation=config.ablation, budget_bytes=config.cache_bytes)
+
+    def phase(name: str) -> Callable[[int, int], None] | None:
+        if progress is None:
+            return None
+        return lambda done, total: progress(PhaseProgress(name, done, total))
+
+    cache = ActivationCache(model, dataset, ablation=config.ablation, budget_bytes=config.cache_bytes,
+                            progress=phase("cache"), should_stop=should_stop)
     if resume is not None:
         run.load(resume)
     else:
         if config.warm_start == "eap_ig":
-            _warm_start(run, cache, warm_scores)
+            _warm_start(run, cache, warm_scores, progress=phase("warm_start"),
+                        should_stop=should_stop)
         with torch.no_grad():
             run.start_sparsity = float(run.expected_sparsity()[0])
     final_target = config.final_edge_target(graph)
@@ -464,21 +512,28 @@ def prune(
         if checkpoint_every and on_checkpoint is not None and run.step % checkpoint_every == 0:
             on_checkpoint(run.save())
 
-    return _result(model, dataset, run, stopped, cache)
+    return _result(model, dataset, run, stopped, cache, should_stop=should_stop,
+                   on_checkpoint=on_checkpoint)
 
 
-def _warm_start(run: _Run, cache: ActivationCache, scores: torch.Tensor | None) -> None:
-    """Start the edge log_alphas from EAP-IG scores (see ``attribution.warm_start_log_alpha``)."""
+def _warm_start(run: _Run, cache: ActivationCache, scores: torch.Tensor | None, *,
+                progress: Callable[[int, int], None] | None,
+                should_stop: Callable[[], bool] | None) -> None:
+    """Start the edge log_alphas from EAP-IG scores (see ``masks.warm_log_alpha``)."""
     config, graph = run.config, run.model.graph
     if scores is None:
-        scores = eap_ig_scores(cache, steps=config.warm_start_ig_steps, batch_size=config.batch_size)
+        scores = eap_ig_scores(cache, steps=config.warm_start_ig_steps, batch_size=config.batch_size,
+                               progress=progress, should_stop=should_stop)
     elif scores.shape != (graph.n_edges,):
         raise InvalidArgument(f"warm_scores must have shape [{graph.n_edges}]", field="warm_scores")
     keep = config.requested_edges(graph)
     if keep is None:
         keep = max(1, round((1.0 - min(config.final_edge_target(graph), 1.0)) * graph.n_edges))
     with torch.no_grad():
-        run.edge_la.copy_(warm_start_log_alpha(scores, keep, scale=config.warm_start_scale))
+        run.edge_la.copy_(masks.warm_log_alpha(scores, keep, high=config.warm_start_scale,
+                                               floor=config.warm_start_floor))
+    if _world(config)[1] > 1:  # every rank starts from rank 0's masks, to the last bit
+        dist.broadcast(run.edge_la.data, src=0)
 
 
 @torch.no_grad()
@@ -514,7 +569,8 @@ def smallest_faithful(
 
 
 def _result(
-    model: CircuitModel, dataset: TaskDataset, run: _Run, stopped: bool, cache: ActivationCache
+    model: CircuitModel, dataset: TaskDataset, run: _Run, stopped: bool, cache: ActivationCache, *,
+    should_stop: Callable[[], bool] | None, on_checkpoint: Callable[[bytes], None] | None,
 ) -> PruneResult:
     config, graph = run.config, model.graph
     node_la = None if run.node_la is None else run.node_la.detach().clone()
@@ -531,13 +587,15 @@ def _result(
         keep = smallest_faithful(cache, scores, config.loss, config.kl_tolerance,
                                  batch_size=config.batch_size)
         if not stopped:  # the cut follows the ranking; make it minimal (a stopped run ends now)
-            from edgeprune.engine.refine import minimal_circuit
-
             refined = minimal_circuit(cache, keep, scores, config.loss, config.kl_tolerance,
-                                      batch_size=config.batch_size)
+                                      batch_size=config.batch_size, should_stop=should_stop)
             log.info("minimal circuit: %d of %d edges (%d forward passes)",
                      int(refined.keep.sum()), int(keep.sum()), refined.forwards)
             keep = refined.keep
+            if refined.stopped:  # the final state resumes into the same pass
+                stopped = True
+                if on_checkpoint is not None:
+                    on_checkpoint(run.save())
     else:
         target = {"expected": True}
         with torch.no_grad():
@@ -545,7 +603,19 @@ def _result(
         keep = select_top(graph, scores, expected)
     circuit = circuit_from_keep(graph, keep, scores, model=model.name, method="edge_pruning",
                                 target=target, settings=settings, provenance=provenance)
+    with torch.no_grad():
+        reached = float(run.expected_sparsity()[0])
+    final_target = config.final_edge_target(graph)
+    warnings = [] if stopped or k is None else [  # without a size the masks set it
+        *diagnostics.training_warnings(reached, final_target),
+        *diagnostics.size_warnings(circuit.n_edges, k),
+    ]
+    for warning in warnings:
+        log.warning("edge pruning: %s", warning.message)
     return PruneResult(
+        reached_sparsity=reached,
+        target_sparsity=final_target,
+        warnings=warnings,
         edge_log_alpha=run.edge_la.detach().clone(),
         node_log_alpha=node_la,
         circuit=circuit,

@@ -3,7 +3,6 @@ model; EAP-IG against a slow reference that differentiates every reader's input 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from edgeprune.engine.attribution import (
     ig_alphas,
     mean_gradient,
     scored_circuit,
-    warm_start_log_alpha,
 )
 from edgeprune.engine.cache import ActivationCache
 from edgeprune.engine.errors import InvalidArgument, Stopped
@@ -200,16 +198,6 @@ def test_attribution_errors(model: CircuitModel, ioi: TaskDataset) -> None:
         attribute(model, ioi, "eap_ig", ig_steps=0)
     with pytest.raises(InvalidArgument):
         scored_circuit(model, ioi, torch.zeros(3), method="eap", n_edges=2)
-
-
-def test_warm_start_log_alpha_follows_log_scores() -> None:
-    scores = torch.tensor([0.1, 5.0, 3.0, 0.0, 2.0, 1e6])
-    la = warm_start_log_alpha(scores, 3, scale=3.0)
-    assert (la > 0).tolist() == [False, True, True, False, False, True]
-    assert float(la[5]) == 3.0 and float(la[3]) == -3.0  # clamped
-    assert float(la[1] - la[2]) == pytest.approx(math.log(5 / 3), rel=1e-5)
-    order = torch.argsort(-scores)
-    assert bool((la[order].diff() <= 0).all())
 
 
 def test_acdc_budget_runs_out_and_says_so(model: CircuitModel, ioi: TaskDataset) -> None:

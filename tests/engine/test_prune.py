@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgeprune.engine import masks
+from edgeprune.engine import defaults, masks
+from edgeprune.engine.attribution import eap_ig_scores
 from edgeprune.engine.cache import ActivationCache
-from edgeprune.engine.errors import InvalidArgument
+from edgeprune.engine.errors import InvalidArgument, Stopped
 from edgeprune.engine.loading import load_model
 from edgeprune.engine.masked import CircuitModel
 from edgeprune.engine.prune import (
+    PhaseProgress,
     ProgressEvent,
     PruneConfig,
     batch_rows,
@@ -24,7 +26,7 @@ from edgeprune.engine.prune import (
 )
 from edgeprune.engine.tasks import Example, TaskDataset, build_task, from_examples
 
-SHORT = PruneConfig(steps=6, batch_size=4, seed=3)
+SHORT = PruneConfig(steps=6, batch_size=4, seed=3, warm_start=None)  # the training loop alone
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,16 @@ def test_hard_concrete_gradient_and_deterministic_mask() -> None:
     assert det.tolist() == pytest.approx([0.0, 0.5, 1.0])
 
 
+def test_warm_log_alpha_follows_log_scores() -> None:
+    scores = torch.tensor([0.1, 5.0, 3.0, 0.0, 2.0, 1e6])
+    la = masks.warm_log_alpha(scores, 3, high=3.0, floor=8.0)
+    assert (la > 0).tolist() == [False, True, True, False, False, True]
+    assert float(la[5]) == 3.0 and float(la[3]) == -8.0  # clamped
+    assert float(la[1] - la[2]) == pytest.approx(math.log(5 / 3), rel=1e-5)
+    order = torch.argsort(-scores)
+    assert bool((la[order].diff() <= 0).all())
+
+
 def test_init_log_alpha() -> None:
     la = masks.init_log_alpha(50_000, generator=torch.Generator().manual_seed(0))
     assert float(la.mean()) == pytest.approx(10.0, abs=1e-3)
@@ -89,10 +101,12 @@ def test_batches_walk_seeded_permutations() -> None:
     assert batch_rows(3, 5, 0, 0).shape == (5,)  # batches larger than the dataset wrap around
 
 
-def test_paper_defaults_and_scaling() -> None:
-    paper = PruneConfig()
-    assert (paper.steps, paper.batch_size, paper.edge_lr, paper.node_masks, paper.node_loss) == (
-        3000, 32, 0.8, True, False)
+def test_default_recipe_and_scaling() -> None:
+    recipe = PruneConfig()
+    assert (recipe.warm_start, recipe.edge_lr, recipe.lambda_lr, recipe.node_masks,
+            recipe.node_loss) == ("eap_ig", 0.05, defaults.LAMBDA_LEARNING_RATE, True, False)
+    assert recipe.steps == defaults.STEPS and recipe.warm_start_floor == defaults.WARM_START_FLOOR
+    paper = PruneConfig(steps=defaults.PAPER_STEPS, warm_start=None)  # warm-ups scale with steps
     assert paper.target_warmup == 2500 and paper.lr_warmup == 200
     assert PruneConfig(steps=300).target_warmup == 250
 
@@ -101,9 +115,17 @@ def test_paper_defaults_and_scaling() -> None:
 
 
 def test_prune_runs_and_reports_progress(model: CircuitModel, ioi: TaskDataset) -> None:
-    events: list[ProgressEvent] = []
-    result = prune(model, ioi, dataclasses.replace(SHORT, n_edges=20), progress=events.append)
+    seen: list[ProgressEvent | PhaseProgress] = []
+    config = dataclasses.replace(SHORT, n_edges=20, warm_start="eap_ig")
+    result = prune(model, ioi, config, progress=seen.append)
+    phases = [e for e in seen if isinstance(e, PhaseProgress)]
+    events = [e for e in seen if isinstance(e, ProgressEvent)]
+    assert seen[: len(phases)] == phases  # the preparation comes first, then the steps
+    assert [e.phase for e in phases] == ["cache"] * 2 + ["warm_start"] * phases[-1].total_steps
+    assert [e.step for e in phases if e.phase == "warm_start"] == list(
+        range(1, phases[-1].total_steps + 1))
     assert [e.step for e in events] == list(range(1, 7))
+    assert {e.loss_name for e in events} == {"kl"}
     last = events[-1]
     assert last.total_steps == 6 and last.steps_per_s > 0
     assert math.isfinite(last.loss) and last.task_loss >= -1e-6
@@ -156,25 +178,58 @@ def test_other_ablations_and_logit_diff_loss(model: CircuitModel, ioi: TaskDatas
 
 
 def test_should_stop_checkpoints_and_stops(model: CircuitModel, ioi: TaskDataset) -> None:
-    calls = {"n": 0}
+    steps: list[ProgressEvent] = []
     saved: list[bytes] = []
 
-    def stop() -> bool:
-        calls["n"] += 1
-        return calls["n"] > 2
+    def count(event: ProgressEvent | PhaseProgress) -> None:
+        if isinstance(event, ProgressEvent):
+            steps.append(event)
 
-    result = prune(model, ioi, SHORT, should_stop=stop, on_checkpoint=saved.append)
+    result = prune(model, ioi, SHORT, should_stop=lambda: len(steps) >= 2, progress=count,
+                   on_checkpoint=saved.append)
     assert result.stopped and result.steps_done == 2 and len(result.history) == 2
-    assert len(saved) == 1
+    assert len(saved) == 1 and result.warnings == []  # a stopped run is not judged
+
+
+@pytest.mark.parametrize("phase", ["cache", "warm_start"])
+def test_should_stop_during_the_preparation_raises_stopped(
+    model: CircuitModel, ioi: TaskDataset, phase: str
+) -> None:
+    """The cache build and the warm start poll should_stop too: nothing is checkpointed (there is
+    no training state yet) and Stopped says so."""
+    seen: list[str] = []
+    saved: list[bytes] = []
+
+    def note(event: ProgressEvent | PhaseProgress) -> None:
+        if isinstance(event, PhaseProgress):
+            seen.append(event.phase)
+
+    config = dataclasses.replace(SHORT, warm_start="eap_ig", warm_start_ig_steps=3)
+    with pytest.raises(Stopped):
+        prune(model, ioi, config, progress=note, should_stop=lambda: phase in seen,
+              on_checkpoint=saved.append)
+    assert seen.count(phase) == 1 and saved == []
+    assert phase == "warm_start" or "warm_start" not in seen
 
 
 def test_warm_start_from_eap_ig(model: CircuitModel, ioi: TaskDataset) -> None:
     config = dataclasses.replace(SHORT, steps=1, n_edges=10, warm_start="eap_ig", warm_start_ig_steps=2,
                                  lr_warmup_steps=10**6)  # lr 0 for the first step: masks stay put
     result = prune(model, ioi, config)
-    positive = int((result.edge_log_alpha > 0).sum())
+    la = result.edge_log_alpha  # [E]
+    positive = int((la > 0).sum())
     assert positive == 10  # the top 10 by EAP-IG start on, the rest off
-    assert float(result.edge_log_alpha.max()) <= 3.0 + 1e-3
+    assert float(la.max()) <= 3.0 + 1e-3 and float(la.min()) >= -config.warm_start_floor - 1e-3
+    # below the cut the edges keep their EAP-IG order wherever the floor leaves room
+    scores = eap_ig_scores(ActivationCache(model, ioi), steps=2, batch_size=4)
+    free = la > -config.warm_start_floor + 1e-3  # [E]
+    order = torch.argsort(scores[free], descending=True)
+    assert bool((la[free][order].diff() <= 1e-6).all())
+    start = masks.warm_log_alpha(scores, 10, high=3.0, floor=config.warm_start_floor)  # [E]
+    torch.testing.assert_close(la, start, rtol=0, atol=1e-5)
+    # a deeper floor starts the masks sparser
+    shallow = masks.warm_log_alpha(scores, 10, high=3.0, floor=1.0)
+    assert float(masks.keep_probability(la).mean()) < float(masks.keep_probability(shallow).mean())
 
 
 def test_bad_configs_raise_invalid_argument(model: CircuitModel, ioi: TaskDataset) -> None:
