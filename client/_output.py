@@ -141,6 +141,12 @@ def describe_event(event: job_pb2.JobEvent) -> str:
     return text
 
 
+def describe_warning(warning: job_pb2.JobWarning) -> str:
+    """One line for a warning about a job's result."""
+    where = warning.circuit or f"size {warning.size_index + 1}"
+    return f"warning ({where}) {warning.reason}: {warning.message}"
+
+
 def describe_circuit(circuit: circuit_pb2.Circuit) -> list[tuple[str, str]]:
     """Key/value lines of ``circuits show``."""
     lines = [
@@ -191,6 +197,8 @@ def describe_job(job: job_pb2.Job) -> list[tuple[str, str]]:
         lines.append(("cancel", "requested"))
     lines += [("circuit", name) for name in job.result.circuits]
     lines += [(key, f"{value:.4g}") for key, value in sorted(job.result.metrics.items())]
+    lines += [("warning", describe_warning(w).removeprefix("warning "))
+              for w in job.result.warnings]
     if job.error.message:
         lines.append(("error", job.error.message))
     return lines

@@ -54,7 +54,7 @@ JOB_KEYS = frozenset(
         "model", "task", "task_examples", "task_seed", "task_params", "dataset", "examples",
         "all_positions", "eval_fraction", "method", "sparsity", "edges", "sizes", "steps",
         "warmup_steps", "lr", "lambda_lr", "node_masks", "node_sparsity", "warm_start",
-        "ig_steps", "acdc_threshold", "batch_size", "seed", "ablation", "loss", "positions",
+        "warm_start_ig_steps", "ig_steps", "acdc_threshold", "batch_size", "seed", "ablation", "loss", "positions",
         "dtype", "activation_checkpointing", "data_parallel_workers",
     }
 )
@@ -230,6 +230,7 @@ def job_spec(
     node_masks: bool | None = None,
     node_sparsity: float | None = None,
     warm_start: str | bool | None = None,
+    warm_start_ig_steps: int | None = None,
     activation_checkpointing: bool | None = None,
     ig_steps: int | None = None,
     acdc_threshold: float | None = None,
@@ -251,7 +252,9 @@ def job_spec(
     mappings); a list of several sizes makes a sweep. ``method`` is ``edge_pruning``,
     ``eap``, ``eap_ig`` (integrated over the input embeddings, as MIB), ``eap_ig_edges``
     (integrated over the edge masks) or ``acdc``; ``lr`` is the mask learning rate;
-    ``warm_start="eap_ig"`` (or True) starts the masks from EAP-IG scores;
+    ``warm_start="eap_ig"`` (the server's default; True too) starts the masks from EAP-IG
+    scores (``warm_start_ig_steps`` integration steps), ``"none"`` (or False) with every mask on
+    as in the paper;
     ``activation_checkpointing=True`` recomputes each layer in the backward pass (less memory);
     ``data_parallel_workers=N`` spreads an Edge Pruning job over N processes of its worker.
     """
@@ -297,9 +300,11 @@ def job_spec(
         pruning.node_masks = bool(node_masks)
     if activation_checkpointing is not None:
         pruning.activation_checkpointing = bool(activation_checkpointing)
-    if warm_start is not None and warm_start is not False:
-        value = "eap_ig" if warm_start is True else warm_start
+    if warm_start is not None:
+        value = {True: "eap_ig", False: "none"}.get(warm_start, warm_start)  # type: ignore[call-overload]
         pruning.warm_start = enum_value(job_pb2.WarmStart, value, prefix="WARM_START_", field="warm_start")
+    if warm_start_ig_steps is not None:
+        pruning.warm_start_ig_steps = _number(warm_start_ig_steps, int, "warm_start_ig_steps")
     if ig_steps is not None:
         spec.attribution.ig_steps = _number(ig_steps, int, "ig_steps")
     if acdc_threshold is not None:

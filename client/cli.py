@@ -98,6 +98,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         "method": args.method, "sparsity": args.sparsity, "edges": args.edges,
         "steps": args.steps, "warmup_steps": args.warmup_steps, "lr": args.lr,
         "batch_size": args.batch_size, "seed": args.seed, "warm_start": args.warm_start,
+        "warm_start_ig_steps": args.warm_start_ig_steps,
         "ablation": args.ablation, "loss": args.loss, "dtype": args.dtype,
         "activation_checkpointing": args.activation_checkpointing,
         "data_parallel_workers": args.data_parallel_workers,
@@ -363,7 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="mask learning rate")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--warm-start", metavar="FROM", help="eap_ig: start the masks from EAP-IG scores")
+    p.add_argument("--warm-start", metavar="FROM",
+                   help="eap_ig (the server's default): start the masks from EAP-IG scores; "
+                        "none: every mask on, as in the paper")
+    p.add_argument("--warm-start-ig-steps", type=int, metavar="N",
+                   help="integration steps of the EAP-IG warm start")
     p.add_argument("--ablation", help="corrupted (default), zero or mean")
     p.add_argument("--loss", help="kl (default) or logit_diff")
     p.add_argument("--dtype", help="float32, bfloat16 or float16")

@@ -12,9 +12,11 @@ import sys
 import time
 from typing import Any, TextIO
 
-from ._output import describe_event
+from ._output import describe_event, describe_warning
 
 __all__ = ["JobProgress", "ProgressBar", "format_duration"]
+
+_LOSS_LABELS = {"kl": "KL", "logit_diff": "logit-diff loss", "mse": "MSE"}
 
 
 def format_duration(seconds: float | None) -> str:
@@ -60,8 +62,11 @@ class ProgressBar:
         sparsity: float | None = None,
         steps_per_s: float | None = None,
         eta_s: float | None = None,
+        loss: float | None = None,
+        loss_name: str = "",
     ) -> str:
-        """The bar's text for these values (no side effects besides starting the clock)."""
+        """The bar's text for these values (no side effects besides starting the clock).
+        ``loss`` is shown under ``loss_name`` (a logit-difference loss is not a KL)."""
         now = time.monotonic()
         if self._start is None:
             self._start = (now, step)
@@ -77,12 +82,14 @@ class ProgressBar:
         parts = [f"{self._label}step {step}/{total} [{bar}] {fraction:4.0%}"]
         if kl is not None:
             parts.append(f"KL {kl:.4f}")
+        elif loss is not None:
+            parts.append(f"{_LOSS_LABELS.get(loss_name, loss_name or 'loss')} {loss:.4f}")
         if sparsity is not None:
             parts.append(f"sparsity {sparsity:.1%}")
         parts.append(f"ETA {format_duration(eta_s if step < total else 0.0)}")
         return "  ".join(parts)
 
-    def update(self, step: int, total: int, **values: float | None) -> None:
+    def update(self, step: int, total: int, **values: Any) -> None:
         """Redraw (terminal) or log (file) the bar for the newest event."""
         line = self.render(step, total, **values)
         if self._tty:
@@ -144,16 +151,22 @@ class JobProgress:
             if p.size_count > 1:
                 label += f"size {p.size_index + 1}/{p.size_count} "
             self.bar.set_label(label)
+            training = p.phase in ("", "prune")
+            named = training and bool(p.loss_name)
             self.bar.update(
                 p.step,
                 p.total_steps,
-                kl=p.kl if p.phase in ("", "prune") else None,
-                sparsity=p.expected_edge_sparsity if p.phase in ("", "prune") else None,
+                kl=p.kl if training and not named else None,
+                loss=p.task_loss if named else None,
+                loss_name=p.loss_name,
+                sparsity=p.expected_edge_sparsity if training else None,
                 steps_per_s=p.steps_per_second or None,
                 eta_s=p.eta_seconds or None,
             )
         elif kind == "state_change":
             self.bar.message(describe_event(event))
+        elif kind == "warning":
+            self.bar.message(describe_warning(event.warning))
 
     def close(self) -> None:
         """End the bar's line."""

@@ -23,6 +23,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from edgeprune.engine import defaults
+
 ENV_PREFIX = "EDGEPRUNE_"
 DEFAULT_MODELS = {"smollm2-135m": "smollm2-135m"}
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -70,7 +72,7 @@ class Config:
     auth_tokens: Sequence[str] = ()  # non-empty -> calls need "authorization: Bearer <token>"
     limits: Limits = field(default_factory=Limits)
     # Job defaults for fields a request leaves at zero.
-    default_steps: int = 300
+    default_steps: int = defaults.STEPS  # Edge Pruning steps (the engine's default recipe)
     default_batch_size: int = 16
     default_examples: int = 128
     default_edge_sparsity: float = 0.95

@@ -17,6 +17,7 @@ KIND_DISCOVERY = "discovery"
 KIND_EVALUATION = "evaluation"
 EVENT_STATE = "state"
 EVENT_PROGRESS = "progress"
+EVENT_WARNING = "warning"
 
 # Engine method names <-> the Method enum.
 METHOD_NAMES = {
@@ -98,10 +99,22 @@ def progress_to_proto(payload: Mapping[str, Any]) -> job_pb2.JobProgress:
                                  ignore_unknown_fields=True)
 
 
+def warning_to_proto(payload: Mapping[str, Any],
+                     circuits: list[str] | None = None) -> job_pb2.JobWarning:
+    """A JobWarning; ``circuits`` (the result's circuit names) name the circuit it concerns."""
+    index = int(payload.get("size_index", 0))
+    circuit = circuits[index] if circuits and 0 <= index < len(circuits) else ""
+    return job_pb2.JobWarning(reason=str(payload.get("reason", "")),
+                              message=str(payload.get("message", "")), size_index=index,
+                              circuit=circuit)
+
+
 def result_to_proto(result: Mapping[str, Any]) -> job_pb2.JobResult:
+    circuits = [f"circuits/{c}" for c in result.get("circuits", [])]
     return job_pb2.JobResult(
-        circuits=[f"circuits/{c}" for c in result.get("circuits", [])],
+        circuits=circuits,
         metrics=float_map(result.get("metrics", {})),
+        warnings=[warning_to_proto(w, circuits) for w in result.get("warnings", [])],
     )
 
 
@@ -144,6 +157,9 @@ def event_to_proto(event: EventRecord, job: JobRecord | None = None) -> job_pb2.
                            time=timestamp(event.created_at))
     if event.kind == EVENT_PROGRESS:
         out.progress.CopyFrom(progress_to_proto(event.payload))
+        return out
+    if event.kind == EVENT_WARNING:
+        out.warning.CopyFrom(warning_to_proto(event.payload))
         return out
     state = JobState(event.payload.get("state", "PENDING"))
     change = out.state_change

@@ -1,10 +1,13 @@
 """One job on the engine: a stored JobSpec / EvaluationSpec in, circuits and metrics out.
 
 The worker supplies `Hooks` (progress, checkpoint, stop) and stores what `run_discovery` /
-`run_evaluation` return. Edge Pruning runs one pruning run per requested size; its checkpoint is
-a small container (``EPJOB1``): a JSON header with the index of the size in progress and the
-circuits of the sizes already done, then the engine's own checkpoint bytes of the current run.
-No pickle anywhere: JSON and safetensors only.
+`run_evaluation` return. Edge Pruning trains one run, at the sparsest requested size, and cuts
+every requested size from its masks (the EAP-IG warm start keeps the edges below the trained
+size in their attribution order); its checkpoint is a small container (``EPJOB1``): a JSON header
+(the size index and circuits done, kept for checkpoints of earlier versions, which ran one run
+per size), then the engine's own checkpoint bytes. No pickle anywhere: JSON and safetensors only.
+Results that fall short of the request carry warnings (see ``engine/diagnostics.py``), sent to
+the job's event stream as soon as they are known and stored with the result.
 """
 
 from __future__ import annotations
@@ -24,15 +27,15 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from edgeprune.engine import attribution, sweep
+from edgeprune.engine import attribution, defaults, diagnostics, sweep
 from edgeprune.engine.circuit import Circuit
 from edgeprune.engine.distributed import ModelSpec, prune_data_parallel
-from edgeprune.engine.errors import InvalidArgument
+from edgeprune.engine.errors import InvalidArgument, Stopped
 from edgeprune.engine.loading import load_model
 from edgeprune.engine.masked import CircuitModel
 from edgeprune.engine.memory import ModelShape, check_fits
 from edgeprune.engine.metrics import evaluate_many
-from edgeprune.engine.prune import ProgressEvent, PruneConfig, prune
+from edgeprune.engine.prune import PhaseProgress, ProgressEvent, PruneConfig, prune
 from edgeprune.engine.tasks import Example, TaskDataset, build_task, from_examples
 from edgeprune.service import memory_check
 from edgeprune.service.converters import METHOD_NAMES, float_map, size_to_dict
@@ -57,6 +60,7 @@ class Hooks:
     should_stop: Callable[[], bool]
     resume: bytes | None = None
     checkpoint_every: int = 0
+    warning: Callable[[dict[str, Any]], None] = lambda fields: None  # JobWarning fields
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Outcome:
     circuits: list[Circuit] = field(default_factory=list)
     targets: list[dict[str, Any]] = field(default_factory=list)  # proto-form size per circuit
     metrics: dict[str, float] = field(default_factory=dict)
+    warnings: list[dict[str, Any]] = field(default_factory=list)  # JobWarning fields
     stopped: bool = False
     task: str = ""
     model: CircuitModel | None = None
@@ -213,22 +218,25 @@ def prune_config(spec: job_pb2.JobSpec, size: dict[str, Any], n_edges_total: int
         loss=LOSSES.get(spec.loss, "kl"),
         ablation=ABLATIONS[spec.ablation],
         seed=spec.seed,
-        warm_start="eap_ig" if ep.warm_start == job_pb2.WARM_START_EAP_IG else None,
+        warm_start=None if ep.warm_start == job_pb2.WARM_START_NONE else "eap_ig",
+        warm_start_ig_steps=ep.warm_start_ig_steps or defaults.WARM_START_IG_STEPS,
         activation_checkpointing=ep.activation_checkpointing,
         **_size_kwargs(size, n_edges_total),
     )
 
 
-def _progress_fields(event: ProgressEvent, *, size_index: int, size_count: int) -> dict[str, Any]:
-    remaining = (event.total_steps - event.step) + (size_count - size_index - 1) * event.total_steps
+def _progress_fields(event: ProgressEvent | PhaseProgress) -> dict[str, Any]:
+    if isinstance(event, PhaseProgress):
+        return {"phase": event.phase, "step": event.step, "total_steps": event.total_steps}
+    remaining = event.total_steps - event.step
     return {
         "phase": "prune",
         "step": event.step,
         "total_steps": event.total_steps,
-        "size_index": size_index,
-        "size_count": size_count,
         "loss": event.loss,
-        "kl": event.task_loss,
+        "loss_name": event.loss_name,
+        "task_loss": event.task_loss,
+        **({"kl": event.task_loss} if event.loss_name == "kl" else {}),
         "sparsity_loss": event.sparsity_loss,
         "expected_edge_sparsity": event.expected_sparsity,
         "expected_node_sparsity": event.node_sparsity or 0.0,
@@ -251,33 +259,52 @@ def _pruner(model: CircuitModel, spec: job_pb2.JobSpec, ref: str) -> Callable[..
         model_spec, train, config, world_size=workers, device_type=device_type, **hooks)
 
 
+def _edge_count(size: dict[str, Any], n_edges_total: int) -> int:
+    """Edges a proto-form size asks for (an overshooting target counts as none)."""
+    kwargs = _size_kwargs(size, n_edges_total)
+    if "n_edges" in kwargs:
+        return int(kwargs["n_edges"])
+    if "sparsity" in kwargs:
+        return max(1, round((1.0 - kwargs["sparsity"]) * n_edges_total))
+    return 0
+
+
+def _warning(warning: diagnostics.ResultWarning, size_index: int) -> dict[str, Any]:
+    return {**warning.to_dict(), "size_index": size_index}
+
+
 def run_edge_pruning(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobSpec,
                      sizes: list[dict[str, Any]], hooks: Hooks, *, ref: str,
-                     ) -> tuple[list[Circuit], bool]:
-    """One pruning run per size, resumable between and within sizes (the same checkpoints
-    whether the job runs in one process or data parallel)."""
-    start_index, done, engine_state = 0, [], None
+                     ) -> tuple[list[Circuit], list[dict[str, Any]], bool]:
+    """(circuits in the order of ``sizes``, training warnings, stopped). One run trained at the
+    sparsest size, every size cut from its masks: a sweep costs one warm start and one run (the
+    same checkpoints whether the job runs in one process or data parallel)."""
+    engine_state = None
     if hooks.resume is not None:
-        start_index, done, engine_state = unpack_checkpoint(hooks.resume)
-    run = _pruner(model, spec, ref)
-    for index in range(start_index, len(sizes)):
-        config = prune_config(spec, sizes[index], model.graph.n_edges)
-        result = run(
+        _, _, engine_state = unpack_checkpoint(hooks.resume)
+    n_total = model.graph.n_edges
+    counts = [_edge_count(size, n_total) for size in sizes]
+    trained = min(range(len(sizes)), key=lambda i: counts[i])
+    config = prune_config(spec, sizes[trained], n_total)
+    try:
+        result = _pruner(model, spec, ref)(
             train, config,
-            progress=lambda e, i=index: hooks.progress(
-                _progress_fields(e, size_index=i, size_count=len(sizes))),
+            progress=lambda event: hooks.progress(_progress_fields(event)),
             checkpoint_every=hooks.checkpoint_every,
-            on_checkpoint=lambda data, i=index: hooks.checkpoint(pack_checkpoint(i, done, data)),
-            resume=engine_state,
+            on_checkpoint=lambda data: hooks.checkpoint(pack_checkpoint(0, [], data)),
+            resume=engine_state or None,
             should_stop=hooks.should_stop,
         )
-        engine_state = None
-        if result.stopped:
-            return done, True
-        done.append(result.circuit)
-        if index + 1 < len(sizes):  # the next size starts from scratch: checkpoint the boundary
-            hooks.checkpoint(pack_checkpoint(index + 1, done, b""))
-    return done, False
+    except Stopped:  # during the activation cache or the warm start: nothing to keep yet
+        return [], [], True
+    if result.stopped:
+        return [], [], True
+    circuits = [result.circuit if i == trained else result.circuit_at(model, n_edges=counts[i])
+                for i in range(len(sizes))]
+    warnings = [] if not counts[trained] else [  # an overshooting target lets the masks decide
+        _warning(w, trained)
+        for w in diagnostics.training_warnings(result.reached_sparsity, result.target_sparsity)]
+    return circuits, warnings, False
 
 
 def run_attribution(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobSpec,
@@ -290,10 +317,12 @@ def run_attribution(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobSp
         result = attribution.acdc(model, train, threshold=threshold, ablation=ablation,
                                   batch_size=spec.batch_size)
         return [result.circuit]
-    hooks.progress({"phase": "attribute", "step": 0, "total_steps": 1})
-    scores = attribution.attribute(model, train, method, ablation=ablation,
-                                   ig_steps=spec.attribution.ig_steps or 5,
-                                   batch_size=spec.batch_size)
+    hooks.progress({"phase": "attribute", "step": 0, "total_steps": 0})
+    scores = attribution.attribute(
+        model, train, method, ablation=ablation, ig_steps=spec.attribution.ig_steps or 5,
+        batch_size=spec.batch_size, should_stop=hooks.should_stop,
+        progress=lambda done, total: hooks.progress(
+            {"phase": "attribute", "step": done, "total_steps": total}))
     circuits = []
     for size in sizes:
         kwargs = _size_kwargs(size, model.graph.n_edges)
@@ -302,7 +331,6 @@ def run_attribution(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobSp
             kwargs = {"sparsity": 1.0}
         circuits.append(attribution.scored_circuit(model, train, scores, method=method,
                                                    settings={"ablation": ablation}, **kwargs))
-    hooks.progress({"phase": "attribute", "step": 1, "total_steps": 1})
     return circuits
 
 
@@ -366,20 +394,34 @@ def _discover(model: CircuitModel, spec: job_pb2.JobSpec, datasets: DatasetRepo,
                                  all_positions=spec.positions == common_pb2.POSITION_MODE_ALL)
     check_memory(model, train, spec, memory_budget)
     sizes = [size_to_dict(s) for s in spec.sizes]
-    if spec.method == common_pb2.METHOD_EDGE_PRUNING:
-        circuits, stopped = run_edge_pruning(model, train, spec, sizes, hooks, ref=ref)
-        if stopped:
-            return Outcome(stopped=True)
-    else:
-        circuits = run_attribution(model, train, spec, sizes, hooks)
-        if hooks.should_stop():
-            return Outcome(stopped=True)
+    try:
+        if spec.method == common_pb2.METHOD_EDGE_PRUNING:
+            circuits, warnings, stopped = run_edge_pruning(model, train, spec, sizes, hooks, ref=ref)
+            if stopped:
+                return Outcome(stopped=True)
+        else:
+            circuits = run_attribution(model, train, spec, sizes, hooks)
+            warnings = []
+    except Stopped:
+        return Outcome(stopped=True)
+    if hooks.should_stop():
+        return Outcome(stopped=True)
+    counts = [_edge_count(size, model.graph.n_edges) for size in sizes]
+    for i, circuit in enumerate(circuits):
+        requested = counts[i] if i < len(counts) and counts[i] else None
+        warnings += [_warning(w, i) for w in diagnostics.size_warnings(circuit.n_edges, requested)]
+    for warning in warnings:
+        hooks.warning(warning)
     hooks.progress({"phase": "evaluate"})
     summary = evaluate_circuits(model, circuits, held_out, ABLATIONS[spec.ablation],
                                 spec.batch_size)
+    for i, circuit in enumerate(circuits):  # judged on held-out data
+        for warning in diagnostics.held_out_warnings(circuit.metrics):
+            warnings.append(_warning(warning, i))
+            hooks.warning(warnings[-1])
     targets = sizes if len(sizes) == len(circuits) else [{} for _ in circuits]
-    return Outcome(circuits=circuits, targets=targets, metrics=summary, task=task_name(spec.data),
-                   model=model)
+    return Outcome(circuits=circuits, targets=targets, metrics=summary, warnings=warnings,
+                   task=task_name(spec.data), model=model)
 
 
 def run_evaluation(spec: job_pb2.EvaluationSpec, record: CircuitRecord, ref: str,

@@ -204,16 +204,24 @@ def check_edge_pruning(v: Violations, spec: job_pb2.JobSpec, config: Config) -> 
         v.bad("spec.edge_pruning.warmup_steps", f"must be in [0, steps={ep.steps}]")
     if ep.warmup_steps == 0:
         ep.warmup_steps = defaults.target_warmup_steps(ep.steps)  # as PruneConfig's default
-    for name in ("mask_learning_rate", "lambda_learning_rate"):
+    for name, default in (("mask_learning_rate", defaults.MASK_LEARNING_RATE),
+                          ("lambda_learning_rate", defaults.LAMBDA_LEARNING_RATE)):
         value = getattr(ep, name)
         v.number(f"spec.edge_pruning.{name}", value, 0.0, 100.0)
         if value == 0:
-            setattr(ep, name, defaults.PAPER_LEARNING_RATE)
+            setattr(ep, name, default)
     if ep.HasField("node_sparsity"):
         v.number("spec.edge_pruning.node_sparsity", ep.node_sparsity, 0.0, MAX_EDGE_SPARSITY)
     if not ep.HasField("node_masks"):
         ep.node_masks = True
     v.enum("spec.edge_pruning.warm_start", ep.warm_start, job_pb2.WarmStart)
+    if ep.warm_start == job_pb2.WARM_START_UNSPECIFIED:
+        ep.warm_start = job_pb2.WARM_START_EAP_IG
+    if not 0 <= ep.warm_start_ig_steps <= MAX_IG_STEPS:
+        v.bad("spec.edge_pruning.warm_start_ig_steps",
+              f"must be in [0, {MAX_IG_STEPS}], got {ep.warm_start_ig_steps}")
+    if ep.warm_start_ig_steps == 0 and ep.warm_start == job_pb2.WARM_START_EAP_IG:
+        ep.warm_start_ig_steps = defaults.WARM_START_IG_STEPS
 
 
 def check_data_parallel(v: Violations, spec: job_pb2.JobSpec, config: Config) -> None:

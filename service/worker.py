@@ -23,7 +23,13 @@ from typing import Any
 
 from edgeprune.service import metrics, runner
 from edgeprune.service.config import Config
-from edgeprune.service.converters import KIND_EVALUATION, METHOD_NAMES, parse_spec
+from edgeprune.service.converters import (
+    EVENT_PROGRESS,
+    EVENT_WARNING,
+    KIND_EVALUATION,
+    METHOD_NAMES,
+    parse_spec,
+)
 from edgeprune.service.errors import FailedPrecondition, classify
 from edgeprune.service.memory_check import worker_memory_budget
 from edgeprune.storage import (
@@ -124,6 +130,7 @@ class Worker:
                                      or beat.lost.is_set() or self.parent_gone()),
                 resume=self.blobs.get(job.checkpoint_blob) if job.checkpoint_blob else None,
                 checkpoint_every=self.config.checkpoint_every,
+                warning=reporter.warning,
             )
             outcome = self._execute(claim, hooks)
             reporter.flush()
@@ -193,6 +200,8 @@ class Worker:
             ))
         # Storage adds the ids of the circuits it stores; an evaluation names the one it read.
         result: dict[str, Any] = {"metrics": outcome.metrics}
+        if outcome.warnings:
+            result["warnings"] = outcome.warnings
         if isinstance(spec, job_pb2.EvaluationSpec):
             result["circuits"] = [spec.circuit.removeprefix("circuits/")]
         _, records = self.queue.complete(claim, news, result=result)
@@ -245,11 +254,17 @@ class _Reporter:
         self.pending = None
         self.last_sent = now
         metrics.DEVICE_MEMORY.labels(self.device).set(metrics.device_memory(self.device))
-        self.queue.report(self.claim, "progress", fields)
+        self.queue.report(self.claim, EVENT_PROGRESS, fields)
 
     def flush(self) -> None:
         if self.pending is not None:
             self.send(self.pending, time.monotonic())
+
+    def warning(self, fields: dict[str, Any]) -> None:
+        """A warning about the result: its own event, at once (never throttled)."""
+        self.flush()
+        log.warning("job %s: %s", self.claim.job_id, fields.get("message", ""))
+        self.queue.report(self.claim, EVENT_WARNING, fields)
 
 
 def run_worker(config: Config) -> int:

@@ -106,7 +106,12 @@ def test_builtin_ioi_sweep(live_server: Server) -> None:
     job = submit(live_server, spec)
     events = list(live_server.watch(job.name))
     check_event_log(events, job_pb2.JOB_STATE_SUCCEEDED)
-    assert {e.progress.size_index for e in events if e.progress.phase == "prune"} == {0, 1}
+    # one warm start and one run for the whole sweep
+    steps = [e.progress.step for e in events if e.progress.phase == "prune"]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+    warm = [e.progress for e in events if e.progress.phase == "warm_start"]
+    assert warm and warm[-1].step == warm[-1].total_steps
+    assert len({p.total_steps for p in warm}) == 1
     result = events[-1].state_change.result
     assert len(result.circuits) == 2 and {"cpr", "cmd"} <= set(result.metrics)
     circuits = [live_server.circuits.GetCircuit(circuit_pb2.GetCircuitRequest(name=n))
@@ -117,6 +122,8 @@ def test_builtin_ioi_sweep(live_server: Server) -> None:
         circuit_pb2.CompareCircuitsRequest(first=result.circuits[0], second=result.circuits[1]))
     assert 0 <= compared.edge_jaccard <= 1
     assert len(compared.shared_edges) + len(compared.second_only_edges) == circuits[1].edge_count
+    # both sizes are cut from one run's masks: the smaller circuit lies inside the larger
+    assert list(compared.second_only_edges) == []
 
 
 def test_eap_job(live_server: Server) -> None:
@@ -150,6 +157,46 @@ def test_cancel_running_job(live_server: Server) -> None:
     assert last_step < 1000
     assert not live_server.circuits.ListCircuits(
         circuit_pb2.ListCircuitsRequest(job=job.name)).circuits
+
+
+def test_cancel_during_the_warm_start(live_server: Server) -> None:
+    """The EAP-IG warm start reports its own progress and honours a cancel between passes."""
+    spec = edge_pruning_spec(steps=5)
+    spec.edge_pruning.warm_start_ig_steps = 1000  # far more passes than the test waits for
+    job = submit(live_server, spec)
+    for event in live_server.watch(job.name):
+        if event.progress.phase == "warm_start" and event.progress.step >= 1:
+            break
+    else:
+        raise AssertionError("the job ended before its warm start")
+    assert event.progress.total_steps == 1000 * 3  # integration points x batches of 4
+    live_server.jobs.CancelJob(job_pb2.CancelJobRequest(name=job.name))
+    done = live_server.wait_done(job.name, timeout=20)  # within seconds, not 3000 passes
+    assert done.state == job_pb2.JOB_STATE_CANCELLED
+    events = list(live_server.watch(job.name))
+    check_event_log(events, job_pb2.JOB_STATE_CANCELLED)
+    warm = [e.progress.step for e in events if e.progress.phase == "warm_start"]
+    assert max(warm) < 1000 and not any(e.progress.phase == "prune" for e in events)
+
+
+def test_a_run_short_of_its_target_says_so(live_server: Server) -> None:
+    """Every mask on and four steps cannot reach 95 % sparsity: the job succeeds, and a
+    TARGET_NOT_REACHED warning reaches the event stream and the stored result."""
+    spec = edge_pruning_spec(steps=4, sizes=(0.95,))
+    spec.edge_pruning.warm_start = job_pb2.WARM_START_NONE
+    job = submit(live_server, spec)
+    events = list(live_server.watch(job.name))
+    check_event_log(events, job_pb2.JOB_STATE_SUCCEEDED)
+    warnings = [e.warning for e in events if e.HasField("warning")]
+    assert "TARGET_NOT_REACHED" in [w.reason for w in warnings]
+    short = next(w for w in warnings if w.reason == "TARGET_NOT_REACHED")
+    assert "short of the target 94.89%" in short.message and short.size_index == 0
+    result = live_server.jobs.GetJob(job_pb2.GetJobRequest(name=job.name)).result
+    stored = [w for w in result.warnings if w.reason == "TARGET_NOT_REACHED"]
+    assert len(stored) == 1 and stored[0].message == short.message
+    assert stored[0].circuit == result.circuits[0]  # the stored warning names its circuit
+    last = [e.progress for e in events if e.progress.phase == "prune"][-1]
+    assert last.loss_name == "kl" and last.kl == last.task_loss
 
 
 def test_watch_reconnects_without_losing_or_repeating_events(live_server: Server) -> None:

@@ -89,17 +89,25 @@ class _WarmStart:
 class _WarmStartEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WarmStart.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     WARM_START_UNSPECIFIED: _WarmStart.ValueType  # 0
-    """Every edge on (log_alpha near 10), as in the paper."""
+    """The server's default: WARM_START_EAP_IG."""
     WARM_START_EAP_IG: _WarmStart.ValueType  # 1
-    """From EAP-IG scores: the top edges of the requested size start on, the rest off."""
+    """From EAP-IG scores: the top edges of the requested size start on, the rest off, ordered
+    by their scores.
+    """
+    WARM_START_NONE: _WarmStart.ValueType  # 2
+    """Every edge on (log_alpha near 10), as in the paper; wants the paper's thousands of steps."""
 
 class WarmStart(_WarmStart, metaclass=_WarmStartEnumTypeWrapper):
     """How Edge Pruning initialises its edge masks."""
 
 WARM_START_UNSPECIFIED: WarmStart.ValueType  # 0
-"""Every edge on (log_alpha near 10), as in the paper."""
+"""The server's default: WARM_START_EAP_IG."""
 WARM_START_EAP_IG: WarmStart.ValueType  # 1
-"""From EAP-IG scores: the top edges of the requested size start on, the rest off."""
+"""From EAP-IG scores: the top edges of the requested size start on, the rest off, ordered
+by their scores.
+"""
+WARM_START_NONE: WarmStart.ValueType  # 2
+"""Every edge on (log_alpha near 10), as in the paper; wants the paper's thousands of steps."""
 Global___WarmStart: _TypeAlias = WarmStart  # noqa: Y015
 
 @_typing.final
@@ -240,6 +248,7 @@ class EdgePruningOptions(_message.Message):
     NODE_SPARSITY_FIELD_NUMBER: _builtins.int
     WARM_START_FIELD_NUMBER: _builtins.int
     ACTIVATION_CHECKPOINTING_FIELD_NUMBER: _builtins.int
+    WARM_START_IG_STEPS_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
     """Optimisation steps per circuit size."""
     warmup_steps: _builtins.int
@@ -258,6 +267,8 @@ class EdgePruningOptions(_message.Message):
     """Recompute each layer's attention and MLP during the backward pass instead of keeping their
     intermediates: less activation memory (the memory check counts it) for about one more forward.
     """
+    warm_start_ig_steps: _builtins.int
+    """Integration steps of the EAP-IG warm start (0: the server's default)."""
     def __init__(
         self,
         *,
@@ -269,10 +280,11 @@ class EdgePruningOptions(_message.Message):
         node_sparsity: _builtins.float | None = ...,
         warm_start: Global___WarmStart.ValueType = ...,
         activation_checkpointing: _builtins.bool = ...,
+        warm_start_ig_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_node_masks", b"_node_masks", "_node_sparsity", b"_node_sparsity", "node_masks", b"node_masks", "node_sparsity", b"node_sparsity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_masks", b"_node_masks", "_node_sparsity", b"_node_sparsity", "activation_checkpointing", b"activation_checkpointing", "lambda_learning_rate", b"lambda_learning_rate", "mask_learning_rate", b"mask_learning_rate", "node_masks", b"node_masks", "node_sparsity", b"node_sparsity", "steps", b"steps", "warm_start", b"warm_start", "warmup_steps", b"warmup_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_masks", b"_node_masks", "_node_sparsity", b"_node_sparsity", "activation_checkpointing", b"activation_checkpointing", "lambda_learning_rate", b"lambda_learning_rate", "mask_learning_rate", b"mask_learning_rate", "node_masks", b"node_masks", "node_sparsity", b"node_sparsity", "steps", b"steps", "warm_start", b"warm_start", "warm_start_ig_steps", b"warm_start_ig_steps", "warmup_steps", b"warmup_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__node_masks: _TypeAlias = _typing.Literal["node_masks"]  # noqa: Y015
     _WhichOneofArgType__node_masks: _TypeAlias = _typing.Literal["_node_masks", b"_node_masks"]  # noqa: Y015
@@ -454,6 +466,8 @@ class JobProgress(_message.Message):
     STEPS_PER_SECOND_FIELD_NUMBER: _builtins.int
     ETA_SECONDS_FIELD_NUMBER: _builtins.int
     PHASE_FIELD_NUMBER: _builtins.int
+    LOSS_NAME_FIELD_NUMBER: _builtins.int
+    TASK_LOSS_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """Steps done in the current phase (a phase is one circuit size for Edge Pruning)."""
     total_steps: _builtins.int
@@ -479,7 +493,13 @@ class JobProgress(_message.Message):
     eta_seconds: _builtins.float
     """Estimated seconds to the end of the job."""
     phase: _builtins.str
-    """What the worker is doing: `load_model`, `prepare_data`, `prune`, `attribute`, `evaluate`."""
+    """What the worker is doing: `load_model`, `prepare_data`, `warm_start`, `prune`,
+    `attribute`, `evaluate`.
+    """
+    loss_name: _builtins.str
+    """The loss being minimised: `kl`, `logit_diff` or `mse` (`kl` above is set only for `kl`)."""
+    task_loss: _builtins.float
+    """Its value at this step."""
     @_builtins.property
     def lambdas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Lagrange multipliers (lambda1, lambda2[, node lambda1, node lambda2])."""
@@ -501,14 +521,56 @@ class JobProgress(_message.Message):
         steps_per_second: _builtins.float = ...,
         eta_seconds: _builtins.float = ...,
         phase: _builtins.str = ...,
+        loss_name: _builtins.str = ...,
+        task_loss: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eta_seconds", b"eta_seconds", "expected_edge_sparsity", b"expected_edge_sparsity", "expected_node_sparsity", b"expected_node_sparsity", "kl", b"kl", "lambdas", b"lambdas", "loss", b"loss", "phase", b"phase", "size_count", b"size_count", "size_index", b"size_index", "sparsity_loss", b"sparsity_loss", "step", b"step", "steps_per_second", b"steps_per_second", "target_edge_sparsity", b"target_edge_sparsity", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eta_seconds", b"eta_seconds", "expected_edge_sparsity", b"expected_edge_sparsity", "expected_node_sparsity", b"expected_node_sparsity", "kl", b"kl", "lambdas", b"lambdas", "loss", b"loss", "loss_name", b"loss_name", "phase", b"phase", "size_count", b"size_count", "size_index", b"size_index", "sparsity_loss", b"sparsity_loss", "step", b"step", "steps_per_second", b"steps_per_second", "target_edge_sparsity", b"target_edge_sparsity", "task_loss", b"task_loss", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobProgress: _TypeAlias = JobProgress  # noqa: Y015
+
+@_typing.final
+class JobWarning(_message.Message):
+    """Something a client should know about a result that did not fail: the circuit is stored, but
+    it may not be what was asked for.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    SIZE_INDEX_FIELD_NUMBER: _builtins.int
+    CIRCUIT_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Machine-readable: `TARGET_NOT_REACHED` (training ended with the masks' expected sparsity
+    short of the target), `SIZE_NOT_REACHED` (fewer live edges than requested),
+    `EMPTY_CIRCUIT` (no edge kept), `NO_BETTER_THAN_EMPTY` (on held-out data the circuit is
+    no more faithful than the empty circuit).
+    """
+    message: _builtins.str
+    """What happened, with the figures, for people."""
+    size_index: _builtins.int
+    """Index of the circuit size it concerns (in JobSpec.sizes; 0 for a single size)."""
+    circuit: _builtins.str
+    """The circuit it concerns (`circuits/{circuit}`), once stored; empty in progress events."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        size_index: _builtins.int = ...,
+        circuit: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuit", b"circuit", "message", b"message", "reason", b"reason", "size_index", b"size_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobWarning: _TypeAlias = JobWarning  # noqa: Y015
 
 @_typing.final
 class JobResult(_message.Message):
@@ -538,6 +600,7 @@ class JobResult(_message.Message):
 
     CIRCUITS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def circuits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The stored circuits, in the order of the requested sizes: `circuits/{circuit}`."""
@@ -546,15 +609,20 @@ class JobResult(_message.Message):
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Summary metrics (e.g. kl, faithfulness, accuracy of the first circuit; cpr, cmd of a sweep)."""
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobWarning]:
+        """Where a circuit falls short of what was asked (empty: none does)."""
+
     def __init__(
         self,
         *,
         circuits: _abc.Iterable[_builtins.str] | None = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        warnings: _abc.Iterable[Global___JobWarning] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuits", b"circuits", "metrics", b"metrics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuits", b"circuits", "metrics", b"metrics", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -959,6 +1027,7 @@ class JobEvent(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     STATE_CHANGE_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     """`jobs/{job}`."""
     sequence: _builtins.int
@@ -975,6 +1044,10 @@ class JobEvent(_message.Message):
     def progress(self) -> Global___JobProgress:
         """Progress of the running attempt."""
 
+    @_builtins.property
+    def warning(self) -> Global___JobWarning:
+        """A warning about the result, sent as soon as the worker knows it."""
+
     def __init__(
         self,
         *,
@@ -983,12 +1056,13 @@ class JobEvent(_message.Message):
         time: _timestamp_pb2.Timestamp | None = ...,
         state_change: Global___StateChange | None = ...,
         progress: Global___JobProgress | None = ...,
+        warning: Global___JobWarning | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "state_change", b"state_change", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "state_change", b"state_change", "time", b"time", "warning", b"warning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "job", b"job", "progress", b"progress", "sequence", b"sequence", "state_change", b"state_change", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "job", b"job", "progress", b"progress", "sequence", b"sequence", "state_change", b"state_change", "time", b"time", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["state_change", "progress"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["state_change", "progress", "warning"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
