@@ -31,7 +31,7 @@ from .progress import JobProgress
 
 __all__ = ["add_demo_arguments", "run_demo"]
 
-_METRICS = ("kl", "faithfulness", "logit_diff", "accuracy", "exact_match")
+_METRICS = ("kl", "faithfulness", "logit_diff", "accuracy", "pairwise_accuracy")
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,14 +39,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model on the allow-list")
     parser.add_argument("--task", default="ioi", help="built-in task")
     parser.add_argument("--examples", type=int, default=40, help="task examples generated for training")
-    parser.add_argument("--steps", type=int, default=40, help="Edge Pruning steps")
+    # The method's settings are the server's defaults unless given: the demo submits what a
+    # user who names only the model, the data, the method and the size would.
+    parser.add_argument("--steps", type=int, default=None, help="Edge Pruning steps")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--sparsity", type=float, default=0.98, help="target edge sparsity")
-    # A short run wants a head start and small steps (bench/results/methods.md): from EAP-IG
-    # scores, Adam steps of the paper's 0.8 would scramble the ranking within a few steps.
-    parser.add_argument("--warm-start", default="eap_ig", choices=("eap_ig", "none"),
-                        help="initial masks: EAP-IG scores (default) or every edge on")
-    parser.add_argument("--lr", type=float, default=0.05, help="mask and lambda learning rate")
+    parser.add_argument("--warm-start", default=None, choices=("eap_ig", "none"),
+                        help="initial masks: EAP-IG scores (the server's default) or every edge on")
+    parser.add_argument("--lr", type=float, default=None, help="mask and lambda learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--svg", default="edgeprune-demo.svg", help="where to write the circuit's SVG")
     parser.add_argument("--target", default=None, help="use this running server instead of starting one")
@@ -128,20 +128,21 @@ def _demo(target: str, args: argparse.Namespace) -> int:
     started = time.monotonic()
     data = {"model": args.model, "task": args.task, "task_examples": args.examples, "seed": args.seed}
     with Client(target, timeout=60.0) as client:
+        given = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("lambda_lr", args.lr),
+                                   ("warm_start", args.warm_start)) if v is not None}
+        settings = ", ".join(f"{k} {v}" for k, v in given.items()) or "the server's defaults"
         pruned = _run_job(
             client,
-            f"Edge Pruning of {args.task} on {args.model} "
-            f"({args.steps} steps, sparsity {args.sparsity}, warm start {args.warm_start})",
-            method="edge_pruning", sparsity=args.sparsity, steps=args.steps,
-            batch_size=args.batch_size, lr=args.lr, lambda_lr=args.lr,
-            warm_start=args.warm_start if args.warm_start != "none" else None, **data,
+            f"Edge Pruning of {args.task} on {args.model} (sparsity {args.sparsity}, {settings})",
+            method="edge_pruning", sparsity=args.sparsity, batch_size=args.batch_size,
+            **given, **data,
         )
-        eap = _run_job(
-            client,
-            f"EAP at the same size ({pruned.edge_count} edges)",
-            method="eap", edges=pruned.edge_count, batch_size=args.batch_size, **data,
-        )
-        _compare([pruned, eap])
+        baselines = [
+            _run_job(client, f"{name} at the same size ({pruned.edge_count} edges)",
+                     method=method, edges=pruned.edge_count, batch_size=args.batch_size, **data)
+            for name, method in (("EAP-IG", "eap_ig"), ("EAP", "eap"))
+        ]
+        _compare([pruned, *baselines])
         svg = client.export_circuit(pruned.name, args.svg, format="svg")
     print(f"\nEdge Pruning circuit {pruned.name}: {pruned.node_count} nodes; picture written to {svg}")
     print(f"demo finished in {time.monotonic() - started:.0f} s")

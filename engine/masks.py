@@ -60,17 +60,16 @@ def keep_probability(log_alpha: torch.Tensor) -> torch.Tensor:
 
 
 def warm_log_alpha(scores: torch.Tensor, n_keep: int, *, high: float = 3.0,
-                   floor: float = 3.0) -> torch.Tensor:
+                   floor: float | None = None) -> torch.Tensor:
     """Initial ``log_alpha`` [E] from attribution scores [E]: ``log(score / cut)``, clamped to
-    ``[-floor, high]``.
+    ``[-floor, high]`` (no lower bound without ``floor``).
 
     ``cut`` lies between the ``n_keep``-th and the next score, so the top ``n_keep`` edges start on
     (log_alpha > 0) and the rest off. On the log scale an edge's start reflects how far its score is
-    from the cut, so early optimizer steps only reorder edges of similar scores, and the edges far
-    below the cut keep their attribution order (a circuit cut larger than the trained size is then
-    the attribution's). A deep ``floor`` makes the masks' expected sparsity start near the
-    requested one (``keep_probability(-3)`` is still 0.35), so the sparsity Lagrangian holds the
-    size instead of chasing it.
+    from the cut: the edges just below it are still sampled on now and then, so the task loss can
+    swap them with the weakest of the top, while edges far below are never sampled on. Without a
+    floor every edge keeps its score's order, so circuits cut at many times the trained size are
+    the attribution's instead of a draw among edges tied at the floor.
     """
     E = scores.numel()
     n_keep = min(max(n_keep, 1), E)
@@ -80,4 +79,5 @@ def warm_log_alpha(scores: torch.Tensor, n_keep: int, *, high: float = 3.0,
     below = ordered[n_keep] if n_keep < E else above / 2
     tiny = torch.finfo(torch.float32).tiny
     cut = torch.sqrt(above.clamp(min=tiny) * below.clamp(min=tiny))
-    return torch.log(values.clamp(min=tiny) / cut).clamp(-floor, high)  # [E]
+    low = None if floor is None else -floor
+    return torch.log(values.clamp(min=tiny) / cut).clamp(low, high)  # [E]

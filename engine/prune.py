@@ -93,7 +93,7 @@ class PruneConfig:
     warm_start: str | None = defaults.WARM_START  # "eap_ig" (scores) or None (every mask on)
     warm_start_ig_steps: int = defaults.WARM_START_IG_STEPS
     warm_start_scale: float = defaults.WARM_START_SCALE  # top log_alphas start in (0, scale]
-    warm_start_floor: float = defaults.WARM_START_FLOOR  # the rest in [-floor, 0)
+    warm_start_floor: float | None = defaults.WARM_START_FLOOR  # the rest in [-floor, 0)
     cache_bytes: int = DEFAULT_BUDGET_BYTES
     distributed: bool = False
     activation_checkpointing: bool = False  # recompute layer internals in backward (less memory)
@@ -115,6 +115,8 @@ class PruneConfig:
         for name in ("edge_lr", "node_lr", "lambda_lr", "weight_decay", "init_std",
                      "warm_start_scale", "warm_start_floor"):
             value = getattr(self, name)
+            if value is None and name == "warm_start_floor":
+                continue
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise InvalidArgument(f"{name} must be a finite number >= 0, got {value!r}", field=name)
         if self.grad_clip is not None and not (

@@ -219,17 +219,16 @@ def test_warm_start_from_eap_ig(model: CircuitModel, ioi: TaskDataset) -> None:
     la = result.edge_log_alpha  # [E]
     positive = int((la > 0).sum())
     assert positive == 10  # the top 10 by EAP-IG start on, the rest off
-    assert float(la.max()) <= 3.0 + 1e-3 and float(la.min()) >= -config.warm_start_floor - 1e-3
+    assert float(la.max()) <= 3.0 + 1e-3
     # below the cut the edges keep their EAP-IG order wherever the floor leaves room
     scores = eap_ig_scores(ActivationCache(model, ioi), steps=2, batch_size=4)
-    free = la > -config.warm_start_floor + 1e-3  # [E]
+    free = scores > 0  # [E]: zero scores tie at the bottom
     order = torch.argsort(scores[free], descending=True)
     assert bool((la[free][order].diff() <= 1e-6).all())
     start = masks.warm_log_alpha(scores, 10, high=3.0, floor=config.warm_start_floor)  # [E]
     torch.testing.assert_close(la, start, rtol=0, atol=1e-5)
-    # a deeper floor starts the masks sparser
-    shallow = masks.warm_log_alpha(scores, 10, high=3.0, floor=1.0)
-    assert float(masks.keep_probability(la).mean()) < float(masks.keep_probability(shallow).mean())
+    floored = masks.warm_log_alpha(scores, 10, high=3.0, floor=1.0)
+    assert float(floored.min()) == -1.0 and float(la.min()) < -1.0
 
 
 def test_bad_configs_raise_invalid_argument(model: CircuitModel, ioi: TaskDataset) -> None:
