@@ -1,4 +1,4 @@
-"""Baselines in the same graph: EAP, EAP-IG and ACDC (DESIGN.md §1).
+"""Baselines in the same graph: EAP, EAP-IG and ACDC.
 
 Every reader's input is linear in its edge masks, so the gradient of a metric with respect to the
 dense edge mask at z = 1 is exactly each edge's EAP score (Syed et al. 2023): the reader's gradient

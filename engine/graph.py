@@ -1,4 +1,4 @@
-"""The edge graph of a transformer's disentangled residual stream (DESIGN.md §1).
+"""The edge graph of a transformer's disentangled residual stream.
 
 Writers (nodes that add to the residual stream), in this order::
 

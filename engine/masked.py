@@ -1,4 +1,4 @@
-"""The masked forward pass: every edge between its clean and its ablated value (DESIGN.md §1-2).
+"""The masked forward pass: every edge between its clean and its ablated value.
 
 Reader r's input is ``x_r = A_r + sum_{w < n_r} M[r, w] * d_w`` where ``d_w = y_w - y~_w`` is
 writer w's output minus its ablation value, ``A_r = sum_{w < n_r} y~_w`` the ablated residual over
@@ -331,7 +331,7 @@ class CircuitModel(nn.Module):
 
     ``CircuitModel(module, tokenizer)`` takes a Hugging Face causal LM (gpt2, llama, qwen2, mistral)
     or an ``edgeprune.engine.tracr_model.TracrModel``. The module's weights are frozen and used in
-    place. See CONTRACT.md / the README for the mask and ablation conventions.
+    place. See the README for the mask and ablation conventions.
 
     ``checkpoint_layers`` (also settable, or on for a ``with model.checkpointing():`` block) trades
     compute for memory: every layer's attention and MLP intermediates are recomputed during the

@@ -1,4 +1,4 @@
-"""How much memory a pruning job needs, from the model config alone (DESIGN.md §2, issue 7).
+"""How much memory a pruning job needs, from the model config alone.
 
 The server calls :func:`estimate_job_memory` before it accepts a job and rejects one that cannot
 fit its device (:func:`check_fits` raises ``ResourceExhausted`` with the estimate; the estimate is
@@ -139,7 +139,7 @@ class ModelShape:
 
     @property
     def n_edges(self) -> int:
-        """Edges of the graph (DESIGN.md §1), counted without building their names."""
+        """Edges of the graph, counted without building their names."""
         H, KV, L = self.n_heads, self.n_kv_heads, self.n_layers
         embed = 1 + int(self.has_pos)
         upstream = [embed + layer * (H + 1) for layer in range(L)]  # writers before layer l

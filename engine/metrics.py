@@ -1,4 +1,4 @@
-"""How faithful a circuit is (DESIGN.md §1): KL, logit and probability difference, faithfulness,
+"""How faithful a circuit is: KL, logit and probability difference, faithfulness,
 accuracy and exact match on a dataset, for any circuit on any dataset.
 
 Per-batch functions take logits at the answer positions ``[B, P, V]`` and the batch they came from

@@ -1,4 +1,4 @@
-"""Circuits at many sizes from one call, and the MIB areas CPR and CMD (issue 3, item 4).
+"""Circuits at many sizes from one call, and the MIB areas CPR and CMD.
 
 A scored method (EAP, EAP-IG) is run once and cut at every size; Edge Pruning trains one run per
 size (``prune_each_size``, the faithful way) or cuts every size from one run's masks. Every
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeprune.engine import attribution
-from edgeprune.engine.cache import DEFAULT_BUDGET_BYTES
+from edgeprune.engine.cache import DEFAULT_BUDGET_BYTES, ActivationCache
 from edgeprune.engine.circuit import Circuit
 from edgeprune.engine.errors import InvalidArgument
 from edgeprune.engine.masked import CircuitModel
@@ -108,12 +108,19 @@ def sweep(
     if method == "edge_pruning":
         base = dataclasses.replace(prune_config or PruneConfig(), ablation=ablation,
                                    n_edges=None, sparsity=None)
-        shared = None
+        shared, warm = None, None
+        if prune_each_size and base.warm_start == "eap_ig":  # one warm start's scores for all
+            warm = attribution.eap_ig_scores(
+                ActivationCache(model, train, ablation=ablation, budget_bytes=base.cache_bytes),
+                steps=base.warm_start_ig_steps, batch_size=base.batch_size)
         for size in fractions:
-            if prune_each_size or shared is None:
-                shared = prune(model, train, dataclasses.replace(base, sparsity=1.0 - size))
-                circuit = shared.circuit
-            else:
+            if prune_each_size:
+                circuit = prune(model, train, dataclasses.replace(base, sparsity=1.0 - size),
+                                warm_scores=warm).circuit
+            else:  # one run, trained at the sparsest size
+                if shared is None:
+                    shared = prune(model, train,
+                                   dataclasses.replace(base, sparsity=1.0 - min(fractions)))
                 circuit = shared.circuit_at(model, sparsity=1.0 - size)
             circuits.append(circuit)
             if on_circuit is not None:

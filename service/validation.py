@@ -27,7 +27,7 @@ MAX_REQUEST_ID = 128
 MAX_PRIORITY = 100
 MAX_IG_STEPS = 1000
 MAX_TEXT = 4096
-MAX_EDGE_SPARSITY = 1.2  # Edge Pruning's target may overshoot 1 (DESIGN.md §1)
+MAX_EDGE_SPARSITY = 1.2  # Edge Pruning's target may overshoot 1 (runs settle slightly below it)
 MAX_EVAL_FRACTION = 0.9
 DEFAULT_EVAL_FRACTION = 0.2
 

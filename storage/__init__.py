@@ -1,5 +1,5 @@
 """edgeprune.storage: SQL storage for datasets, jobs, events, circuits and blobs, and the
-job queue with leases (DESIGN.md §3).
+job queue with leases.
 
     db = Database(default_database_url(data_dir))      # or "postgresql+psycopg://..."
     db.migrate()                                       # on every start; idempotent

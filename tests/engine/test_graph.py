@@ -1,4 +1,4 @@
-"""The edge graph: names, order, upstream prefixes and sizes (DESIGN.md §1)."""
+"""The edge graph: names, order, upstream prefixes and sizes."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_names_and_order():
 
 
 def _upstream_by_rule(g: Graph, reader: str) -> set[str]:
-    """DESIGN.md §1 in words, independently of the prefix layout."""
+    """The graph's definition in words, independently of the prefix layout."""
     embeds = {"tok", "pos"} & set(g.writers)
     if reader == "logits":
         return set(g.writers)
