@@ -97,8 +97,8 @@ class PruneConfig:
     cache_bytes: int = DEFAULT_BUDGET_BYTES
     distributed: bool = False
     activation_checkpointing: bool = False  # recompute layer internals in backward (less memory)
-    # Factor on the Lagrangian terms; None: the number of masks, so each mask feels the
-    # sparsity pressure of its own expected count whatever the graph size (1.0: the paper's).
+    # Factor on the Lagrangian terms; None: the square root of the number of masks, so the
+    # pressure on each mask falls slower than 1/E as graphs grow (1.0: the paper's).
     lagrangian_scale: float | None = defaults.LAGRANGIAN_SCALE
 
     def validate(self, model: CircuitModel, dataset: TaskDataset) -> None:
@@ -165,7 +165,9 @@ class PruneConfig:
 
     def lagrangian_factor(self, n_masks: int) -> float:
         """The factor on a Lagrangian over ``n_masks`` masks."""
-        return float(n_masks) if self.lagrangian_scale is None else float(self.lagrangian_scale)
+        if self.lagrangian_scale is None:
+            return math.sqrt(n_masks)
+        return float(self.lagrangian_scale)
 
     def requested_edges(self, graph: Graph) -> int | None:
         """The circuit size asked for by ``n_edges`` or ``sparsity``, or None."""

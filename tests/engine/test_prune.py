@@ -106,9 +106,12 @@ def test_default_recipe_and_scaling() -> None:
     assert (recipe.warm_start, recipe.edge_lr, recipe.lambda_lr, recipe.node_masks,
             recipe.node_loss) == ("eap_ig", 0.05, defaults.LAMBDA_LEARNING_RATE, True, False)
     assert recipe.steps == defaults.STEPS and recipe.warm_start_floor == defaults.WARM_START_FLOOR
-    paper = PruneConfig(steps=defaults.PAPER_STEPS, warm_start=None)  # warm-ups scale with steps
-    assert paper.target_warmup == 2500 and paper.lr_warmup == 200
-    assert PruneConfig(steps=300).target_warmup == 250
+    assert recipe.lagrangian_factor(10_000) == 100.0  # sqrt of the number of masks
+    assert PruneConfig(lagrangian_scale=1.0).lagrangian_factor(10_000) == 1.0  # the paper's
+    paper = PruneConfig(steps=defaults.PAPER_STEPS, warm_start=None,
+                        target_warmup_steps=defaults.PAPER_STEPS * 5 // 6)
+    assert paper.target_warmup == 2500 and paper.lr_warmup == 200  # warm-ups scale with steps
+    assert PruneConfig(steps=300).target_warmup == 200  # the last third holds the target
 
 
 # ---- the training loop ---------------------------------------------------------------------------
