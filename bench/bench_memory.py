@@ -28,6 +28,7 @@ from edgeprune.engine.memory import (
     estimate_job_memory,
     track_peak_memory,
 )
+from edgeprune.engine.prune import PruneConfig
 
 # (shape, batch, tokens) measured by main(): the real shapes of GPT-2 small and SmolLM2-135M.
 CASES: list[dict[str, Any]] = [
@@ -158,6 +159,7 @@ def measure(case: dict[str, Any]) -> dict[str, Any]:
             n_examples=examples,
             dtype=dtype,
             activation_checkpointing=checkpointing,
+            warm_start=PruneConfig().warm_start is not None,  # _prune_steps runs the default
         )
     return {
         "evaluate": evaluate,

@@ -267,6 +267,7 @@ class MemoryEstimate:
     masks: int
     logits: int
     workspace: int
+    warm_start: int = 0
     settings: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -305,8 +306,14 @@ def estimate_job_memory(
     n_examples: int = 0,
     cache_bytes: int = DEFAULT_BUDGET_BYTES,
     world_size: int = 1,
+    warm_start: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of one pruning step on one device (one rank of a data-parallel job).
+
+    With ``warm_start`` the run starts with EAP-IG over the input embeddings, whose passes hold
+    the batch's clean writer outputs and their difference from the ablation values besides a
+    step's buffers. With activation checkpointing that adds to the peak; without it the step's
+    own activations are the larger (as measured by ``python -m bench memory``).
 
     ``model`` is a :class:`ModelShape`, a Hugging Face config (object or config.json dict) or a
     loaded ``CircuitModel``. ``batch_size`` is the job's whole batch; with ``world_size`` ranks each
@@ -346,6 +353,7 @@ def estimate_job_memory(
         masks=(shape.n_edges + W) * _MASK_BYTES_PER_ENTRY,
         logits=int(_LOGIT_COPIES * B * answer_positions * shape.vocab_size * 4) + clean_logits,
         workspace=int(_BACKWARD_COPIES * (readers + hidden)),
+        warm_start=2 * W * per_writer if warm_start and activation_checkpointing else 0,
         settings={
             "model": shape.name,
             "batch_size": batch_size,
@@ -355,6 +363,7 @@ def estimate_job_memory(
             "answer_positions": answer_positions,
             "n_examples": n_examples,
             "world_size": world_size,
+            "warm_start": warm_start,
         },
     )
 

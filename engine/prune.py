@@ -526,8 +526,11 @@ def _warm_start(run: _Run, cache: ActivationCache, scores: torch.Tensor | None, 
     """Start the edge log_alphas from EAP-IG scores (see ``masks.warm_log_alpha``)."""
     config, graph = run.config, run.model.graph
     if scores is None:
-        scores = eap_ig_scores(cache, steps=config.warm_start_ig_steps, batch_size=config.batch_size,
-                               progress=progress, should_stop=should_stop)
+        # under the run's activation checkpointing, so the warm start's peak stays the step's
+        with run.model.checkpointing(config.activation_checkpointing):
+            scores = eap_ig_scores(cache, steps=config.warm_start_ig_steps,
+                                   batch_size=config.batch_size, progress=progress,
+                                   should_stop=should_stop)
     elif scores.shape != (graph.n_edges,):
         raise InvalidArgument(f"warm_scores must have shape [{graph.n_edges}]", field="warm_scores")
     keep = config.requested_edges(graph)

@@ -129,7 +129,9 @@ def estimate(spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, shape: ModelShape, 
     return engine_estimate(shape, batch_size=batch, seq_len=seq_len, dtype=dtype,
                            answer_positions=answer_positions, n_examples=n_examples,
                            world_size=world,
-                           activation_checkpointing=spec.edge_pruning.activation_checkpointing)
+                           activation_checkpointing=spec.edge_pruning.activation_checkpointing,
+                           warm_start=spec.method == common_pb2.METHOD_EDGE_PRUNING
+                           and spec.edge_pruning.warm_start != job_pb2.WARM_START_NONE)
 
 
 def check_job_memory(spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, ref: str, config: Config,
