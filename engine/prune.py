@@ -221,6 +221,7 @@ class PruneResult:
     stopped: bool  # should_stop() ended the run early
     config: PruneConfig
     edge_writer: torch.Tensor  # writer index of every edge [E] (Graph.edge_writer)
+    warm_scores: torch.Tensor | None = None  # [E] the EAP-IG scores it started from, to reuse
     reached_sparsity: float = math.nan  # the masks' expected edge sparsity at the end
     target_sparsity: float = math.nan  # the Lagrangian's final target
     warnings: list[diagnostics.ResultWarning] = dataclasses.field(default_factory=list)
@@ -316,6 +317,7 @@ class _Run:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.start_sparsity = 0.0
+        self.warm_scores: torch.Tensor | None = None  # [E], when the run warm-started
 
     def params(self) -> dict[str, torch.Tensor]:
         out = {"edge_log_alpha": self.edge_la, "lambdas": self.lambdas}
@@ -541,6 +543,7 @@ def _warm_start(run: _Run, cache: ActivationCache, scores: torch.Tensor | None, 
                                                floor=config.warm_start_floor))
     if _world(config)[1] > 1:  # every rank starts from rank 0's masks, to the last bit
         dist.broadcast(run.edge_la.data, src=0)
+    run.warm_scores = scores.detach().float().cpu()
 
 
 @torch.no_grad()
@@ -620,6 +623,7 @@ def _result(
     for warning in warnings:
         log.warning("edge pruning: %s", warning.message)
     return PruneResult(
+        warm_scores=run.warm_scores,
         reached_sparsity=reached,
         target_sparsity=final_target,
         warnings=warnings,

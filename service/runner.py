@@ -49,6 +49,7 @@ LOSSES = {common_pb2.LOSS_KL: "kl", common_pb2.LOSS_LOGIT_DIFF: "logit_diff"}
 DTYPES = {common_pb2.DTYPE_FLOAT32: torch.float32, common_pb2.DTYPE_BFLOAT16: torch.bfloat16,
           common_pb2.DTYPE_FLOAT16: torch.float16}
 MODEL_CACHE_SIZE = 2
+WARM_SCORES_CACHE_SIZE = 16  # EAP-IG warm starts kept per worker: [E] floats each
 
 
 @dataclass
@@ -98,6 +99,37 @@ class ModelCache:
         while len(self.models) > self.size:
             self.models.popitem(last=False)
         return model
+
+
+class WarmScores:
+    """EAP-IG warm-start scores computed in this worker process, least recently used dropped
+    first: a job on the same model, data and settings as an earlier one (a sweep resubmitted,
+    another size) starts without recomputing them."""
+
+    def __init__(self, size: int = WARM_SCORES_CACHE_SIZE) -> None:
+        self.size = size
+        self.scores: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def key(ref: str, model: CircuitModel, train: TaskDataset, config: PruneConfig
+            ) -> tuple[Any, ...]:
+        return (ref, str(model.device), model.dtype, train.content_hash, config.ablation,
+                config.warm_start_ig_steps, config.batch_size)
+
+    def get(self, key: tuple[Any, ...]) -> torch.Tensor | None:
+        if key in self.scores:
+            self.scores.move_to_end(key)
+            return self.scores[key]
+        return None
+
+    def put(self, key: tuple[Any, ...], scores: torch.Tensor) -> None:
+        self.scores[key] = scores
+        self.scores.move_to_end(key)
+        while len(self.scores) > self.size:
+            self.scores.popitem(last=False)
+
+
+WARM_SCORES = WarmScores()
 
 
 def resolve_device(requested: str) -> str:
@@ -255,8 +287,13 @@ def _pruner(model: CircuitModel, spec: job_pb2.JobSpec, ref: str) -> Callable[..
         return lambda train, config, **hooks: prune(model, train, config, **hooks)
     device_type = model.device.type
     model_spec = ModelSpec(ref, dtype=str(model.dtype).removeprefix("torch."))
-    return lambda train, config, **hooks: prune_data_parallel(
-        model_spec, train, config, world_size=workers, device_type=device_type, **hooks)
+
+    def parallel(train: TaskDataset, config: PruneConfig, *, warm_scores: Any = None,
+                 **hooks: Any) -> Any:  # each rank computes its own warm start
+        return prune_data_parallel(model_spec, train, config, world_size=workers,
+                                   device_type=device_type, **hooks)
+
+    return parallel
 
 
 def _edge_count(size: dict[str, Any], n_edges_total: int) -> int:
@@ -287,6 +324,7 @@ def run_edge_pruning(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobS
     trained = min(range(len(sizes)), key=lambda i: counts[i])
     config = prune_config(spec, sizes[trained], n_total)
     try:
+        key = WarmScores.key(ref, model, train, config)
         result = _pruner(model, spec, ref)(
             train, config,
             progress=lambda event: hooks.progress(_progress_fields(event)),
@@ -294,9 +332,12 @@ def run_edge_pruning(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobS
             on_checkpoint=lambda data: hooks.checkpoint(pack_checkpoint(0, [], data)),
             resume=engine_state or None,
             should_stop=hooks.should_stop,
+            warm_scores=WARM_SCORES.get(key) if config.warm_start == "eap_ig" else None,
         )
     except Stopped:  # during the activation cache or the warm start: nothing to keep yet
         return [], [], True
+    if result.warm_scores is not None:
+        WARM_SCORES.put(key, result.warm_scores)
     if result.stopped:
         return [], [], True
     circuits = [result.circuit if i == trained else result.circuit_at(model, n_edges=counts[i])

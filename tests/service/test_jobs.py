@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load as load_safetensors
 
 from edgeprune.v1 import circuit_pb2, common_pb2, job_pb2
-from tests.service.harness import MODEL, Server, edge_pruning_spec, wait_for
+from tests.service.harness import MODEL, Server, edge_pruning_spec, inline_examples, wait_for
 
 
 def submit(server: Server, spec: job_pb2.JobSpec, **kwargs: object) -> job_pb2.Job:
@@ -177,6 +177,22 @@ def test_cancel_during_the_warm_start(live_server: Server) -> None:
     check_event_log(events, job_pb2.JOB_STATE_CANCELLED)
     warm = [e.progress.step for e in events if e.progress.phase == "warm_start"]
     assert max(warm) < 1000 and not any(e.progress.phase == "prune" for e in events)
+
+
+def test_a_second_job_on_the_same_data_reuses_the_warm_start(live_server: Server) -> None:
+    """The worker keeps EAP-IG warm-start scores by model, data and settings: a job at another
+    size on the same examples starts pruning without recomputing them."""
+    data = inline_examples(10)
+    first = live_server.wait_done(submit(live_server, edge_pruning_spec(data, steps=3)).name)
+    second = submit(live_server, edge_pruning_spec(data, steps=3, sizes=(0.8,)))
+    events = list(live_server.watch(second.name))
+    check_event_log(events, job_pb2.JOB_STATE_SUCCEEDED)
+    phases = [e.progress.phase for e in events if e.HasField("progress")]
+    assert first.state == job_pb2.JOB_STATE_SUCCEEDED and "prune" in phases
+    assert "warm_start" not in phases
+    other = edge_pruning_spec(inline_examples(9), steps=3)  # other data: its own warm start
+    events = list(live_server.watch(submit(live_server, other).name))
+    assert "warm_start" in [e.progress.phase for e in events if e.HasField("progress")]
 
 
 def test_a_run_short_of_its_target_says_so(live_server: Server) -> None:
