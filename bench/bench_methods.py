@@ -20,6 +20,9 @@ scale it up::
     EDGEPRUNE_BENCH_TRAIN=200 EDGEPRUNE_BENCH_TEST=200 EDGEPRUNE_BENCH_BATCH=32 \\
     EDGEPRUNE_BENCH_TASKS=ioi,gendered_pronoun,greater_than python -m bench methods
 
+``EDGEPRUNE_BENCH_PARTS=sweep`` runs the sweeps alone and ``EDGEPRUNE_BENCH_OUT=name`` writes
+bench/results/name.md and name.jsonl instead of methods.*.
+
 On a shared 2-core machine run it with OMP_NUM_THREADS=1: oversubscribed threads make every step
 several times slower.
 """
@@ -77,6 +80,7 @@ def main() -> None:
     batch = int(_env("BATCH", "8"))
     tasks = _env("TASKS", "ioi,gendered_pronoun").split(",")
     model_ref = _env("MODEL", "smollm2-135m")
+    parts = set(_env("PARTS", "matched,sweep").split(","))
     start = time.perf_counter()
     model = load_model(model_ref)
     defaults = PruneConfig()
@@ -90,26 +94,28 @@ def main() -> None:
     for task in tasks:
         train = build_task(task, model.tokenizer, n=n_train, seed=0, split="train")
         test = build_task(task, model.tokenizer, n=n_test, seed=0, split="test")
-        task_rows, task_sweeps = _task(model, task, train, test, batch)
+        task_rows, task_sweeps = _task(model, task, train, test, batch, parts)
         rows += task_rows
         sweeps += task_sweeps
     total = time.perf_counter() - start
-    _write(settings, rows, sweeps, total)
+    _write(settings, rows, sweeps, total, _env("OUT", "methods"))
     _emit({"bench": "methods", "total_s": round(total, 1)})
 
 
 def _task(model: CircuitModel, task: str, train: TaskDataset, test: TaskDataset,
-          batch: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+          batch: int, parts: set[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     E = model.graph.n_edges
     scores, seconds = {}, {}
     for method in ("eap", "eap_ig"):
         scores[method], seconds[method] = _timed(lambda m=method: attribute(
             model, train, m, ig_steps=5, batch_size=batch))
-    tuned_scores, tuned_ig_s = _timed(lambda: attribute(
-        model, train, TUNED_IG[0], ig_steps=TUNED_IG[1], batch_size=batch))
+    tuned_scores, tuned_ig_s = None, 0.0
+    if "matched" in parts:
+        tuned_scores, tuned_ig_s = _timed(lambda: attribute(
+            model, train, TUNED_IG[0], ig_steps=TUNED_IG[1], batch_size=batch))
 
     circuits: list[tuple[str, float, Circuit, float, dict[str, Any]]] = []
-    for sparsity in SPARSITIES:
+    for sparsity in SPARSITIES if "matched" in parts else ():
         k = round((1 - sparsity) * E)
         for method in ("eap", "eap_ig"):
             circuits.append((method, sparsity, scored_circuit(
@@ -124,7 +130,8 @@ def _task(model: CircuitModel, task: str, train: TaskDataset, test: TaskDataset,
             circuits.append((name, sparsity, result.circuit, run_s + extra_s, {
                 "reached_sparsity": round(result.reached_sparsity, 4),
                 "warnings": [w.reason for w in result.warnings]}))
-    metrics = evaluate_many(model, [c for _, _, c, _, _ in circuits], test, batch_size=batch)
+    metrics = evaluate_many(model, [c for _, _, c, _, _ in circuits], test,
+                            batch_size=batch) if circuits else []
     rows = []
     for (method, sparsity, circuit, wall, extra), m in zip(circuits, metrics, strict=True):
         row = {"bench": "methods", "task": task, "method": method, "sparsity": sparsity,
@@ -159,9 +166,9 @@ def _task(model: CircuitModel, task: str, train: TaskDataset, test: TaskDataset,
 
 
 def _write(settings: dict[str, Any], rows: list[dict[str, Any]], sweeps: list[dict[str, Any]],
-           total: float) -> None:
+           total: float, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "methods.jsonl", "w") as f:
+    with open(RESULTS / f"{name}.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in [{"settings": settings}, *rows, *sweeps])
     lines = [
         f"# Circuit discovery methods on {settings['model']}",
@@ -171,7 +178,7 @@ def _write(settings: dict[str, Any], rows: list[dict[str, Any]], sweeps: list[di
         "",
         f"Settings: {json.dumps(settings)}. Total {total / 60:.1f} min.",
     ]
-    for task in dict.fromkeys(r["task"] for r in rows):
+    for task in dict.fromkeys(r["task"] for r in [*rows, *sweeps]):
         lines += ["", f"## {task}", "", "Held-out metrics at matched sparsity:", "",
                   ("| method | sparsity | edges | KL | faithfulness | accuracy | pairwise acc. | "
                   "reached sparsity | warnings | wall s |"),
@@ -189,7 +196,7 @@ def _write(settings: dict[str, Any], rows: list[dict[str, Any]], sweeps: list[di
             lines.append(f"| {s['sweep']} | {s['cpr']:.4f} | {s['cmd']:.4f} | "
                          f"{s['discovery_s']:.1f} | {s['evaluation_s']:.1f} | "
                          f"{', '.join(_fmt(f) for f in s['faithfulness'])} |")
-    (RESULTS / "methods.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
 
