@@ -28,9 +28,10 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from edgeprune.engine import attribution, defaults, diagnostics, sweep
-from edgeprune.engine.circuit import Circuit
+from edgeprune.engine.circuit import Circuit, requested_edges
 from edgeprune.engine.distributed import ModelSpec, prune_data_parallel
 from edgeprune.engine.errors import InvalidArgument, Stopped
+from edgeprune.engine.graph import Graph
 from edgeprune.engine.loading import load_model
 from edgeprune.engine.masked import CircuitModel
 from edgeprune.engine.memory import ModelShape, check_fits
@@ -296,14 +297,11 @@ def _pruner(model: CircuitModel, spec: job_pb2.JobSpec, ref: str) -> Callable[..
     return parallel
 
 
-def _edge_count(size: dict[str, Any], n_edges_total: int) -> int:
+def _edge_count(size: dict[str, Any], graph: Graph) -> int:
     """Edges a proto-form size asks for (an overshooting target counts as none)."""
-    kwargs = _size_kwargs(size, n_edges_total)
-    if "n_edges" in kwargs:
-        return int(kwargs["n_edges"])
-    if "sparsity" in kwargs:
-        return max(1, round((1.0 - kwargs["sparsity"]) * n_edges_total))
-    return 0
+    kwargs = _size_kwargs(size, graph.n_edges)
+    kwargs.pop("edge_target", None)
+    return requested_edges(graph, **kwargs) or 0
 
 
 def _warning(warning: diagnostics.ResultWarning, size_index: int) -> dict[str, Any]:
@@ -319,10 +317,9 @@ def run_edge_pruning(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobS
     engine_state = None
     if hooks.resume is not None:
         _, _, engine_state = unpack_checkpoint(hooks.resume)
-    n_total = model.graph.n_edges
-    counts = [_edge_count(size, n_total) for size in sizes]
+    counts = [_edge_count(size, model.graph) for size in sizes]
     trained = min(range(len(sizes)), key=lambda i: counts[i])
-    config = prune_config(spec, sizes[trained], n_total)
+    config = prune_config(spec, sizes[trained], model.graph.n_edges)
     try:
         key = WarmScores.key(ref, model, train, config)
         result = _pruner(model, spec, ref)(
@@ -342,9 +339,9 @@ def run_edge_pruning(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobS
         return [], [], True
     circuits = [result.circuit if i == trained else result.circuit_at(model, n_edges=counts[i])
                 for i in range(len(sizes))]
-    warnings = [] if not counts[trained] else [  # an overshooting target lets the masks decide
-        _warning(w, trained)
-        for w in diagnostics.training_warnings(result.reached_sparsity, result.target_sparsity)]
+    # the engine judged the training; every circuit's size is judged by the caller
+    warnings = [_warning(w, trained) for w in result.warnings
+                if w.reason == diagnostics.TARGET_NOT_REACHED]
     return circuits, warnings, False
 
 
@@ -447,7 +444,7 @@ def _discover(model: CircuitModel, spec: job_pb2.JobSpec, datasets: DatasetRepo,
         return Outcome(stopped=True)
     if hooks.should_stop():
         return Outcome(stopped=True)
-    counts = [_edge_count(size, model.graph.n_edges) for size in sizes]
+    counts = [_edge_count(size, model.graph) for size in sizes]
     for i, circuit in enumerate(circuits):
         requested = counts[i] if i < len(counts) and counts[i] else None
         warnings += [_warning(w, i) for w in diagnostics.size_warnings(circuit.n_edges, requested)]
