@@ -124,6 +124,7 @@ class Circuit(_message.Message):
     NODES_FIELD_NUMBER: _builtins.int
     SETTINGS_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
+    EDGES_OMITTED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `circuits/{circuit}`."""
     job: _builtins.str
@@ -144,6 +145,10 @@ class Circuit(_message.Message):
     """Edges in the model's graph."""
     edge_sparsity: _builtins.float
     """1 - edge_count / total_edge_count."""
+    edges_omitted: _builtins.bool
+    """FULL view: true when `edges` and `nodes` were left out because the circuit alone is
+    larger than one reply may be (ExportCircuit streams it in chunks).
+    """
     @_builtins.property
     def target(self) -> _common_pb2.CircuitSize:
         """The requested size."""
@@ -192,10 +197,11 @@ class Circuit(_message.Message):
         nodes: _abc.Iterable[_builtins.str] | None = ...,
         settings: _struct_pb2.Struct | None = ...,
         provenance: _struct_pb2.Struct | None = ...,
+        edges_omitted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "provenance", b"provenance", "settings", b"settings", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "dataset", b"dataset", "edge_count", b"edge_count", "edge_sparsity", b"edge_sparsity", "edges", b"edges", "job", b"job", "method", b"method", "metrics", b"metrics", "model", b"model", "name", b"name", "node_count", b"node_count", "nodes", b"nodes", "provenance", b"provenance", "settings", b"settings", "target", b"target", "task", b"task", "total_edge_count", b"total_edge_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "dataset", b"dataset", "edge_count", b"edge_count", "edge_sparsity", b"edge_sparsity", "edges", b"edges", "edges_omitted", b"edges_omitted", "job", b"job", "method", b"method", "metrics", b"metrics", "model", b"model", "name", b"name", "node_count", b"node_count", "nodes", b"nodes", "provenance", b"provenance", "settings", b"settings", "target", b"target", "task", b"task", "total_edge_count", b"total_edge_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

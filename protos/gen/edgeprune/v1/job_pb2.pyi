@@ -174,8 +174,13 @@ class InlineExamples(_message.Message):
 
     EXAMPLES_FIELD_NUMBER: _builtins.int
     ALL_POSITIONS_FIELD_NUMBER: _builtins.int
+    EXAMPLE_COUNT_FIELD_NUMBER: _builtins.int
     all_positions: _builtins.bool
     """Score every position rather than the last one (Tracr-style tasks)."""
+    example_count: _builtins.int
+    """Number of examples, set by the server in every reply; the BASIC view (and a FULL reply
+    too large to carry them) leaves `examples` out. Ignored in requests.
+    """
     @_builtins.property
     def examples(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Example]:
         """The examples."""
@@ -185,10 +190,11 @@ class InlineExamples(_message.Message):
         *,
         examples: _abc.Iterable[_common_pb2.Example] | None = ...,
         all_positions: _builtins.bool = ...,
+        example_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_positions", b"all_positions", "examples", b"examples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_positions", b"all_positions", "example_count", b"example_count", "examples", b"examples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
