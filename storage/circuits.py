@@ -160,6 +160,7 @@ def circuit_record(
 ) -> CircuitRecord:
     return CircuitRecord(
         id=str(row.id),
+        owner=row.owner,
         model=row.model,
         method=row.method,
         task=row.task,
@@ -235,6 +236,7 @@ def _list_query(session: Session, f: CircuitFilter) -> Select[Any] | None:
 
 def _column_conditions(f: CircuitFilter) -> list[Any]:
     equal = {
+        Circuit.owner: f.owner,
         Circuit.model: f.model,
         Circuit.task: f.task,
         Circuit.dataset_id: f.dataset_id,
@@ -256,6 +258,7 @@ def _column_conditions(f: CircuitFilter) -> list[Any]:
 
 def _circuit_row(new: NewCircuit, now: Any) -> dict[str, Any]:
     return {
+        "owner": new.owner,
         "model": new.model,
         "method": new.method,
         "task": new.task,

@@ -50,12 +50,7 @@ class DatasetRepo:
         def rows() -> Iterator[tuple[str, int, Any]]:
             nonlocal count
             for example in examples:
-                if not isinstance(example, Mapping):
-                    raise InvalidArgument(f"examples[{count}]", "must be a JSON object")
-                try:
-                    line = json.dumps(dict(example), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-                except (TypeError, ValueError) as err:
-                    raise InvalidArgument(f"examples[{count}]", f"not JSON: {err}") from err
+                line = _json_line(example, count)
                 digest.update(line.encode() + b"\n")
                 yield dataset_id, count, line  # JSON text, as bulk_insert wants it
                 count += 1
@@ -66,6 +61,8 @@ class DatasetRepo:
                     raise AlreadyExists("dataset", dataset_id)
                 row = Dataset(
                     id=dataset_id,
+                    owner=new.owner,
+                    request_id=new.request_id,
                     display_name=new.display_name,
                     source=new.source,
                     task=new.task,
@@ -84,8 +81,26 @@ class DatasetRepo:
                 row.content_hash = digest.hexdigest()
                 session.flush()
                 return dataset_record(row)
-        except exc.IntegrityError as err:  # a concurrent create with the same id won
-            raise AlreadyExists("dataset", dataset_id) from err
+        except exc.IntegrityError as err:
+            # The id, or this owner's request_id, is taken (perhaps by a concurrent create).
+            earlier = self._by_request(new) if new.request_id is not None else None
+            if earlier is None:
+                raise AlreadyExists("dataset", dataset_id) from err
+            for example in examples:  # the rest of the content, to compare with the first
+                digest.update(_json_line(example, count).encode() + b"\n")
+                count += 1
+            if digest.hexdigest() != earlier.content_hash:
+                raise AlreadyExists(
+                    "dataset", new.request_id,
+                    f"request_id {new.request_id!r} was already used for a dataset with other "
+                    f"content ({earlier.id})") from err
+            return earlier
+
+    def _by_request(self, new: NewDataset) -> DatasetRecord | None:
+        with self.db.session(write=False) as session:
+            row = session.scalars(select(Dataset).where(
+                Dataset.owner == new.owner, Dataset.request_id == new.request_id)).one_or_none()
+            return dataset_record(row) if row is not None else None
 
     def get(self, dataset_id: str) -> DatasetRecord:
         """Raises NotFound."""
@@ -93,15 +108,18 @@ class DatasetRepo:
             return dataset_record(_get(session, dataset_id))
 
     def list(
-        self, *, page_size: int = 50, page_token: str | None = None, task: str | None = None
+        self, *, page_size: int = 50, page_token: str | None = None, task: str | None = None,
+        owner: str | None = None,
     ) -> Page[DatasetRecord]:
         """Newest first; keyset pagination (the token is opaque and bound to the filters)."""
         size = page_size_or_default(page_size)
-        filters = {"task": task}
+        filters = {"task": task, "owner": owner}
         after = decode_token(page_token, filters)
         query = select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(size + 1)
         if task is not None:
             query = query.where(Dataset.task == task)
+        if owner is not None:
+            query = query.where(Dataset.owner == owner)
         if after is not None:
             try:
                 created, last_id = datetime.fromisoformat(after[0]), str(after[1])
@@ -155,6 +173,8 @@ class DatasetRepo:
 def dataset_record(row: Dataset) -> DatasetRecord:
     return DatasetRecord(
         id=row.id,
+        owner=row.owner,
+        request_id=row.request_id,
         display_name=row.display_name,
         source=row.source,
         task=row.task,
@@ -166,6 +186,16 @@ def dataset_record(row: Dataset) -> DatasetRecord:
         content_hash=row.content_hash,
         created_at=row.created_at,
     )
+
+
+def _json_line(example: Any, index: int) -> str:
+    """An example as canonical JSON text (what is stored and hashed)."""
+    if not isinstance(example, Mapping):
+        raise InvalidArgument(f"examples[{index}]", "must be a JSON object")
+    try:
+        return json.dumps(dict(example), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as err:
+        raise InvalidArgument(f"examples[{index}]", f"not JSON: {err}") from err
 
 
 def _get(session: Session, dataset_id: str) -> Dataset:

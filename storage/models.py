@@ -97,6 +97,8 @@ class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255), server_default="")
+    request_id: Mapped[str | None] = mapped_column(String(255))
     display_name: Mapped[str] = mapped_column(String(255))
     source: Mapped[str] = mapped_column(String(255))
     task: Mapped[str] = mapped_column(String(64))
@@ -108,7 +110,11 @@ class Dataset(Base):
     content_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime]
 
-    __table_args__ = (Index("ix_datasets_created", "created_at", "id"),)
+    __table_args__ = (
+        UniqueConstraint("owner", "request_id"),
+        Index("ix_datasets_created", "created_at", "id"),
+        Index("ix_datasets_owner", "owner", "created_at", "id"),
+    )
 
 
 class DatasetExample(Base):
@@ -161,6 +167,7 @@ class Job(Base):
         # reclaim: RUNNING jobs whose lease expired
         Index("ix_jobs_lease", "state", "lease_expires_at"),
         Index("ix_jobs_created", "created_at", "id"),
+        Index("ix_jobs_caller", "caller", "created_at", "id"),
     )
 
 
@@ -214,6 +221,7 @@ class Circuit(Base):
 
     # AUTOINCREMENT on SQLite: ids of deleted circuits are never handed out again.
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255), server_default="")
     model: Mapped[str] = mapped_column(String(255))
     method: Mapped[str] = mapped_column(String(32))
     task: Mapped[str] = mapped_column(String(64))
@@ -237,6 +245,7 @@ class Circuit(Base):
 
     __table_args__ = (
         Index("ix_circuits_model", "model", "id"),
+        Index("ix_circuits_owner", "owner", "id"),
         Index("ix_circuits_job", "job_id"),
         Index("ix_circuits_dataset", "dataset_id"),
         {"sqlite_autoincrement": True},

@@ -52,8 +52,12 @@ class NewDataset:
     """What `DatasetRepo.create` needs. `id` None -> a generated id.
 
     `model` / `tokenizer` name what the examples were validated against (may be empty).
+    `owner` is the principal the dataset belongs to; a `request_id` is unique per owner: the
+    same (owner, request_id) with the same content returns the first dataset.
     """
 
+    owner: str = ""
+    request_id: str | None = None
     display_name: str = ""
     source: str = ""
     task: str = ""
@@ -72,6 +76,8 @@ class DatasetRecord:
     """
 
     id: str
+    owner: str
+    request_id: str | None
     display_name: str
     source: str
     task: str
@@ -209,6 +215,7 @@ class NewCircuit:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     mask_blob: str | None = None
     log_alpha_blob: str | None = None
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -217,6 +224,7 @@ class CircuitRecord:
     (`full=True`): lists stay cheap."""
 
     id: str
+    owner: str
     model: str
     method: str
     task: str
@@ -249,6 +257,7 @@ class CircuitFilter:
     edge sparsity (inclusive).
     """
 
+    owner: str | None = None
     model: str | None = None
     task: str | None = None
     dataset_id: str | None = None

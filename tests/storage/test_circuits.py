@@ -118,3 +118,12 @@ def test_delete(db: Database) -> None:
     assert [c.id for c in repo.list(CircuitFilter(contains_edges=[EDGES[0]])).items] == [kept.id]
     new = repo.create(make())
     assert int(new.id) > int(gone.id)  # ids are never reused
+
+
+def test_owner_is_stored_and_filters(db: Database) -> None:
+    repo = CircuitRepo(db)
+    alice = repo.create(make(owner="alice"))
+    repo.create(make(owner="bob"))
+    assert repo.get(alice.id).owner == "alice"
+    assert [c.id for c in repo.list(CircuitFilter(owner="alice")).items] == [alice.id]
+    assert len(repo.list().items) == 2

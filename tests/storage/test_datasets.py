@@ -66,3 +66,31 @@ def test_list_and_delete(db: Database) -> None:
         repo.examples("d3")
     with pytest.raises(NotFound):
         repo.delete("d3")
+
+
+def test_request_id_is_scoped_to_its_owner_and_bound_to_the_content(db: Database) -> None:
+    repo = DatasetRepo(db)
+    first = repo.create(NewDataset(owner="alice", request_id="r1"), examples(3))
+    again = repo.create(NewDataset(owner="alice", request_id="r1"), iter(examples(3)))
+    assert again == first and first.owner == "alice" and first.request_id == "r1"
+    with pytest.raises(AlreadyExists, match="other content"):
+        repo.create(NewDataset(owner="alice", request_id="r1"), examples(4))
+    other = repo.create(NewDataset(owner="bob", request_id="r1"), examples(4))
+    assert other.id != first.id and other.owner == "bob"
+    assert repo.get(first.id).example_count == 3  # nothing of the refused upload stored
+    # After a delete the key makes a new dataset under a new id: a job that named the old
+    # one finds it gone instead of running on other data.
+    repo.delete(first.id)
+    renewed = repo.create(NewDataset(owner="alice", request_id="r1"), examples(5))
+    assert renewed.id != first.id and renewed.example_count == 5
+
+
+def test_list_by_owner(db: Database) -> None:
+    repo = DatasetRepo(db)
+    mine = {repo.create(NewDataset(owner="alice"), examples(1)).id for _ in range(3)}
+    repo.create(NewDataset(owner="bob"), examples(1))
+    page = repo.list(owner="alice", page_size=2)
+    rest = repo.list(owner="alice", page_size=2, page_token=page.next_page_token)
+    assert {d.id for d in page.items + rest.items} == mine and rest.next_page_token is None
+    with pytest.raises(InvalidArgument):  # a token is bound to its filters
+        repo.list(owner="bob", page_token=page.next_page_token)
