@@ -26,6 +26,7 @@ from edgeprune.storage.errors import (
     InvalidArgument,
     LeaseLost,
     NotFound,
+    QueueFull,
     StorageError,
     Unavailable,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "NotFound",
     "Page",
     "Queue",
+    "QueueFull",
     "StorageError",
     "Unavailable",
     "default_database_url",

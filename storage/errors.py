@@ -4,15 +4,18 @@
     ├── NotFound            a dataset, job, circuit, blob or event stream does not exist
     ├── AlreadyExists       an id is taken, or a request_id was reused for a different request
     ├── Conflict            the resource is not in a state that allows the change
-    │   └── LeaseLost       a worker's claim was fenced out (lease expired and reclaimed,
-    │                       job cancelled or finished): its write was rejected
+    │   ├── LeaseLost       a worker's claim was fenced out (lease expired and reclaimed,
+    │   │                   job cancelled or finished): its write was rejected
+    │   └── QueueFull       a new job was refused: the pending-job cap is reached
     ├── InvalidArgument     bad page token, page size or filter (also a ValueError)
     ├── IntegrityError      stored bytes do not match their SHA-256: never used silently
-    └── Unavailable         the database cannot be reached or stayed locked
+    └── Unavailable         the database cannot be reached, stayed locked, or cannot write
+                            (disk full, I/O error): the one retryable error
 
 Every error carries a human-readable message; the service maps them onto gRPC codes
 (NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION / ABORTED, INVALID_ARGUMENT, DATA_LOSS,
-UNAVAILABLE) without looking inside.
+UNAVAILABLE) without looking inside. `retryable` says whether the same call may succeed
+later unchanged: callers back off and retry those, and give up on the others.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 class StorageError(Exception):
     """Base class of every error raised by `edgeprune.storage`."""
+
+    retryable = False
 
 
 class NotFound(StorageError, LookupError):
@@ -63,6 +68,14 @@ FencingError = LeaseLost
 """Alias: a fenced-out write is a lost lease."""
 
 
+class QueueFull(Conflict):
+    """A new job was refused: `limit` jobs are PENDING already."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the queue holds {limit} pending jobs; retry later")
+        self.limit = limit
+
+
 class InvalidArgument(StorageError, ValueError):
     """A request parameter is malformed; `field` names it."""
 
@@ -76,4 +89,14 @@ class IntegrityError(StorageError):
 
 
 class Unavailable(StorageError):
-    """The database could not be reached, or stayed locked past the busy timeout."""
+    """The database could not be reached, stayed locked past the busy timeout, or could not
+    write (disk full, I/O error). The message names the condition, never the connection
+    (host, port, user); `detail` keeps the driver's text for the log. `retry_after_s` is a
+    hint for callers."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, detail: str = "", retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.detail = detail
+        self.retry_after_s = retry_after_s

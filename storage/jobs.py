@@ -1,25 +1,37 @@
 """Jobs as resources: create (idempotent per caller + request_id), get, list, cancel.
 
 The worker side of a job's life (claim, heartbeat, complete ...) is in `queue.py`.
+
+A job's spec can carry megabytes of inline examples, twice (the protobuf bytes and their JSON).
+`get` and `list` therefore never read `spec_json` whole: the database hands back a copy without
+the inline examples (their number in ``data.examples.example_count``), and the spec bytes are
+read only for a full record, and in a full list only while they fit the caller's byte budget.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from sqlalchemy import exc, select, tuple_
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Text, cast, exc, func, literal, select, tuple_, type_coerce
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import Session, defer
 
 from edgeprune.storage.db import Database
-from edgeprune.storage.errors import AlreadyExists, InvalidArgument, NotFound
+from edgeprune.storage.errors import AlreadyExists, InvalidArgument, NotFound, QueueFull
 from edgeprune.storage.events import append_event
-from edgeprune.storage.models import Job, utcnow
+from edgeprune.storage.models import Job, JsonValue, utcnow
 from edgeprune.storage.paging import decode_token, encode_token, page_size_or_default
 from edgeprune.storage.records import JobRecord, JobState, NewJob, Page
+from edgeprune.storage.sqlutil import dialect_name
 
 MAX_NAME_LENGTH = 255
+# Any constant works: every admission takes the same PostgreSQL advisory lock.
+_ADMISSION_LOCK_KEY = 0x6564_6761  # "edga"
+# A full record's size beyond its spec bytes and JSON fields (ids, times, enums, framing).
+RECORD_OVERHEAD_BYTES = 1024
 
 
 class JobRepo:
@@ -28,12 +40,14 @@ class JobRepo:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def create(self, new: NewJob) -> JobRecord:
+    def create(self, new: NewJob, *, max_pending: int | None = None) -> JobRecord:
         """Store a PENDING job (and its first "state" event).
 
         With a request_id: the same (caller, request_id) and the same spec returns the job
         created the first time, even under concurrent duplicates; a different spec raises
-        AlreadyExists.
+        AlreadyExists. With `max_pending`: QueueFull when that many jobs are PENDING already;
+        the count and the insert are one serialised step, so concurrent creates never admit
+        more than the cap (a repeated request_id still returns its job).
         """
         _validate(new)
         try:
@@ -41,6 +55,8 @@ class JobRepo:
                 existing = _find_request(session, new)
                 if existing is not None:
                     return existing
+                if max_pending is not None:
+                    _admit(session, max_pending)
                 now = utcnow()
                 job = Job(
                     id=uuid.uuid4().hex,
@@ -73,10 +89,17 @@ class JobRepo:
                 raise
             return existing
 
-    def get(self, job_id: str) -> JobRecord:
-        """Raises NotFound."""
+    def get(self, job_id: str, *, full: bool = True, max_bytes: int | None = None) -> JobRecord:
+        """The job; `spec_json` without inline examples (see the module docstring).
+
+        full=False, or a full record larger than `max_bytes` (see `record_size`), leaves
+        `spec` empty. Raises NotFound.
+        """
         with self.db.session(write=False) as session:
-            return job_record(get_job(session, job_id))
+            rows = session.execute(_read_query(self.db.dialect).where(Job.id == job_id)).all()
+            if not rows:
+                raise NotFound("job", job_id)
+            return _with_specs(session, rows, full=full, max_bytes=max_bytes)[0]
 
     def list(
         self,
@@ -84,29 +107,45 @@ class JobRepo:
         states: Collection[JobState] | None = None,
         caller: str | None = None,
         kind: str | None = None,
+        model: str | None = None,
+        labels: Mapping[str, str] | None = None,
         page_size: int = 50,
         page_token: str | None = None,
+        full: bool = False,
+        max_bytes: int | None = None,
     ) -> Page[JobRecord]:
-        """Newest first; keyset pagination (the token is opaque and bound to the filters)."""
+        """Newest first; keyset pagination (the token is opaque and bound to the filters).
+        `model` matches the spec's model, `labels` the jobs carrying all of them.
+
+        Records as `get` returns them. full=True reads the spec bytes too; with `max_bytes`
+        the page then ends early (with a token) before the record that would take the page's
+        `record_size` total past it; a first record larger than that alone comes without its
+        spec bytes, so every page makes progress.
+        """
         size = page_size_or_default(page_size)
         state_values = sorted(JobState(s).value for s in states) if states else None
-        filters = {"states": state_values, "caller": caller, "kind": kind}
+        filters = {"states": state_values, "caller": caller, "kind": kind, "model": model,
+                   "labels": dict(sorted((labels or {}).items())) or None}
         after = decode_token(page_token, filters)
-        query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(size + 1)
+        query = _read_query(self.db.dialect).order_by(Job.created_at.desc(), Job.id.desc()).limit(size + 1)
         if state_values:
             query = query.where(Job.state.in_([JobState(v) for v in state_values]))
         if caller is not None:
             query = query.where(Job.caller == caller)
         if kind is not None:
             query = query.where(Job.kind == kind)
+        if model is not None:
+            query = query.where(Job.spec_json["model"].as_string() == model)
+        for key, value in (labels or {}).items():
+            query = query.where(Job.labels[key].as_string() == value)
         if after is not None:
             created, job_id = _parse_job_key(after)
             query = query.where(tuple_(Job.created_at, Job.id) < tuple_(created, job_id))
         with self.db.session(write=False) as session:
-            rows = list(session.scalars(query))
-        items = [job_record(row) for row in rows[:size]]
+            rows = session.execute(query).all()
+            items = _with_specs(session, rows[:size], full=full, max_bytes=max_bytes)
         token = None
-        if len(rows) > size:
+        if len(rows) > len(items):
             last = items[-1]
             token = encode_token([last.created_at.isoformat(), last.id], filters)
         return Page(items, token)
@@ -145,13 +184,15 @@ def get_job(session: Session, job_id: str, *, for_update: bool = False) -> Job:
     return job
 
 
-def job_record(job: Job) -> JobRecord:
+def job_record(job: Job, *, spec: bytes | None = None,
+               spec_json: dict[str, Any] | None = None) -> JobRecord:
+    """The record of a job row; `spec` / `spec_json` replace columns the query left out."""
     return JobRecord(
         id=job.id,
         kind=job.kind,
         display_name=job.display_name,
-        spec=bytes(job.spec),
-        spec_json=dict(job.spec_json),
+        spec=bytes(job.spec) if spec is None else spec,
+        spec_json=dict(job.spec_json) if spec_json is None else spec_json,
         state=JobState(job.state),
         priority=job.priority,
         labels=dict(job.labels),
@@ -173,6 +214,87 @@ def job_record(job: Job) -> JobRecord:
         error_reason=job.error_reason,
         last_event_seq=job.last_event_seq,
     )
+
+
+def record_size(record: JobRecord, spec_bytes: int) -> int:
+    """An upper estimate of a full record's size in a reply: its spec bytes, the text of its
+    JSON fields and a fixed overhead."""
+    import json
+
+    texts = (record.labels, record.progress, record.result)
+    return (spec_bytes + sum(len(json.dumps(t)) for t in texts) + len(record.error or "")
+            + RECORD_OVERHEAD_BYTES)
+
+
+_EXAMPLES_PATH = ("data", "examples", "examples")
+
+
+def _spec_summary(dialect: str) -> tuple[ColumnElement[Any], ColumnElement[Any]]:
+    """(spec_json without its inline examples, their number or NULL), computed by the
+    database so the examples never reach this process."""
+    if dialect == "postgresql":
+        path = cast(literal("{" + ",".join(_EXAMPLES_PATH) + "}"), postgresql.ARRAY(Text))
+        summary = Job.spec_json.op("#-")(path)
+        count = func.jsonb_array_length(Job.spec_json.op("#>")(path))
+    else:
+        json_path = "$." + ".".join(_EXAMPLES_PATH)
+        summary = func.json_remove(Job.spec_json, json_path)
+        count = func.json_array_length(Job.spec_json, json_path)
+    return type_coerce(summary, JsonValue).label("spec_summary"), count.label("example_count")
+
+
+def _read_query(dialect: str) -> Any:
+    """SELECT of (Job, spec_bytes, spec_summary, example_count): the job row without its
+    spec and spec_json (either raises if touched), the spec's size and its summary."""
+    return select(Job, func.length(Job.spec).label("spec_bytes"),
+                  *_spec_summary(dialect)).options(defer(Job.spec, raiseload=True),
+                                                   defer(Job.spec_json, raiseload=True))
+
+
+def _with_specs(session: Session, rows: list[Any], *, full: bool,
+                max_bytes: int | None) -> list[JobRecord]:
+    """Records of (Job, spec_bytes, spec_summary, example_count) rows. full=True reads the
+    spec bytes of the leading rows whose sizes fit `max_bytes` together and drops the rows
+    after them; a first row too large alone stays a summary."""
+    records = [job_record(job, spec=b"", spec_json=_summary_json(summary, count))
+               for job, _, summary, count in rows]
+    if not full:
+        return records
+    budget = max_bytes
+    if budget is not None:
+        total, kept = 0, 0
+        for record, (_, spec_bytes, _, _) in zip(records, rows, strict=True):
+            total += record_size(record, spec_bytes or 0)
+            if total > budget:
+                break
+            kept += 1
+        if kept == 0:
+            return records[:1]  # too large for any reply: its summary
+        records = records[:kept]
+    specs = {job_id: spec for job_id, spec in session.execute(
+        select(Job.id, Job.spec).where(Job.id.in_([r.id for r in records])))}
+    return [dataclasses.replace(r, spec=bytes(specs[r.id])) for r in records]
+
+
+def _summary_json(summary: Any, count: int | None) -> dict[str, Any]:
+    out = dict(summary or {})
+    if count is not None:
+        data = dict(out.get("data") or {})
+        data["examples"] = {**(data.get("examples") or {}), "example_count": count}
+        out["data"] = data
+    return out
+
+
+def _admit(session: Session, max_pending: int) -> None:
+    """QueueFull unless fewer than `max_pending` jobs are PENDING. Admissions run one at a
+    time (a transaction-scoped advisory lock on PostgreSQL; SQLite's write transactions are
+    already serial), so the count cannot go stale before this transaction commits."""
+    if dialect_name(session) == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(_ADMISSION_LOCK_KEY)))
+    pending = session.scalar(
+        select(func.count()).select_from(Job).where(Job.state == JobState.PENDING)) or 0
+    if pending >= max_pending:
+        raise QueueFull(max_pending)
 
 
 def _find_request(session: Session, new: NewJob) -> JobRecord | None:
