@@ -72,9 +72,11 @@ class AsyncClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         stream_timeout: float | None = 600.0,
         retry: RetryPolicy | None = None,
+        insecure: bool | None = None,
     ) -> None:
         self.settings = ClientSettings.create(
-            target, token=token, tls=tls, timeout=timeout, stream_timeout=stream_timeout, retry=retry
+            target, token=token, tls=tls, timeout=timeout, stream_timeout=stream_timeout, retry=retry,
+            insecure=insecure,
         )
         credentials = self.settings.credentials()
         options = self.settings.channel_options()

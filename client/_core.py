@@ -9,6 +9,7 @@ the check of a finished job.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tempfile
 import uuid
@@ -28,6 +29,7 @@ from ._spec import load_examples
 from .errors import (
     EdgepruneError,
     FailedPrecondition,
+    InsecureTransport,
     InvalidArgument,
     Unavailable,
     from_rpc_error,
@@ -43,6 +45,7 @@ __all__ = [
     "Pager",
     "WatchCursor",
     "check_finished",
+    "is_local_target",
     "is_terminal",
     "new_request_id",
     "upload_requests",
@@ -64,6 +67,37 @@ _RESUMABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORT
 TlsOption = bool | str | os.PathLike[str] | grpc.ChannelCredentials | None
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+def is_local_target(target: str) -> bool:
+    """True when ``target`` (a gRPC target string) can only reach this host: a ``unix:``
+    socket, ``localhost`` or a loopback address (``127.0.0.0/8``, ``::1``)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    rest = target
+    for scheme in ("ipv4:", "ipv6:", "dns:"):
+        if rest.startswith(scheme):
+            rest = rest[len(scheme):]
+            if rest.startswith("//"):  # dns://AUTHORITY/host:port
+                rest = rest[2:].partition("/")[2]
+            break
+    if "," in rest:  # ipv4:a:1,b:2 lists several addresses: every one must be local
+        return all(is_local_target(part) for part in rest.split(","))
+    if rest.startswith("["):
+        host = rest[1:].partition("]")[0]
+    elif rest.count(":") == 1:
+        host = rest.partition(":")[0]
+    else:
+        host = rest  # a bare host, or an unbracketed IPv6 address
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def new_request_id() -> str:
     """A fresh idempotency key (AIP-155): a UUID4 string."""
     return str(uuid.uuid4())
@@ -82,6 +116,11 @@ class ClientSettings:
     ``$EDGEPRUNE_TOKEN``. ``tls``: None/False plaintext, True the system roots, a path
     to a PEM CA bundle, or ready ``grpc.ChannelCredentials``. ``timeout`` is the
     deadline of every unary call (retries included); streams get ``stream_timeout``.
+
+    A token goes out only over TLS, or to this host (loopback addresses, ``localhost`` and
+    ``unix:`` sockets, where nobody else can read the traffic), unless ``insecure`` (default
+    ``$EDGEPRUNE_INSECURE``) says the network is trusted; otherwise `create` raises
+    `InsecureTransport` before anything is sent.
     """
 
     target: str = ""
@@ -91,6 +130,7 @@ class ClientSettings:
     stream_timeout: float | None = 600.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     user_agent: str = "edgeprune-python"
+    insecure: bool = False
 
     @classmethod
     def create(
@@ -102,14 +142,26 @@ class ClientSettings:
         timeout: float | None = DEFAULT_TIMEOUT,
         stream_timeout: float | None = 600.0,
         retry: RetryPolicy | None = None,
+        insecure: bool | None = None,
     ) -> ClientSettings:
         """Settings with environment defaults filled in and checked."""
         target = target or os.environ.get("EDGEPRUNE_TARGET") or DEFAULT_TARGET
         token = token if token is not None else os.environ.get("EDGEPRUNE_TOKEN") or None
+        if insecure is None:
+            insecure = os.environ.get("EDGEPRUNE_INSECURE", "").strip().lower() in _TRUE
         for name, value in (("timeout", timeout), ("stream_timeout", stream_timeout)):
             if value is not None and value <= 0:
                 raise InvalidArgument(f"{name} must be positive or None", field=name)
-        return cls(target, token, tls, timeout, stream_timeout, retry or RetryPolicy())
+        settings = cls(target, token, tls, timeout, stream_timeout, retry or RetryPolicy(),
+                       insecure=insecure)
+        if token and tls in (None, False) and not insecure and not is_local_target(target):
+            raise InsecureTransport(
+                f"refusing to send the bearer token in plaintext to {target}: use TLS "
+                "(tls=True or a CA file; --tls / --ca-file), or, on a network you trust, "
+                "insecure=True (--insecure, EDGEPRUNE_INSECURE=1)",
+                field="tls",
+            )
+        return settings
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         """Channel credentials for ``tls``, or None for a plaintext channel."""

@@ -62,6 +62,10 @@ class Client:
     :class:`~edgeprune.client.errors.EdgepruneError` subclasses. Resource names may be
     given in full (``jobs/abc``) or as the bare id (``abc``). Results are the
     ``edgeprune.v1`` protobuf messages.
+
+    A ``token`` (or ``$EDGEPRUNE_TOKEN``) is only sent over TLS or to this host, unless
+    ``insecure=True`` (or ``$EDGEPRUNE_INSECURE=1``): else the constructor raises
+    :class:`~edgeprune.client.errors.InsecureTransport`.
     """
 
     def __init__(
@@ -73,9 +77,11 @@ class Client:
         timeout: float | None = DEFAULT_TIMEOUT,
         stream_timeout: float | None = 600.0,
         retry: RetryPolicy | None = None,
+        insecure: bool | None = None,
     ) -> None:
         self.settings = ClientSettings.create(
-            target, token=token, tls=tls, timeout=timeout, stream_timeout=stream_timeout, retry=retry
+            target, token=token, tls=tls, timeout=timeout, stream_timeout=stream_timeout, retry=retry,
+            insecure=insecure,
         )
         credentials = self.settings.credentials()
         options = self.settings.channel_options()

@@ -65,7 +65,8 @@ def _labels(pairs: Sequence[str] | None) -> dict[str, str]:
 
 def _client(args: argparse.Namespace) -> Client:
     tls: Any = args.ca_file or (True if args.tls else None)
-    return Client(args.target, token=args.token, tls=tls, timeout=args.timeout)
+    return Client(args.target, token=args.token, tls=tls, timeout=args.timeout,
+                  insecure=True if args.insecure else None)
 
 
 def _follow(client: Client, name: str, args: argparse.Namespace, *, after: int = 0) -> int:
@@ -274,7 +275,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return EXIT_OK
     print_pairs(
         [
-            ("server", args.target or DEFAULT_TARGET),
+            ("server", client.settings.target),
             ("version", info.version),
             ("models", ", ".join(m.name for m in info.models) or "-"),
             ("tasks", ", ".join(info.tasks) or "-"),
@@ -303,7 +304,7 @@ def cmd_server(args: argparse.Namespace) -> int:
             f"edgeprune {args.command} needs the server extra: pip install 'edgeprune[server]' ({error})",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_USAGE
     entry = {"serve": service.serve_main, "worker": service.worker_main,
              "migrate": service.migrate_main}[args.command]
     return int(entry(list(args.rest)) or 0)
@@ -331,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--token", default=None, help="bearer token ($EDGEPRUNE_TOKEN)")
     group.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
     group.add_argument("--ca-file", default=None, help="use TLS with this PEM CA bundle")
+    group.add_argument("--insecure", action="store_true",
+                       help="send the token without TLS to another host ($EDGEPRUNE_INSECURE=1; "
+                       "only on a network you trust)")
     group.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline of each call in seconds")
     group.add_argument("--json", action="store_true", help="print JSON instead of tables")
 

@@ -14,6 +14,7 @@ Every error the client raises is an :class:`EdgepruneError`::
     ├── Cancelled                      CANCELLED
     ├── Unimplemented                  UNIMPLEMENTED
     ├── ServerError                    INTERNAL / UNKNOWN / DATA_LOSS
+    ├── InsecureTransport              client-side: a token would go out without TLS
     └── JobError                       a job ended without success (raised by ``wait``)
         ├── JobFailed                  state FAILED; .job is the final Job
         └── JobCancelled               state CANCELLED
@@ -46,6 +47,7 @@ __all__ = [
     "EdgepruneError",
     "FailedPrecondition",
     "FieldViolation",
+    "InsecureTransport",
     "InvalidArgument",
     "JobCancelled",
     "JobError",
@@ -196,6 +198,13 @@ class ServerError(EdgepruneError):
 
     grpc_code = grpc.StatusCode.INTERNAL
     exit_code = 1
+
+
+class InsecureTransport(EdgepruneError):
+    """A bearer token would be sent in plaintext to a host other than this one; raised before
+    anything is sent. Use TLS, or say ``insecure=True`` for a network you trust."""
+
+    exit_code = 2
 
 
 class JobError(EdgepruneError):

@@ -6,18 +6,19 @@
                         (idempotent; the Kubernetes migration Job)
 
 Both read flags > EDGEPRUNE_* environment > --config file (see `config.py`) and exit with 2 on a
-bad setting, 1 when the database cannot be reached, with a one-line message, never a traceback.
+bad setting or a missing server extra, 1 when the database cannot be reached, with a one-line
+message, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from edgeprune.service.config import Config, ConfigError, add_arguments, load_config
 from edgeprune.service.multiproc import prepare_metrics_dir
@@ -36,6 +37,10 @@ def _setup_logging(level: str) -> None:
 
 
 def _config(prog: str, args: argparse.Namespace) -> Config | None:
+    if getattr(args, "auth_tokens", None):
+        print(f"{prog}: warning: --auth-token puts the token on the command line, where other "
+              "local users can read it (ps); use --auth-token-file or EDGEPRUNE_AUTH_TOKENS",
+              file=sys.stderr)
     try:
         return load_config(args)
     except ConfigError as err:
@@ -43,10 +48,39 @@ def _config(prog: str, args: argparse.Namespace) -> Config | None:
         return None
 
 
+# What running the service imports beyond the thin client (the `server` extra).
+SERVER_MODULES = ("torch", "transformers", "sqlalchemy", "alembic", "prometheus_client",
+                  "grpc_health", "grpc_reflection", "grpc_status")
+
+
+def missing_server_extra() -> str | None:
+    """The first module of the server extra that cannot be imported, or None."""
+    for name in SERVER_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return name
+    return None
+
+
+def _check_server_extra(prog: str) -> bool:
+    """On the thin (client-only) install say which extra to install, instead of a traceback."""
+    missing = missing_server_extra()
+    if missing is None:
+        return True
+    print(f"{prog}: needs the server extra (no module {missing!r}): "
+          "pip install 'edgeprune[server]'", file=sys.stderr)
+    return False
+
+
 def serve_main(argv: list[str] | None = None) -> int:
     """`edgeprune serve`: the API, its metrics endpoint and worker processes."""
     prog = "edgeprune serve"
     args = _parser(prog, "Run the edgeprune gRPC API and its workers.").parse_args(argv)
+    if not _check_server_extra(prog):
+        return 2
     config = _config(prog, args)
     if config is None:
         return 2
@@ -70,11 +104,14 @@ def worker_main(argv: list[str] | None = None) -> int:
     """`edgeprune worker`: one worker process (with its own metrics endpoint)."""
     prog = "edgeprune worker"
     parser = _parser(prog, "Run an edgeprune worker against the job database.")
-    parser.add_argument("--resolved-config", help=argparse.SUPPRESS)  # from `serve`
+    # `serve` writes its resolved config to a child's stdin (never to a file: it holds secrets).
+    parser.add_argument("--config-stdin", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    child = args.resolved_config is not None
+    if not _check_server_extra(prog):
+        return 2
+    child = args.config_stdin
     if child:
-        config = Config.from_json(Path(args.resolved_config).read_text())
+        config = Config.from_json(sys.stdin.read())
     else:
         config = _config(prog, args)
         if config is None:
@@ -86,7 +123,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     from edgeprune.storage import StorageError
 
     if not child and config.metrics_port >= 0:
-        _, port = metrics.serve(config.metrics_port, config.host)
+        _, port = metrics.serve(config.metrics_port, config.metrics_host)
         print(f'{{"metrics_port": {port}}}', flush=True)
     try:
         code = run_worker(config)
@@ -104,6 +141,8 @@ def migrate_main(argv: list[str] | None = None) -> int:
     """`python -m edgeprune.service migrate`: upgrade the database schema, print its revision."""
     prog = "edgeprune migrate"
     args = _parser(prog, "Apply the database migrations of edgeprune and exit.").parse_args(argv)
+    if not _check_server_extra(prog):
+        return 2
     config = _config(prog, args)
     if config is None:
         return 2

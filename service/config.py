@@ -24,6 +24,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from edgeprune.engine import defaults
+from edgeprune.service.principals import Principals
 
 ENV_PREFIX = "EDGEPRUNE_"
 DEFAULT_MODELS = {"smollm2-135m": "smollm2-135m"}
@@ -59,6 +60,8 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9464  # 0: any free port; -1: no metrics endpoint
+    # /metrics has no auth: only this host sees it unless the operator opens it (Kubernetes).
+    metrics_host: str = "127.0.0.1"
     data_dir: str = "data"
     database_url: str = ""  # "": sqlite:///<data_dir>/edgeprune.db
     models: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_MODELS))
@@ -70,6 +73,10 @@ class Config:
     tls_cert: str = ""  # PEM files; both set -> the API only accepts TLS
     tls_key: str = ""
     auth_tokens: Sequence[str] = ()  # non-empty -> calls need "authorization: Bearer <token>"
+    # ("TOKEN" or "NAME[:ROLE[:MAX_PRIORITY]]=TOKEN", see principals.py)
+    user_max_priority: int = 0  # the highest priority a non-admin principal may submit at
+    auth_token_file: str = ""  # more tokens, one a line (kept out of argv, where `ps` shows them)
+    insecure: bool = False  # accept bearer tokens without TLS (a trusted network or a mesh)
     limits: Limits = field(default_factory=Limits)
     # Job defaults for fields a request leaves at zero.
     default_steps: int = defaults.STEPS  # Edge Pruning steps (the engine's default recipe)
@@ -191,7 +198,7 @@ def _read_file(path: str) -> dict[str, Any]:
 
 
 HELP = {
-    "host": "address the API and the metrics endpoint listen on",
+    "host": "address the API listens on",
     "port": "API port (0: any free port)",
     "metrics_port": "Prometheus /metrics port (0: any free port; -1: none)",
     "data_dir": "folder of the embedded SQLite database",
@@ -203,8 +210,13 @@ HELP = {
     "worker_memory_bytes": "memory one job may use on a worker device; SubmitJob rejects jobs "
                            "estimated above it (0: half the RAM for CPU workers, unchecked for GPUs)",
     "max_data_parallel": "most processes (devices) one data-parallel Edge Pruning job may use",
+    "user_max_priority": "highest job priority a non-admin principal may ask for",
     "tls_cert": "PEM certificate chain (with --tls-key: TLS only)",
     "tls_key": "PEM private key",
+    "metrics_host": "address /metrics listens on (unauthenticated: 0.0.0.0 only where "
+                    "the network is trusted, e.g. a Kubernetes pod)",
+    "auth_token_file": "file of accepted bearer tokens, one a line (# comments)",
+    "insecure": "allow bearer tokens without TLS (tokens then cross the network in plaintext)",
     "lease_s": "a job's lease; a worker silent this long loses it",
     "heartbeat_s": "how often a worker extends its lease",
     "checkpoint_every": "pruning steps between checkpoints",
@@ -225,7 +237,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help="allow-list entry (repeatable; replaces the default list)")
         elif name == "auth_tokens":
             parser.add_argument("--auth-token", dest="auth_tokens", action="append",
-                                metavar="TOKEN", help="accepted bearer token (repeatable)")
+                                metavar="[NAME[:ROLE[:MAX_PRIORITY]]=]TOKEN",
+                                help="accepted bearer token and its principal (repeatable)")
+        elif CONFIG_FIELDS.get(name) is bool:  # a bare `--insecure` means true
+            parser.add_argument(flag, dest=name, default=None, nargs="?", const="true",
+                                metavar="BOOL", help=HELP.get(name, name.replace("_", " ")))
         else:
             parser.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(),
                                 help=HELP.get(name, name.replace("_", " ")))
@@ -249,10 +265,35 @@ def load_config(
             values[name] = (flag, "--" + name.replace("_", "-"))
     kinds = {**CONFIG_FIELDS, **LIMIT_FIELDS}
     parsed = {name: _parse(name, kinds[name], raw, src) for name, (raw, src) in values.items()}
+    if parsed.get("auth_token_file"):
+        parsed["auth_tokens"] = (*parsed.get("auth_tokens", ()),
+                                 *read_token_file(parsed["auth_token_file"]))
     limits = Limits(**{k: v for k, v in parsed.items() if k in LIMIT_FIELDS})
     config = Config(limits=limits, **{k: v for k, v in parsed.items() if k in CONFIG_FIELDS})
     validate(config)
     return config
+
+
+def read_token_file(path: str) -> tuple[str, ...]:
+    """The tokens of an ``auth_token_file``: one a line; blank lines and ``#`` comments skipped."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"auth_token_file {path}: {err.strerror or err}") from err
+    tokens = tuple(line.strip() for line in text.splitlines()
+                   if line.strip() and not line.lstrip().startswith("#"))
+    if not tokens:
+        raise ConfigError(f"auth_token_file {path}: no tokens in the file")
+    return tokens
+
+
+def check_transport(config: Config) -> None:
+    """Bearer tokens sent in plaintext can be read off the network and replayed: a server that
+    checks tokens speaks TLS, unless the operator says ``insecure`` (a trusted network)."""
+    if config.auth_tokens and not config.tls and not config.insecure:
+        raise ConfigError(
+            "auth_tokens: bearer tokens need TLS (set tls_cert and tls_key), or insecure: true "
+            "(--insecure, EDGEPRUNE_INSECURE=1) to accept them in plaintext on a trusted network")
 
 
 def validate(config: Config) -> None:
@@ -263,6 +304,11 @@ def validate(config: Config) -> None:
         raise ConfigError(f"metrics_port: {config.metrics_port} is not a TCP port (-1: off)")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("tls_cert and tls_key must be given together")
+    check_transport(config)
+    try:
+        Principals(config.auth_tokens)
+    except ValueError as err:
+        raise ConfigError(f"auth_tokens: {err}") from err
     for path in (config.tls_cert, config.tls_key):
         if path and not Path(path).is_file():
             raise ConfigError(f"TLS file {path} does not exist")

@@ -33,6 +33,7 @@ from edgeprune.storage import errors as storage_errors
 log = logging.getLogger(__name__)
 
 DOMAIN = "edgeprune.dev"
+DATABASE_UNAVAILABLE_MESSAGE = "the database is unavailable; retry later"
 
 
 class ServiceError(Exception):
@@ -81,6 +82,10 @@ class Unauthenticated(ServiceError):
     code = "UNAUTHENTICATED"
 
 
+class PermissionDenied(ServiceError):
+    code = "PERMISSION_DENIED"
+
+
 class Unavailable(ServiceError):
     code = "UNAVAILABLE"
 
@@ -104,7 +109,9 @@ def classify(exc: BaseException) -> ServiceError:
         case storage_errors.IntegrityError():
             return _coded("DATA_LOSS", message, "INTEGRITY_CHECK_FAILED")
         case storage_errors.Unavailable():
-            return Unavailable(message, reason="DATABASE_UNAVAILABLE")
+            # The driver's text names the database's host, port, name and user: it stays in
+            # the server's log (`abort`), clients learn only that it is a retryable outage.
+            return Unavailable(DATABASE_UNAVAILABLE_MESSAGE, reason="DATABASE_UNAVAILABLE")
         case engine_errors.ModelNotFound():
             return FailedPrecondition(message, reason="MODEL_NOT_FOUND")
         case engine_errors.UnsupportedArchitecture():
@@ -150,6 +157,8 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """End the call with the status of ``exc`` (raises grpc's AbortError)."""
     if classify(exc).code == "INTERNAL":
         log.error("internal error: %r", exc, exc_info=exc)
+    elif isinstance(exc, storage_errors.Unavailable):
+        log.warning("%s", exc)
     await context.abort_with_status(rpc_status.to_status(to_status(exc)))
 
 

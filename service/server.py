@@ -16,14 +16,13 @@ from this process once gRPC runs); the supervisor restarts one that dies.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +33,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from edgeprune.service import metrics
-from edgeprune.service.config import Config
+from edgeprune.service.config import Config, check_transport
 from edgeprune.service.handlers import CircuitHandler, DatasetHandler, JobHandler, ServerHandler
 from edgeprune.service.interceptors import AuthInterceptor, MetricsInterceptor
+from edgeprune.service.principals import Principals
 from edgeprune.service.servicers import (
     CircuitServicer,
     DatasetServicer,
@@ -97,9 +97,14 @@ class Api:
 def build(config: Config, db: Database) -> Api:
     """Build the server on an existing database; call inside the event loop that will run it."""
     limits = config.limits
+    check_transport(config)  # library callers skip load_config: refuse plaintext tokens here too
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
-    if config.auth_tokens:
-        interceptors.append(AuthInterceptor(config.auth_tokens))
+    principals = Principals(config.auth_tokens)
+    if principals.enabled:
+        interceptors.append(AuthInterceptor(principals))
+        if not config.tls:
+            log.warning("insecure: bearer tokens are accepted without TLS; anyone on the network "
+                        "path can read and replay them")
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -113,10 +118,12 @@ def build(config: Config, db: Database) -> Api:
                              config)
     hub = EventHub(EventRepo(db), jobs, poll_s=config.poll_s)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(
-        DatasetServicer(DatasetHandler(datasets, config)), server)
-    job_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(job_handler, hub), server)
+        DatasetServicer(DatasetHandler(datasets, config), principals), server)
+    job_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(job_handler, hub, principals),
+                                                  server)
     circuit_pb2_grpc.add_CircuitServiceServicer_to_server(
-        CircuitServicer(CircuitHandler(circuits, BlobStore(db), config), job_handler), server)
+        CircuitServicer(CircuitHandler(circuits, BlobStore(db), config), job_handler, principals),
+        server)
     server_pb2_grpc.add_ServerServiceServicer_to_server(ServerServicer(ServerHandler(config)),
                                                         server)
     health = HealthServicer()
@@ -159,17 +166,23 @@ class Supervisor:
         self.config = config
         self.procs: list[subprocess.Popen[bytes]] = []
         self.draining = False
-        handle, path = tempfile.mkstemp(prefix="edgeprune-worker-", suffix=".json")
-        with os.fdopen(handle, "w") as out:
-            out.write(config.to_json())
-        self.config_path = path
+        # Workers never check tokens; what they need (the database URL with its password) goes
+        # down a pipe, never into a file or argv where it would outlive or leak out of a crash.
+        worker_config = dataclasses.replace(config, auth_tokens=(), auth_token_file="")
+        self.worker_config = worker_config.to_json().encode()
 
     def spawn(self) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeprune.service", "worker",
-             "--resolved-config", self.config_path],
+            [sys.executable, "-m", "edgeprune.service", "worker", "--config-stdin"],
+            stdin=subprocess.PIPE,
             env={**os.environ, "EDGEPRUNE_PARENT_PID": str(os.getpid())},
         )
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(self.worker_config)
+            proc.stdin.close()
+        except BrokenPipeError:  # it died at once; `run` notices and restarts it
+            log.warning("worker process %d exited before reading its config", proc.pid)
         log.info("started worker process %d", proc.pid)
         return proc
 
@@ -207,8 +220,6 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
             metrics.process_dead(proc.pid)
-        with contextlib.suppress(OSError):
-            os.unlink(self.config_path)
 
 
 # ------------------------------------------------------------------------------------ serve
@@ -227,9 +238,9 @@ async def serve(config: Config) -> None:
     queue = Queue(db)
     metrics_server = None
     if config.metrics_port >= 0:
-        metrics_server, metrics_port = metrics.serve(config.metrics_port, config.host,
+        metrics_server, metrics_port = metrics.serve(config.metrics_port, config.metrics_host,
                                                      queue.pending_count)
-        log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, metrics_port)
         _announce("metrics_port", metrics_port)
     api = build(config, db)  # binds the port first: a taken port must not leave workers behind
     supervisor = Supervisor(config)

@@ -175,7 +175,7 @@ def test_typed_errors_carry_reason_and_field(client: Client) -> None:
 
 
 def test_bearer_token(client_server: ClientServer) -> None:
-    with client_server.extra_api(auth_tokens=("s3cret",)) as target:
+    with client_server.extra_api(auth_tokens=("s3cret",), insecure=True) as target:
         with Client(target, token="s3cret") as good:
             assert good.server_info().version
         with Client(target) as anonymous, pytest.raises(Unauthenticated) as caught:

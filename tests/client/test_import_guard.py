@@ -14,21 +14,31 @@ import pytest
 
 BLOCKED = ("torch", "transformers", "sqlalchemy", "alembic", "numpy", "edgeprune.engine", "edgeprune.storage", "edgeprune.service")
 
-SITECUSTOMIZE = textwrap.dedent(
-    f"""
+# The thin install as pip leaves it: edgeprune.service is there, the server extra's packages not.
+SERVER_EXTRA = ("torch", "transformers", "sqlalchemy", "alembic", "numpy", "prometheus_client",
+                "grpc_health", "grpc_reflection", "grpc_status", "psycopg")
+
+
+def _sitecustomize(blocked: tuple[str, ...]) -> str:
+    return SITECUSTOMIZE_TEMPLATE.replace("BLOCKED_NAMES", repr(blocked))
+
+
+SITECUSTOMIZE_TEMPLATE = textwrap.dedent(
+    """
     import sys
 
-    BLOCKED = {BLOCKED!r}
+    BLOCKED = BLOCKED_NAMES
 
     class Blocker:
         def find_spec(self, name, path=None, target=None):
             if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-                raise ImportError(f"{{name}} is blocked by the import-guard test")
+                raise ImportError(f"{name} is blocked by the import-guard test")
             return None
 
     sys.meta_path.insert(0, Blocker())
     """
 )
+SITECUSTOMIZE = _sitecustomize(BLOCKED)
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +92,26 @@ def test_cli_help_without_server_dependencies(guarded_env: dict[str, str]) -> No
 def test_serve_without_server_side_says_what_is_missing(guarded_env: dict[str, str]) -> None:
     for args in (["serve", "--port", "0"], ["migrate", "--help"]):
         result = _run([sys.executable, "-m", "edgeprune.client.cli", *args], guarded_env)
-        assert result.returncode == 1
+        assert result.returncode == 2
         assert "server extra" in result.stderr
         assert "Traceback" not in result.stderr
     result = _run([sys.executable, "-m", "edgeprune.client.cli", "--help"], guarded_env)
     assert result.returncode == 0 and "migrate" in result.stdout
+
+
+def test_serve_on_the_thin_install_names_the_extra(tmp_path: Path) -> None:
+    """Only the server extra's packages are missing: one line saying what to install, exit 2."""
+    (tmp_path / "sitecustomize.py").write_text(_sitecustomize(SERVER_EXTRA))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    commands = (
+        [sys.executable, "-m", "edgeprune.client.cli", "serve", "--port", "0"],
+        [sys.executable, "-m", "edgeprune.client.cli", "migrate"],
+        [sys.executable, "-m", "edgeprune.service", "worker"],
+    )
+    for command in commands:
+        result = _run(command, env)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "pip install 'edgeprune[server]'" in lines[0] and "Traceback" not in lines[0]

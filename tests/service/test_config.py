@@ -42,20 +42,22 @@ def test_precedence_flags_over_environment_over_file(tmp_path: Path) -> None:
 
 
 def test_lists_and_mappings_from_every_source(tmp_path: Path) -> None:
-    config = parse([], {"EDGEPRUNE_MODELS": "a=hf:/x, b=tracr:/y",
+    config = parse([], {"EDGEPRUNE_MODELS": "a=hf:/x, b=tracr:/y", "EDGEPRUNE_INSECURE": "1",
                         "EDGEPRUNE_AUTH_TOKENS": "t1,t2", "EDGEPRUNE_MAX_PAGE_SIZE": "10"})
     assert config.models == {"a": "hf:/x", "b": "tracr:/y"}
     assert config.auth_tokens == ("t1", "t2") and config.limits.max_page_size == 10
-    config = parse(["--model", "c=hf:/z", "--auth-token", "t3"], {"EDGEPRUNE_MODELS": "a=hf:/x"})
+    config = parse(["--model", "c=hf:/z", "--auth-token", "t3", "--insecure"],
+                   {"EDGEPRUNE_MODELS": "a=hf:/x"})
     assert config.models == {"c": "hf:/z"} and config.auth_tokens == ("t3",)
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"auth_tokens": ["t4"], "show_model_refs": False}))
+    path.write_text(json.dumps({"auth_tokens": ["t4"], "show_model_refs": False,
+                                "insecure": True}))
     config = parse([], {"EDGEPRUNE_CONFIG": str(path)})
     assert config.auth_tokens == ("t4",) and config.show_model_refs is False
 
 
 def test_round_trip_to_workers() -> None:
-    config = parse(["--model", "c=hf:/z", "--auth-token", "t", "--max-steps", "5"])
+    config = parse(["--model", "c=hf:/z", "--auth-token", "t", "--insecure", "--max-steps", "5"])
     assert Config.from_json(config.to_json()) == config
 
 

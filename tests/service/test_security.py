@@ -24,7 +24,7 @@ def _info(channel: grpc.Channel, token: str | None = None) -> server_pb2.GetServ
 
 def test_bearer_tokens(tmp_path: Path, tiny_gpt2_dir: Path) -> None:
     server = Server(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}",
-                    {MODEL: f"hf:{tiny_gpt2_dir}"}, workers=0, auth_token=TOKEN)
+                    {MODEL: f"hf:{tiny_gpt2_dir}"}, workers=0, auth_token=TOKEN, insecure=True)
     server.start()
     try:
         assert _info(server.channel, TOKEN).models[0].name == MODEL
