@@ -6,15 +6,8 @@ Built-in tasks (:data:`TASKS`, built with :func:`build_task`): "ioi", "gendered_
 can report them.
 """
 
-from edgeprune.engine.tasks.base import (
-    MAX_ANSWER_SET,
-    MAX_EXAMPLES,
-    MAX_TOKENS_PER_EXAMPLE,
-    SPLITS,
-    Example,
-    TaskDataset,
-    from_examples,
-)
+from edgeprune.engine.examples import MAX_ANSWER_SET, MAX_EXAMPLES, MAX_TOKENS_PER_EXAMPLE, Example
+from edgeprune.engine.tasks.base import SPLITS, TaskDataset, from_examples
 from edgeprune.engine.tasks.gendered_pronoun import gendered_pronoun_examples
 from edgeprune.engine.tasks.greater_than import greater_than_examples
 from edgeprune.engine.tasks.ioi import ioi_examples

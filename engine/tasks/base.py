@@ -32,35 +32,24 @@ import torch
 
 from edgeprune.engine.errors import InvalidArgument
 
-MAX_EXAMPLES = 50_000  # examples in one dataset
-MAX_TOKENS_PER_EXAMPLE = 1_024  # tokens in one clean (or corrupted) prompt
-MAX_ANSWER_SET = 128  # tokens in one example's good (or bad) set
+# The example format and its tokenizer-free checks (engine/examples.py, no torch there).
+from edgeprune.engine.examples import (
+    MAX_EXAMPLES,
+    MIXED_ANSWER_SETS,
+    Example,
+    Token,
+    Tokens,
+    check_equal_lengths,
+    check_example,
+    check_token_count,
+    check_token_id,
+)
+
 SPLITS = ("train", "validation", "test")
 MAX_MISSES = 2_000  # generators give up after this many draws in a row without a new example
 METRICS = ("logit_diff", "prob_diff")
 
 Metric = Literal["logit_diff", "prob_diff"]
-Tokens = str | list[int]
-Token = str | int
-Answer = (
-    Token | list[int | None]
-)  # one token; or, with all_positions, one token id (or None) a position
-
-
-@dataclass
-class Example:
-    """One prompt pair; ``good`` / ``bad`` are answer token sets for the probability difference."""
-
-    clean: Tokens
-    corrupted: Tokens
-    target: Answer | None = None
-    distractor: Answer | None = None
-    good: list[Token] | None = None
-    bad: list[Token] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The example as JSON-ready fields (unset answers left out)."""
-        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 @dataclass(frozen=True, eq=False)
@@ -256,33 +245,17 @@ class _Validator:
             self._encoded[key] = encode(self.tokenizer, [text], special=special)[0]
         return self._encoded[key]
 
-    def ids(self, value: Any, where: str) -> list[int]:
-        """A prompt as checked token ids (text is tokenised with special tokens)."""
-        if isinstance(value, str):
-            if not value:
-                raise InvalidArgument(f"{where} is empty", field=where)
-            ids = self.encode(value, special=True)
-        elif isinstance(value, list | tuple):
-            ids = list(value)
-        else:
-            raise InvalidArgument(
-                f"{where} must be text or a list of token ids, got {type(value).__name__}",
-                field=where,
-            )
-        if not ids:
-            raise InvalidArgument(f"{where} has no tokens", field=where)
-        if len(ids) > MAX_TOKENS_PER_EXAMPLE:
-            raise InvalidArgument(
-                f"{where} has {len(ids)} tokens, more than the limit of {MAX_TOKENS_PER_EXAMPLE}",
-                field=where,
-            )
+    def ids(self, value: Tokens, where: str) -> list[int]:
+        """A prompt (checked by `check_example`) as token ids in the vocabulary; text is
+        tokenised with special tokens."""
+        ids = self.encode(value, special=True) if isinstance(value, str) else list(value)
+        check_token_count(len(ids), where)
         for tok in ids:
             self.check_id(tok, where)
         return ids
 
     def check_id(self, tok: Any, where: str) -> int:
-        if isinstance(tok, bool) or not isinstance(tok, int):
-            raise InvalidArgument(f"{where}: token ids must be integers, got {tok!r}", field=where)
+        check_token_id(tok, where)
         if not 0 <= tok < self.vocab_size:
             raise InvalidArgument(
                 f"{where}: token id {tok} is outside the vocabulary [0, {self.vocab_size})",
@@ -298,8 +271,6 @@ class _Validator:
         """
         if not isinstance(value, str):
             return self.check_id(value, where)
-        if not value:
-            raise InvalidArgument(f"{where} is empty", field=where)
         alone = self.encode(value, special=False)
         if isinstance(prompt, str):
             before = self.encode(prompt, special=True)
@@ -356,9 +327,7 @@ def from_examples(
     if metric not in METRICS:
         raise InvalidArgument(f"metric must be one of {METRICS}, got {metric!r}", field="metric")
     if has_sets and not all(r.good and r.bad for r in rows):
-        raise InvalidArgument(
-            "either every example or none has both good and bad answer sets", field="examples"
-        )
+        raise InvalidArgument(MIXED_ANSWER_SETS, field="examples")
     return _stack(
         rows,
         name=name,
@@ -369,6 +338,27 @@ def from_examples(
         has_sets=has_sets,
     )
 
+
+
+def example_errors(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    *,
+    start: int = 0,
+    all_positions: bool = False,
+    skip_first: bool = False,
+    vocab_size: int | None = None,
+) -> Iterator[InvalidArgument]:
+    """The error of every example :func:`from_examples` would reject, with the same message
+    (its first is the one from_examples raises), the examples numbered from ``start``: a caller
+    reports every bad example of a large dataset by checking it a batch at a time."""
+    check = _Validator(tokenizer, vocab_size or vocab_size_of(tokenizer))
+    check.prime(examples)
+    for i, ex in enumerate(examples, start=start):
+        try:
+            _row(ex, f"examples[{i}]", check, all_positions, skip_first)
+        except InvalidArgument as err:
+            yield err
 
 @dataclass
 class _Row:
@@ -382,14 +372,10 @@ class _Row:
 
 
 def _row(ex: Example, where: str, check: _Validator, all_positions: bool, skip_first: bool) -> _Row:
+    check_example(ex, where, all_positions=all_positions)
     clean = check.ids(ex.clean, f"{where}.clean")
     corrupted = check.ids(ex.corrupted, f"{where}.corrupted")
-    if len(clean) != len(corrupted):
-        raise InvalidArgument(
-            f"{where}: clean and corrupted must have the same number of tokens, got {len(clean)} "
-            f"and {len(corrupted)}",
-            field=f"{where}.corrupted",
-        )
+    check_equal_lengths(len(clean), len(corrupted), where)
     if all_positions:
         positions = list(range(1 if skip_first else 0, len(clean)))
         if not positions:
@@ -424,13 +410,6 @@ def _per_position(value: Any, p: int, where: str, check: _Validator) -> list[int
 def _answer_set(values: Any, prompt: Tokens, where: str, check: _Validator) -> list[int]:
     if values is None:
         return []
-    if not isinstance(values, list | tuple) or not values:
-        raise InvalidArgument(f"{where} must be a non-empty list of tokens", field=where)
-    if len(values) > MAX_ANSWER_SET:
-        raise InvalidArgument(
-            f"{where} has {len(values)} tokens, more than the limit of {MAX_ANSWER_SET}",
-            field=where,
-        )
     return [check.answer(v, prompt, where) for v in values]
 
 

@@ -14,18 +14,15 @@ input and stops at :data:`MAX_JSONL_BYTES` or
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from edgeprune.engine.errors import InvalidArgument
+from edgeprune.engine.examples import at_line, index_of, parse_example
 from edgeprune.engine.tasks.base import MAX_EXAMPLES, Example, Metric, TaskDataset, from_examples
 
 MAX_JSONL_BYTES = 64 * 2**20
-FIELDS = ("clean", "corrupted", "target", "distractor", "good", "bad")
-_EXAMPLE = re.compile(r"^examples\[(\d+)\]")
 
 
 def parse_jsonl(
@@ -48,38 +45,11 @@ def parse_jsonl(
             raise InvalidArgument(
                 f"the dataset has more than the limit of {MAX_EXAMPLES} examples", field="dataset"
             )
-        examples.append(_example(text, number))
+        examples.append(parse_example(text, number))
         numbers.append(number)
     if not examples:
         raise InvalidArgument("the dataset has no examples", field="dataset")
     return examples, numbers
-
-
-def _example(text: str, number: int) -> Example:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InvalidArgument(
-            f"line {number}: not valid JSON ({err.msg} at column {err.colno})",
-            field=f"line {number}",
-        ) from None
-    if not isinstance(obj, dict):
-        raise InvalidArgument(
-            f"line {number}: expected a JSON object, got {type(obj).__name__}",
-            field=f"line {number}",
-        )
-    unknown = sorted(set(obj) - set(FIELDS))
-    if unknown:
-        raise InvalidArgument(
-            f"line {number}: unknown field(s) {unknown}; allowed: {list(FIELDS)}",
-            field=f"line {number}.{unknown[0]}",
-        )
-    for required in ("clean", "corrupted"):
-        if required not in obj:
-            raise InvalidArgument(
-                f"line {number}: missing field {required!r}", field=f"line {number}.{required}"
-            )
-    return Example(**obj)
 
 
 def examples_to_dataset(
@@ -89,15 +59,10 @@ def examples_to_dataset(
     try:
         return from_examples(examples, tokenizer, **options)
     except InvalidArgument as err:
-        match = _EXAMPLE.match(err.field or "")
-        if match is None:
+        index = index_of(err)
+        if index is None:
             raise
-        line = f"line {numbers[int(match[1])]}"
-        message = _EXAMPLE.sub("", str(err), count=1).lstrip(":. ")
-        field = (err.field or "")[match.end() :].lstrip(".")
-        raise InvalidArgument(
-            f"{line}: {message}", field=f"{line}.{field}" if field else line
-        ) from None
+        raise at_line(err, numbers[index]) from None
 
 
 def load_jsonl(
