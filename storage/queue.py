@@ -8,6 +8,11 @@ worker that stops heartbeating loses its lease; `reclaim_expired` (also run by c
 puts its job back to PENDING (or FAILED after `max_attempts`), and the next claim resumes
 from the job's last checkpoint. `complete` stores the circuits and SUCCEEDED in one
 transaction. Each state change appends a "state" event in the same transaction.
+
+Every lease time (claim, heartbeat, expiry, the timestamps of leaving RUNNING) is read from
+`Database.now` inside the transaction that writes it: on PostgreSQL the database server's
+clock, so a worker whose own clock runs behind or ahead neither loses its job early nor keeps
+a dead worker's job too long.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.orm import Session
 
 from edgeprune.storage.blobs import drop_if_unreferenced, put_blob
@@ -27,7 +32,7 @@ from edgeprune.storage.db import Database
 from edgeprune.storage.errors import InvalidArgument, LeaseLost
 from edgeprune.storage.events import append_event
 from edgeprune.storage.jobs import job_record
-from edgeprune.storage.models import Job, utcnow
+from edgeprune.storage.models import Job
 from edgeprune.storage.records import (
     CircuitRecord,
     Claim,
@@ -86,7 +91,7 @@ class Queue:
             job = session.scalars(query).one_or_none()
             if job is None:
                 return None
-            now = utcnow()
+            now = self.db.now(session)
             job.state = JobState.RUNNING
             job.attempt += 1
             job.lease_owner = worker_id
@@ -101,22 +106,22 @@ class Queue:
     def heartbeat(self, claim: Claim, *, progress: Mapping[str, Any] | None = None) -> bool:
         """Extend the lease by claim.lease_s (optionally update the progress summary).
         Returns True when cancellation was requested. Raises LeaseLost."""
-        now = utcnow()
-        values: dict[str, Any] = {
-            "lease_expires_at": now + timedelta(seconds=claim.lease_s),
-            "heartbeat_at": now,
-        }
-        if progress is not None:
-            values["progress"] = dict(progress)
         with self.db.session() as session:
-            return _fenced(session, claim, **values).cancel_requested
+            now = self.db.now(session)
+            values: dict[str, Any] = {
+                "lease_expires_at": now + timedelta(seconds=claim.lease_s),
+                "heartbeat_at": now,
+            }
+            if progress is not None:
+                values["progress"] = dict(progress)
+            return _fenced(session, claim, now, **values).cancel_requested
 
     def report(self, claim: Claim, kind: str, payload: Mapping[str, Any]) -> EventRecord:
         """Append a job event as this claim (kind "progress" also updates the job's
         progress summary). Raises LeaseLost."""
         values = {"progress": dict(payload)} if kind == "progress" else {}
         with self.db.session() as session:
-            _fenced(session, claim, **values)
+            _fenced(session, claim, self.db.now(session), **values)
             return append_event(session, claim.job_id, kind, payload, claim.attempt)
 
     def checkpoint(self, claim: Claim, data: bytes) -> str:
@@ -126,7 +131,8 @@ class Queue:
         with self.db.session() as session:
             previous = session.scalar(select(Job.checkpoint_blob).where(Job.id == claim.job_id))
             sha256 = put_blob(session, data, CHECKPOINT_MEDIA_TYPE)
-            _fenced(session, claim, checkpoint_blob=sha256)  # LeaseLost rolls back the blob too
+            # LeaseLost rolls back the blob too
+            _fenced(session, claim, self.db.now(session), checkpoint_blob=sha256)
             if previous is not None and previous != sha256:
                 drop_if_unreferenced(session, previous)
             return sha256
@@ -142,9 +148,9 @@ class Queue:
         SUCCEEDED, all in one transaction. Unless `result` has a "circuits" key, the stored
         result lists the new circuit ids under it. Raises LeaseLost (and then stores
         nothing)."""
-        now = utcnow()
         with self.db.session() as session:
-            job = _fenced(session, claim, **_leave_running(JobState.SUCCEEDED, now),
+            now = self.db.now(session)
+            job = _fenced(session, claim, now, **_leave_running(JobState.SUCCEEDED, now),
                           result=dict(result or {}))
             stored = insert_circuits(session, circuits, job_id=claim.job_id)
             if stored and "circuits" not in job.result:  # the result names its circuits
@@ -174,16 +180,16 @@ class Queue:
     def reclaim_expired(self) -> list[str]:
         """Jobs whose lease expired go back to PENDING, or FAILED once they used
         `max_attempts` (CANCELLED if cancellation was requested). Returns their ids."""
-        now = utcnow()
-        query = select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
-        if self.db.dialect == "postgresql":
-            query = query.with_for_update(skip_locked=True)
         if self.db.is_sqlite:  # look first without taking SQLite's write lock
             with self.db.session(write=False) as session:
-                if session.scalars(query.limit(1)).first() is None:
+                if session.scalars(_expired(self.db.now(session)).limit(1)).first() is None:
                     return []
         reclaimed = []
         with self.db.session() as session:
+            now = self.db.now(session)
+            query = _expired(now)
+            if self.db.dialect == "postgresql":
+                query = query.with_for_update(skip_locked=True)
             for job in session.scalars(query).all():
                 if job.cancel_requested:
                     state, error = JobState.CANCELLED, ("cancelled by request", "CANCELLED")
@@ -214,7 +220,8 @@ class Queue:
     def _finish(self, claim: Claim, state: JobState, **values: Any) -> JobRecord:
         """Leave RUNNING under this claim's fence and record the state event."""
         with self.db.session() as session:
-            job = _fenced(session, claim, **_leave_running(state, utcnow()), **values)
+            now = self.db.now(session)
+            job = _fenced(session, claim, now, **_leave_running(state, now), **values)
             payload = {"state": state.value}
             if values.get("error"):
                 payload["error"] = values["error"]
@@ -236,13 +243,18 @@ def _leave_running(state: JobState, now: Any) -> dict[str, Any]:
     return values
 
 
-def _fenced(session: Session, claim: Claim, **values: Any) -> Job:
+def _expired(now: datetime) -> Select[tuple[Job]]:
+    """RUNNING jobs whose lease ended before ``now`` (the database's time)."""
+    return select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
+
+
+def _fenced(session: Session, claim: Claim, now: datetime, **values: Any) -> Job:
     """UPDATE the job only if it is still RUNNING under this claim; raises LeaseLost.
 
-    With no values it still locks the row (PostgreSQL) so the rest of the transaction is
-    fenced too.
+    ``now`` is the database's time (`Database.now`). With no values it still locks the row
+    (PostgreSQL) so the rest of the transaction is fenced too.
     """
-    values.setdefault("updated_at", utcnow())
+    values.setdefault("updated_at", now)
     job = session.scalars(
         update(Job)
         .where(
