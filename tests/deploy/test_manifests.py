@@ -167,6 +167,14 @@ def test_workers_have_liveness_probes_on_their_metrics_port(overlay: tuple[str, 
         assert worker[probe]["httpGet"]["port"] == "metrics", probe
 
 
+def test_metrics_listen_on_the_pod_network(overlay: tuple[str, list[Doc]]) -> None:
+    """The service binds /metrics to loopback by default; pods must open it to be scraped."""
+    _, docs = overlay
+    for _, container in containers(docs):
+        if any(p["name"] == "metrics" for p in container.get("ports", [])):
+            assert setting(docs, container, "metrics_host") == "0.0.0.0", container["name"]
+
+
 def test_gpu_limits_only_on_gpu_workers(overlay: tuple[str, list[Doc]]) -> None:
     name, docs = overlay
     for workload, container in containers(docs):
