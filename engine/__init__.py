@@ -1,5 +1,8 @@
 """edgeprune.engine: Edge Pruning in pure PyTorch (no gRPC, no SQL), usable as a library."""
 
+import sys
+import types
+
 from edgeprune.engine.errors import (
     EngineError,
     InvalidArgument,
@@ -22,6 +25,23 @@ _LAZY.update(dict.fromkeys(["sweep", "SweepResult", "MIB_SIZES"], "edgeprune.eng
 _LAZY["Circuit"] = "edgeprune.engine.circuit"
 _LAZY["CircuitModel"] = "edgeprune.engine.masked"
 _LAZY["Graph"] = "edgeprune.engine.graph"
+
+
+# The import system binds every loaded submodule on its package, so once engine/prune.py or
+# engine/sweep.py has been imported, `from edgeprune.engine import prune` would give the module.
+# The functions of the same name are the public API; the modules stay reachable in full as
+# `from edgeprune.engine.prune import ...` (and through sys.modules).
+_FUNCTIONS_OVER_MODULES = frozenset({"prune", "sweep"})
+
+
+class _EngineModule(types.ModuleType):
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _FUNCTIONS_OVER_MODULES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _EngineModule
 
 
 def __getattr__(name: str) -> object:

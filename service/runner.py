@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from edgeprune.engine import attribution, defaults, diagnostics, sweep
+from edgeprune.engine import attribution, defaults, diagnostics
 from edgeprune.engine.circuit import Circuit, requested_edges
 from edgeprune.engine.distributed import ModelSpec, prune_data_parallel
 from edgeprune.engine.errors import InvalidArgument, Stopped
@@ -37,13 +37,16 @@ from edgeprune.engine.masked import CircuitModel
 from edgeprune.engine.memory import ModelShape, check_fits
 from edgeprune.engine.metrics import evaluate_many
 from edgeprune.engine.prune import PhaseProgress, ProgressEvent, PruneConfig, prune
+from edgeprune.engine.sweep import cmd, cpr
 from edgeprune.engine.tasks import Example, TaskDataset, build_task, from_examples
 from edgeprune.service import memory_check
 from edgeprune.service.converters import METHOD_NAMES, float_map, size_to_dict
 from edgeprune.storage import CircuitRecord, DatasetRepo
+from edgeprune.storage import errors as storage_errors
 from edgeprune.v1 import common_pb2, job_pb2
 
 CHECKPOINT_MAGIC = b"EPJOB1\n"
+CHECKPOINT_CORRUPT = "CHECKPOINT_CORRUPT"  # JobWarning.reason: the attempt restarted from step 0
 ABLATIONS = {common_pb2.ABLATION_CORRUPTED: "corrupted", common_pb2.ABLATION_ZERO: "zero",
              common_pb2.ABLATION_MEAN: "mean"}
 LOSSES = {common_pb2.LOSS_KL: "kl", common_pb2.LOSS_LOGIT_DIFF: "logit_diff"}
@@ -210,15 +213,41 @@ def pack_checkpoint(size_index: int, done: list[Circuit], engine_state: bytes) -
 
 
 def unpack_checkpoint(data: bytes) -> tuple[int, list[Circuit], bytes | None]:
+    """Inverse of `pack_checkpoint`; InvalidArgument (field "checkpoint") for anything else."""
     if not data.startswith(CHECKPOINT_MAGIC):
         raise InvalidArgument("the job's checkpoint is not an edgeprune job checkpoint",
                               field="checkpoint")
     offset = len(CHECKPOINT_MAGIC)
-    (length,) = struct.unpack_from("<Q", data, offset)
-    header = json.loads(data[offset + 8: offset + 8 + length])
-    rest = data[offset + 8 + length:]
-    return (int(header["size_index"]), [Circuit.from_dict(c) for c in header["done"]],
-            rest or None)
+    try:
+        (length,) = struct.unpack_from("<Q", data, offset)
+        header = json.loads(data[offset + 8: offset + 8 + length])
+        done = [Circuit.from_dict(c) for c in header["done"]]
+        size_index = int(header["size_index"])
+    except (struct.error, ValueError, KeyError, TypeError) as err:
+        raise InvalidArgument(f"the job's checkpoint header is unreadable: {err}",
+                              field="checkpoint") from err
+    return size_index, done, data[offset + 8 + length:] or None
+
+
+def load_checkpoint(fetch: Callable[[], bytes],
+                    warning: Callable[[dict[str, Any]], None]) -> bytes | None:
+    """The job's stored checkpoint from ``fetch()``, or None when it cannot be used: its bytes
+    fail their hash, it is gone, or it is no job checkpoint. The attempt then starts again from
+    step 0 and ``warning`` says so: losing the steps done is better than failing the job for
+    good. An unreachable database is no verdict on the checkpoint and propagates."""
+    try:
+        data = fetch()
+        unpack_checkpoint(data)
+    except (storage_errors.IntegrityError, storage_errors.NotFound, InvalidArgument) as err:
+        _checkpoint_discarded(warning, err)
+        return None
+    return data
+
+
+def _checkpoint_discarded(warning: Callable[[dict[str, Any]], None], err: Exception) -> None:
+    warning({"reason": CHECKPOINT_CORRUPT, "size_index": 0,
+             "message": f"the stored checkpoint cannot be used ({err}); "
+                        "this attempt starts again from step 0"})
 
 
 # ------------------------------------------------------------------------------------ methods
@@ -320,17 +349,27 @@ def run_edge_pruning(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobS
     counts = [_edge_count(size, model.graph) for size in sizes]
     trained = min(range(len(sizes)), key=lambda i: counts[i])
     config = prune_config(spec, sizes[trained], model.graph.n_edges)
-    try:
-        key = WarmScores.key(ref, model, train, config)
-        result = _pruner(model, spec, ref)(
+    key = WarmScores.key(ref, model, train, config)
+
+    def run(resume: bytes | None) -> Any:
+        return _pruner(model, spec, ref)(
             train, config,
             progress=lambda event: hooks.progress(_progress_fields(event)),
             checkpoint_every=hooks.checkpoint_every,
             on_checkpoint=lambda data: hooks.checkpoint(pack_checkpoint(0, [], data)),
-            resume=engine_state or None,
+            resume=resume,
             should_stop=hooks.should_stop,
             warm_scores=WARM_SCORES.get(key) if config.warm_start == "eap_ig" else None,
         )
+
+    try:
+        try:
+            result = run(engine_state)
+        except InvalidArgument as err:  # the engine cannot read its own state back
+            if engine_state is None or err.field != "resume":
+                raise
+            _checkpoint_discarded(hooks.warning, err)
+            result = run(None)
     except Stopped:  # during the activation cache or the warm start: nothing to keep yet
         return [], [], True
     if result.warm_scores is not None:
@@ -388,8 +427,8 @@ def evaluate_circuits(model: CircuitModel, circuits: list[Circuit], data: TaskDa
     if len(circuits) > 1:
         fractions = [float(r.get("edge_fraction", 0.0)) for r in results]
         faith = [float(r.get("faithfulness", math.nan)) for r in results]
-        summary["cpr"] = sweep.cpr(fractions, faith)
-        summary["cmd"] = sweep.cmd(fractions, faith)
+        summary["cpr"] = cpr(fractions, faith)
+        summary["cmd"] = cmd(fractions, faith)
     return summary
 
 
