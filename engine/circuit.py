@@ -227,7 +227,8 @@ def select_top(
     """The largest top-scored edge set with at most ``n_edges`` live edges: BoolTensor [E].
 
     scores: [E], higher is more important (ties broken by graph order). With ``prune_dead`` the dead
-    edges are dropped and the cut is found by bisection on the number of top edges taken.
+    edges are dropped and the cut is found by bisection on the number of top edges taken, then
+    topped up to exactly ``n_edges`` where the graph allows (see ``_fill``).
     """
     if scores.shape != (graph.n_edges,):
         raise InvalidArgument(
@@ -247,7 +248,36 @@ def select_top(
             lo = mid
         else:
             hi = mid
-    return live_edges(graph, top(lo))
+    return _fill(graph, scores, live_edges(graph, top(lo)), n_edges)
+
+
+def _fill(graph: Graph, scores: torch.Tensor, live: torch.Tensor, n_edges: int) -> torch.Tensor:
+    """``live`` [E] plus the best-scored edges that each add exactly one live edge, up to
+    ``n_edges`` in all: BoolTensor [E].
+
+    The next edge of the ranking can bring a whole dead branch to life at once and overshoot, so
+    the bisection's cut often stops short of the size (by a few edges, sometimes by many). An edge from a live writer into a reader whose nodes are all live (or ``logits``)
+    changes no node's status, so it adds exactly itself; taking such edges in score order reaches
+    the size exactly without leaving the ranking for more than the last few edges.
+    """
+    missing = n_edges - int(live.sum())
+    if missing <= 0 or not bool(live.any()):
+        return live
+    _, feeds, _ = _topology(graph)
+    live_np = live.numpy()
+    edge_writer, edge_reader = graph.edge_writer.numpy(), graph.edge_reader.numpy()
+    live_writer = np.zeros(graph.n_writers, dtype=bool)  # [W]
+    live_writer[edge_writer[live_np]] = True
+    settled_reader = np.ones(graph.n_readers, dtype=bool)  # [R]; logits is always settled
+    for w, readers in enumerate(feeds):
+        if not live_writer[w]:
+            settled_reader[readers] = False  # a KV reader needs every head of its group live
+    candidate = ~live_np & live_writer[edge_writer] & settled_reader[edge_reader]  # [E]
+    order = torch.argsort(-scores.detach().float().cpu(), stable=True).numpy()  # [E]
+    chosen = order[candidate[order]][:missing]
+    filled = live.clone()
+    filled[torch.from_numpy(chosen)] = True
+    return filled
 
 
 def build_circuit(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -78,7 +79,37 @@ def test_select_top_is_the_largest_cut_within_the_size(seed: int, k: int) -> Non
     counts = [int(live_edges(GRAPH, top_edges(GRAPH, scores, m)).sum()) for m in range(GRAPH.n_edges + 1)]
     assert counts == sorted(counts)
     m = max(i for i, c in enumerate(counts) if c <= k)
-    assert torch.equal(keep, live_edges(GRAPH, top_edges(GRAPH, scores, m)))
+    prefix = live_edges(GRAPH, top_edges(GRAPH, scores, m))
+    assert bool(keep[prefix].all())  # the cut holds the bisection's prefix ...
+    for extra in torch.nonzero(keep & ~prefix).flatten().tolist():  # ... topped up edge by edge
+        alone = prefix.clone()
+        alone[extra] = True
+        assert int(live_edges(GRAPH, alone).sum()) == counts[m] + 1
+
+
+# SmolLM2-135M's graph (30 layers, 9 heads, 3 KV heads): 70,651 edges
+SMOLLM2_GRAPH = Graph.build(n_layers=30, n_heads=9, n_kv_heads=3, has_pos=False)
+
+
+@pytest.mark.parametrize("seed", [0, 2, 4])
+def test_select_top_reaches_a_percentage_size_exactly(seed: int) -> None:
+    """1 % of the edges is round(0.01 * E) live edges, not the few hundred or the 700-odd that a
+    cut of the ranking stops at when the next edge revives a dead branch; the same from a
+    sparsity given as a float32 (as the API carries it)."""
+    graph = SMOLLM2_GRAPH
+    sparsity = float(np.float32(0.99))
+    k = requested_edges(graph, sparsity=sparsity)
+    assert k == round(0.01 * graph.n_edges) == 707
+    scores = torch.randn(graph.n_edges, generator=torch.Generator().manual_seed(seed))  # [E]
+    keep = select_top(graph, scores, k)
+    assert int(keep.sum()) == k
+    assert torch.equal(keep, live_edges(graph, keep))
+    # the largest prefix of the ranking within the size falls short on these scores
+    lo, hi = 0, graph.n_edges
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if live_edges(graph, top_edges(graph, scores, mid)).sum() <= k else (lo, mid)
+    assert int(live_edges(graph, top_edges(graph, scores, lo)).sum()) < k
 
 
 def test_select_top_without_dead_edge_removal_takes_exactly_k() -> None:
