@@ -24,6 +24,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from edgeprune.engine import defaults
+from edgeprune.engine.examples import MAX_EXAMPLES
 from edgeprune.service.principals import Principals
 
 ENV_PREFIX = "EDGEPRUNE_"
@@ -42,15 +43,23 @@ class Limits:
 
     max_message_bytes: int = 16 * 1024 * 1024
     max_dataset_bytes: int = 256 * 1024 * 1024
-    max_examples: int = 100_000
+    max_examples: int = MAX_EXAMPLES  # the engine's limit; a larger one is refused
     max_inline_examples: int = 10_000
+    max_concurrent_uploads: int = 2  # UploadDataset calls in progress at once (each streams)
     max_steps: int = 100_000
     max_sizes: int = 64
     max_batch_size: int = 1024
     max_page_size: int = 1000
     max_pending_jobs: int = 10_000
+    max_watches_per_client: int = 100  # WatchJob streams one principal (or host) holds at once
     max_labels: int = 64
     max_data_parallel: int = 1  # processes of one data-parallel Edge Pruning job (GPUs of a worker)
+
+    @property
+    def reply_bytes(self) -> int:
+        """What the records of one reply may add up to: FULL pages end before this, with room
+        left for the page token and framing."""
+        return self.max_message_bytes - min(64 * 1024, self.max_message_bytes // 16)
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,11 @@ class Config:
     poll_s: float = 0.2  # idle workers look for jobs, watchers for events, this often
     max_attempts: int = 3
     drain_grace_s: float = 20.0  # SIGTERM: in-flight calls and running jobs get this long
+    # Storage upkeep, run by the API process every cleanup_interval_s (0: never).
+    cleanup_interval_s: float = 3600.0
+    job_retention_days: float = 0.0  # finished jobs older than this are deleted (0: kept forever)
+    blob_grace_s: float = 3600.0  # an unreferenced blob younger than this is kept (a worker may
+    # have stored it for the circuit it is about to store)
     log_level: str = "INFO"
 
     @property
@@ -209,7 +223,11 @@ HELP = {
     "threads": "torch CPU threads per worker (0: one per core)",
     "worker_memory_bytes": "memory one job may use on a worker device; SubmitJob rejects jobs "
                            "estimated above it (0: half the RAM for CPU workers, unchecked for GPUs)",
+    "max_examples": f"examples in one dataset or task (at most the engine's {MAX_EXAMPLES})",
+    "max_concurrent_uploads": "UploadDataset calls the API serves at once (more: RESOURCE_EXHAUSTED)",
     "max_data_parallel": "most processes (devices) one data-parallel Edge Pruning job may use",
+    "max_watches_per_client": "WatchJob streams one principal (or, without tokens, one host) may "
+                              "hold at once (more: RESOURCE_EXHAUSTED)",
     "user_max_priority": "highest job priority a non-admin principal may ask for",
     "tls_cert": "PEM certificate chain (with --tls-key: TLS only)",
     "tls_key": "PEM private key",
@@ -224,6 +242,10 @@ HELP = {
     "poll_s": "how often idle workers and watchers poll the database",
     "max_attempts": "attempts before a job whose workers keep dying fails",
     "drain_grace_s": "SIGTERM: time for calls and jobs to wind down",
+    "cleanup_interval_s": "how often the API deletes expired jobs and unreferenced blobs (0: never)",
+    "job_retention_days": "delete finished jobs (with their events) this many days after they "
+                          "ended (0: keep them forever); their circuits stay",
+    "blob_grace_s": "the cleanup keeps an unreferenced blob until it is this old",
 }
 
 
@@ -328,10 +350,18 @@ def validate(config: Config) -> None:
     for name in ("lease_s", "heartbeat_s", "poll_s", "drain_grace_s"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name}: must be positive, got {getattr(config, name)}")
+    for name in ("cleanup_interval_s", "job_retention_days", "blob_grace_s"):
+        value = getattr(config, name)
+        if not value >= 0 or value == float("inf"):
+            raise ConfigError(f"{name}: must be a finite number >= 0, got {value}")
     if config.heartbeat_s >= config.lease_s:
         raise ConfigError("heartbeat_s must be shorter than lease_s")
     for name, value in dataclasses.asdict(config.limits).items():
         if value <= 0:
             raise ConfigError(f"{name}: must be positive, got {value}")
+    if config.limits.max_examples > MAX_EXAMPLES:
+        # Workers could not build a larger dataset: such jobs would pass SubmitJob and fail there.
+        raise ConfigError(f"max_examples: at most the engine's limit of {MAX_EXAMPLES}, "
+                          f"got {config.limits.max_examples}")
     if not 0 < config.default_edge_sparsity <= 1.2:
         raise ConfigError("default_edge_sparsity must be in (0, 1.2]")

@@ -21,9 +21,11 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -33,7 +35,6 @@ from edgeprune.storage import errors as storage_errors
 log = logging.getLogger(__name__)
 
 DOMAIN = "edgeprune.dev"
-DATABASE_UNAVAILABLE_MESSAGE = "the database is unavailable; retry later"
 
 
 class ServiceError(Exception):
@@ -109,9 +110,9 @@ def classify(exc: BaseException) -> ServiceError:
         case storage_errors.IntegrityError():
             return _coded("DATA_LOSS", message, "INTEGRITY_CHECK_FAILED")
         case storage_errors.Unavailable():
-            # The driver's text names the database's host, port, name and user: it stays in
-            # the server's log (`abort`), clients learn only that it is a retryable outage.
-            return Unavailable(DATABASE_UNAVAILABLE_MESSAGE, reason="DATABASE_UNAVAILABLE")
+            # Storage's message names the condition only; the driver's text (host, port,
+            # database, user) is its `detail`, which goes to the server's log (`abort`).
+            return Unavailable(message, reason="DATABASE_UNAVAILABLE")
         case engine_errors.ModelNotFound():
             return FailedPrecondition(message, reason="MODEL_NOT_FOUND")
         case engine_errors.UnsupportedArchitecture():
@@ -142,6 +143,11 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             for f, d in error.violations
         ])
         status.details.add().Pack(bad)
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if error.code == "UNAVAILABLE" and retry_after_s:  # storage's hint: a lock passes sooner
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(timedelta(seconds=retry_after_s))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     return status
 
 
@@ -158,7 +164,7 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     if classify(exc).code == "INTERNAL":
         log.error("internal error: %r", exc, exc_info=exc)
     elif isinstance(exc, storage_errors.Unavailable):
-        log.warning("%s", exc)
+        log.warning("%s: %s", exc, getattr(exc, "detail", "") or "no detail")
     await context.abort_with_status(rpc_status.to_status(to_status(exc)))
 
 

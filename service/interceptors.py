@@ -7,18 +7,17 @@ either side), so every service — ours, health and reflection — is covered th
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc_status import rpc_status
 
-from edgeprune.service import metrics
+from edgeprune.service import decoding, metrics
 from edgeprune.service.errors import Unauthenticated, to_status
+from edgeprune.service.principals import Principals, bearer_token, hashed_name
 
 # Health checks (Kubernetes probes) never carry a token.
 PUBLIC_SERVICES = ("grpc.health.v1.Health",)
@@ -44,11 +43,13 @@ def _behavior_name(handler: grpc.RpcMethodHandler) -> str:
     }[_kind(handler)]
 
 
-def _replace(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    """The same handler with its behavior swapped."""
+def _replace(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any],
+             request_deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
+    """The same handler with its behavior (and optionally its deserializer) swapped."""
     name = _behavior_name(handler)
     factory = getattr(grpc, f"{name}_rpc_method_handler")
-    return factory(behavior, request_deserializer=handler.request_deserializer,
+    return factory(behavior,
+                   request_deserializer=request_deserializer or handler.request_deserializer,
                    response_serializer=handler.response_serializer)
 
 
@@ -121,29 +122,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
 
 def caller_of(token: str) -> str:
-    """A stable, non-secret name for a token (scopes request_id idempotency)."""
-    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16] if token else ""
-
-
-def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str:
-    """The token of an ``authorization: Bearer <token>`` header, or ""."""
-    for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer "):].strip()
-    return ""
+    """The principal name of a bare token ("" without one)."""
+    return hashed_name(token) if token else ""
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without one of the configured bearer tokens (UNAUTHENTICATED)."""
 
-    def __init__(self, tokens: Sequence[str]) -> None:
-        self.tokens = [t.encode() for t in tokens]
+    def __init__(self, principals: Principals) -> None:
+        self.principals = principals
 
     def allowed(self, token: str) -> bool:
-        given = token.encode()
-        # Compare against every token so the time taken does not tell which one was close.
-        matches = [hmac.compare_digest(given, t) for t in self.tokens]
-        return bool(given) and any(matches)
+        return self.principals.resolve(token) is not None
 
     async def intercept_service(
         self,
@@ -170,3 +160,52 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             await context.abort_with_status(status)
 
         return _replace(handler, deny)
+
+
+class RequestCheckInterceptor(grpc.aio.ServerInterceptor):
+    """INVALID_ARGUMENT naming the field, before any servicer runs, for a request whose bytes
+    are not its message or whose text the database cannot store (see `decoding`).
+
+    Installed innermost, so metrics count these calls and authentication still comes first.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        inner = getattr(handler, _behavior_name(handler))
+        deserializer = decoding.checked(handler.request_deserializer)
+
+        async def admit(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if handler.request_streaming:
+                return _admitted(request, context)
+            await _refuse_rejected(request, context)
+            return request
+
+        if handler.response_streaming and inspect.isasyncgenfunction(inner):
+            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async for item in inner(await admit(request, context), context):
+                    yield item
+
+            return _replace(handler, streaming, deserializer)
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await inner(await admit(request, context), context)
+
+        return _replace(handler, unary, deserializer)
+
+
+async def _refuse_rejected(request: Any, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, decoding.Rejected):
+        await context.abort_with_status(rpc_status.to_status(to_status(request.error)))
+
+
+async def _admitted(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+    """A client stream that ends the call at its first rejected message."""
+    async for request in requests:
+        await _refuse_rejected(request, context)
+        yield request

@@ -29,13 +29,17 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from edgeprune.service import metrics
 from edgeprune.service.config import Config, check_transport
 from edgeprune.service.handlers import CircuitHandler, DatasetHandler, JobHandler, ServerHandler
-from edgeprune.service.interceptors import AuthInterceptor, MetricsInterceptor
+from edgeprune.service.health import Health
+from edgeprune.service.interceptors import (
+    AuthInterceptor,
+    MetricsInterceptor,
+    RequestCheckInterceptor,
+)
 from edgeprune.service.principals import Principals
 from edgeprune.service.servicers import (
     CircuitServicer,
@@ -75,6 +79,7 @@ SERVICE_NAMES = (
 WORKER_RESTART_DELAY_S = 1.0
 MAX_RESTART_DELAY_S = 60.0
 DB_THREADS = 16  # storage's default pool: 5 connections + 10 overflow
+API_BUSY_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -83,15 +88,12 @@ class Api:
 
     server: grpc.aio.Server
     port: int
-    health: HealthServicer
+    health: Health
     hub: EventHub
     db: Database
 
     async def set_serving(self, serving: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, status)
+        await self.health.set_serving(serving)
 
 
 def build(config: Config, db: Database) -> Api:
@@ -105,6 +107,7 @@ def build(config: Config, db: Database) -> Api:
         if not config.tls:
             log.warning("insecure: bearer tokens are accepted without TLS; anyone on the network "
                         "path can read and replay them")
+    interceptors.append(RequestCheckInterceptor())  # innermost: after authentication
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -116,7 +119,8 @@ def build(config: Config, db: Database) -> Api:
     jobs, datasets, circuits = JobRepo(db), DatasetRepo(db), CircuitRepo(db)
     job_handler = JobHandler(jobs, Queue(db, max_attempts=config.max_attempts), datasets, circuits,
                              config)
-    hub = EventHub(EventRepo(db), jobs, poll_s=config.poll_s)
+    hub = EventHub(EventRepo(db), jobs, poll_s=config.poll_s,
+                   max_watches=limits.max_watches_per_client)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(
         DatasetServicer(DatasetHandler(datasets, config), principals), server)
     job_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(job_handler, hub, principals),
@@ -126,7 +130,7 @@ def build(config: Config, db: Database) -> Api:
         server)
     server_pb2_grpc.add_ServerServiceServicer_to_server(ServerServicer(ServerHandler(config)),
                                                         server)
-    health = HealthServicer()
+    health = Health(SERVICE_NAMES)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -144,8 +148,12 @@ def build(config: Config, db: Database) -> Api:
 
 
 def open_database(config: Config) -> Database:
-    """Connect and migrate (every start; concurrent starts are serialised by storage)."""
-    db = Database(config.effective_database_url)
+    """Connect and migrate (every start; concurrent starts are serialised by storage).
+
+    Calls answer UNAVAILABLE after API_BUSY_TIMEOUT_S behind another process's SQLite write
+    lock: a stalled writer must not hold the API's storage threads for a worker's long wait.
+    """
+    db = Database(config.effective_database_url, busy_timeout_s=API_BUSY_TIMEOUT_S)
     db.migrate()
     return db
 
@@ -247,12 +255,14 @@ async def serve(config: Config) -> None:
     supervisor_task = asyncio.create_task(supervisor.run()) if config.workers else None
     await api.server.start()
     await api.set_serving(True)
+    probe = asyncio.create_task(api.health.watch_database(db))
     log.info("edgeprune API on %s:%d (%s)", config.host, api.port, "TLS" if config.tls else "plaintext")
     _announce("port", api.port)
 
     await stop.wait()
 
     log.info("draining (grace %.0f s)", config.drain_grace_s)
+    probe.cancel()
     await api.set_serving(False)
     await api.hub.close()
     if supervisor_task is not None:

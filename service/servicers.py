@@ -13,13 +13,14 @@ import grpc
 from google.protobuf import empty_pb2
 
 from edgeprune.service import converters, metrics
-from edgeprune.service.errors import InvalidArgument, ResourceExhausted, streaming, unary
+from edgeprune.service.errors import InvalidArgument, streaming, unary
 from edgeprune.service.handlers import CircuitHandler, DatasetHandler, JobHandler, ServerHandler
 from edgeprune.service.handlers.circuits import EXPORT_CHUNK_BYTES
-from edgeprune.service.interceptors import bearer_token, caller_of
-from edgeprune.service.validation import parse_name
+from edgeprune.service.principals import Principal, Principals
+from edgeprune.service.validation import parse_circuit_name, parse_name
 from edgeprune.service.watch import EventHub
 from edgeprune.storage import JobState
+from edgeprune.storage.limits import MAX_INTEGER
 from edgeprune.v1 import (
     circuit_pb2,
     circuit_pb2_grpc,
@@ -35,8 +36,21 @@ from edgeprune.v1 import (
 Context = grpc.aio.ServicerContext
 
 
-def _caller(context: Context) -> str:
-    return caller_of(bearer_token(context.invocation_metadata()))
+class _Servicer:
+    """Resolves the caller of a call (the auth interceptor already refused unknown tokens)."""
+
+    def __init__(self, principals: Principals) -> None:
+        self.principals = principals
+
+    def who(self, context: Context) -> Principal:
+        principal = self.principals.of_metadata(context.invocation_metadata())
+        assert principal is not None, "the auth interceptor admits only known tokens"
+        return principal
+
+
+def _peer_host(context: Context) -> str:
+    """The caller's address without its port (``ipv4:10.0.0.5``): a client's channels share it."""
+    return context.peer().rsplit(":", 1)[0]
 
 
 def _full(view: int) -> bool:
@@ -45,49 +59,45 @@ def _full(view: int) -> bool:
     return view == common_pb2.VIEW_FULL
 
 
-class DatasetServicer(dataset_pb2_grpc.DatasetServiceServicer):
-    def __init__(self, handler: DatasetHandler) -> None:
+class DatasetServicer(_Servicer, dataset_pb2_grpc.DatasetServiceServicer):
+    def __init__(self, handler: DatasetHandler, principals: Principals) -> None:
+        super().__init__(principals)
         self.handler = handler
 
     @unary
     async def UploadDataset(self, request_iterator: AsyncIterator[dataset_pb2.UploadDatasetRequest],
                             context: Context) -> dataset_pb2.Dataset:
-        limit = self.handler.config.limits.max_dataset_bytes
-        metadata: dataset_pb2.DatasetMetadata | None = None
-        chunks: list[bytes] = []
-        size = 0
-        async for part in request_iterator:
-            kind = part.WhichOneof("part")
-            if metadata is None:
-                if kind != "metadata":
-                    raise InvalidArgument("metadata", "the first message must carry the metadata")
-                metadata = part.metadata
-                self.handler.check_metadata(metadata)
-            elif kind != "chunk":
-                raise InvalidArgument("metadata", "only the first message may carry metadata")
-            else:
-                size += len(part.chunk)
-                if size > limit:
-                    raise ResourceExhausted(f"chunk: the dataset is larger than {limit} bytes",
-                                            reason="LIMIT_EXCEEDED",
-                                            violations=[("chunk", f"over {limit} bytes")])
-                chunks.append(part.chunk)
-        if metadata is None:
+        parts = aiter(request_iterator)
+        first = await anext(parts, None)
+        if first is None:
             raise InvalidArgument("metadata", "the upload is empty")
-        record = await asyncio.to_thread(self.handler.upload, metadata, b"".join(chunks),
-                                         caller=_caller(context))
+        if first.WhichOneof("part") != "metadata":
+            raise InvalidArgument("metadata", "the first message must carry the metadata")
+        with self.handler.upload_slots.hold():
+            upload = self.handler.begin_upload(first.metadata)
+            try:
+                async for part in parts:
+                    if part.WhichOneof("part") != "chunk":
+                        raise InvalidArgument("metadata", "only the first message may carry metadata")
+                    # Parsed as it arrives (in a thread: parsing a chunk takes milliseconds).
+                    await asyncio.to_thread(upload.feed, part.chunk)
+                record = await asyncio.to_thread(self.handler.upload, first.metadata, upload,
+                                                 self.who(context))
+            finally:
+                upload.close()
         return converters.dataset_to_proto(record)
 
     @unary
     async def GetDataset(self, request: dataset_pb2.GetDatasetRequest,
                          context: Context) -> dataset_pb2.Dataset:
-        record = await asyncio.to_thread(self.handler.get, parse_name(request.name, "datasets"))
+        record = await asyncio.to_thread(self.handler.get, parse_name(request.name, "datasets"),
+                                         self.who(context))
         return converters.dataset_to_proto(record)
 
     @unary
     async def ListDatasets(self, request: dataset_pb2.ListDatasetsRequest,
                            context: Context) -> dataset_pb2.ListDatasetsResponse:
-        page = await asyncio.to_thread(self.handler.list, request)
+        page = await asyncio.to_thread(self.handler.list, request, self.who(context))
         return dataset_pb2.ListDatasetsResponse(
             datasets=[converters.dataset_to_proto(d) for d in page.items],
             next_page_token=page.next_page_token or "")
@@ -95,32 +105,35 @@ class DatasetServicer(dataset_pb2_grpc.DatasetServiceServicer):
     @unary
     async def DeleteDataset(self, request: dataset_pb2.DeleteDatasetRequest,
                             context: Context) -> empty_pb2.Empty:
-        await asyncio.to_thread(self.handler.delete, parse_name(request.name, "datasets"))
+        await asyncio.to_thread(self.handler.delete, parse_name(request.name, "datasets"),
+                                self.who(context))
         return empty_pb2.Empty()
 
 
-class JobServicer(job_pb2_grpc.JobServiceServicer):
-    def __init__(self, handler: JobHandler, hub: EventHub) -> None:
+class JobServicer(_Servicer, job_pb2_grpc.JobServiceServicer):
+    def __init__(self, handler: JobHandler, hub: EventHub, principals: Principals) -> None:
+        super().__init__(principals)
         self.handler = handler
         self.hub = hub
 
     @unary
     async def SubmitJob(self, request: job_pb2.SubmitJobRequest, context: Context) -> job_pb2.Job:
-        record = await asyncio.to_thread(self.handler.submit, request, caller=_caller(context))
+        record = await asyncio.to_thread(self.handler.submit, request, self.who(context))
         metrics.JOBS_SUBMITTED.labels(converters.KIND_DISCOVERY).inc()
         return converters.job_to_proto(record)
 
     @unary
     async def GetJob(self, request: job_pb2.GetJobRequest, context: Context) -> job_pb2.Job:
         full = _full(request.view)
-        record = await asyncio.to_thread(self.handler.get, parse_name(request.name, "jobs"))
+        record = await asyncio.to_thread(self.handler.get, parse_name(request.name, "jobs"),
+                                         self.who(context), full=full)
         return converters.job_to_proto(record, full=full)
 
     @unary
     async def ListJobs(self, request: job_pb2.ListJobsRequest,
                        context: Context) -> job_pb2.ListJobsResponse:
         full = _full(request.view)
-        page = await asyncio.to_thread(self.handler.list, request)
+        page = await asyncio.to_thread(self.handler.list, request, self.who(context))
         return job_pb2.ListJobsResponse(
             jobs=[converters.job_to_proto(j, full=full) for j in page.items],
             next_page_token=page.next_page_token or "")
@@ -128,8 +141,9 @@ class JobServicer(job_pb2_grpc.JobServiceServicer):
     @unary
     async def CancelJob(self, request: job_pb2.CancelJobRequest, context: Context) -> job_pb2.Job:
         job_id = parse_name(request.name, "jobs")
-        before = await asyncio.to_thread(self.handler.get, job_id)
-        record = await asyncio.to_thread(self.handler.cancel, job_id)
+        who = self.who(context)
+        before = await asyncio.to_thread(self.handler.get, job_id, who)
+        record = await asyncio.to_thread(self.handler.cancel, job_id, who)
         if not before.state.final and record.state == JobState.CANCELLED:
             metrics.JOBS_FINISHED.labels(record.kind, record.state.value).inc()
         return converters.job_to_proto(record)
@@ -138,15 +152,18 @@ class JobServicer(job_pb2_grpc.JobServiceServicer):
     async def WatchJob(self, request: job_pb2.WatchJobRequest,
                        context: Context) -> AsyncIterator[job_pb2.JobEvent]:
         job_id = parse_name(request.name, "jobs")
-        if request.after_sequence < 0:
-            raise InvalidArgument("after_sequence", "must not be negative")
-        await asyncio.to_thread(self.handler.get, job_id)  # NOT_FOUND before streaming
-        async for event, job in self.hub.watch(job_id, request.after_sequence):
-            yield converters.event_to_proto(event, job)
+        if not 0 <= request.after_sequence <= MAX_INTEGER:  # sequence numbers are INTEGERs
+            raise InvalidArgument("after_sequence", f"must be in [0, {MAX_INTEGER}]")
+        who = self.who(context)
+        job = await asyncio.to_thread(self.handler.get, job_id, who)  # NOT_FOUND before streaming
+        async for event, final in self.hub.watch(job, request.after_sequence,
+                                                 client=who.name or _peer_host(context)):
+            yield converters.event_to_proto(event, final)
 
 
-class CircuitServicer(circuit_pb2_grpc.CircuitServiceServicer):
-    def __init__(self, handler: CircuitHandler, jobs: JobHandler) -> None:
+class CircuitServicer(_Servicer, circuit_pb2_grpc.CircuitServiceServicer):
+    def __init__(self, handler: CircuitHandler, jobs: JobHandler, principals: Principals) -> None:
+        super().__init__(principals)
         self.handler = handler
         self.jobs = jobs
 
@@ -154,15 +171,15 @@ class CircuitServicer(circuit_pb2_grpc.CircuitServiceServicer):
     async def GetCircuit(self, request: circuit_pb2.GetCircuitRequest,
                          context: Context) -> circuit_pb2.Circuit:
         full = _full(request.view)
-        record = await asyncio.to_thread(self.handler.get, parse_name(request.name, "circuits"),
-                                         full=full)
+        record = await asyncio.to_thread(self.handler.get, parse_circuit_name(request.name),
+                                         self.who(context), full=full)
         return converters.circuit_to_proto(record, full=full)
 
     @unary
     async def ListCircuits(self, request: circuit_pb2.ListCircuitsRequest,
                            context: Context) -> circuit_pb2.ListCircuitsResponse:
         full = _full(request.view)
-        page = await asyncio.to_thread(self.handler.list, request)
+        page = await asyncio.to_thread(self.handler.list, request, self.who(context))
         return circuit_pb2.ListCircuitsResponse(
             circuits=[converters.circuit_to_proto(c, full=full) for c in page.items],
             next_page_token=page.next_page_token or "")
@@ -170,9 +187,9 @@ class CircuitServicer(circuit_pb2_grpc.CircuitServiceServicer):
     @streaming
     async def ExportCircuit(self, request: circuit_pb2.ExportCircuitRequest,
                             context: Context) -> AsyncIterator[circuit_pb2.ExportCircuitResponse]:
-        circuit_id = parse_name(request.name, "circuits")
+        circuit_id = parse_circuit_name(request.name)
         content_type, filename, data = await asyncio.to_thread(self.handler.export, circuit_id,
-                                                               request.format)
+                                                               request.format, self.who(context))
         for offset in range(0, max(len(data), 1), EXPORT_CHUNK_BYTES):
             chunk = data[offset:offset + EXPORT_CHUNK_BYTES]
             if offset == 0:
@@ -184,14 +201,14 @@ class CircuitServicer(circuit_pb2_grpc.CircuitServiceServicer):
     @unary
     async def EvaluateCircuit(self, request: circuit_pb2.EvaluateCircuitRequest,
                               context: Context) -> job_pb2.Job:
-        record = await asyncio.to_thread(self.jobs.evaluate, request, caller=_caller(context))
+        record = await asyncio.to_thread(self.jobs.evaluate, request, self.who(context))
         metrics.JOBS_SUBMITTED.labels(converters.KIND_EVALUATION).inc()
         return converters.job_to_proto(record)
 
     @unary
     async def CompareCircuits(self, request: circuit_pb2.CompareCircuitsRequest,
                               context: Context) -> circuit_pb2.CompareCircuitsResponse:
-        return await asyncio.to_thread(self.handler.compare, request)
+        return await asyncio.to_thread(self.handler.compare, request, self.who(context))
 
 
 class ServerServicer(server_pb2_grpc.ServerServiceServicer):

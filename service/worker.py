@@ -7,13 +7,19 @@ PENDING; a job whose lease was lost (the worker stalled and another took over) i
 writing anything — the attempt number fences every write. Results are stored with SUCCEEDED in one
 transaction (`Queue.complete`); the mask blobs go in first (content-addressed, so a retry
 reuses them).
+
+The database may go away (connection lost, SQLite locked or its disk full): the worker never dies
+of it. A running job is released (PENDING again, resumed from its last checkpoint), or, when even
+that write fails, left to its lease, which expires and lets the job be claimed again; the claim loop
+backs off, doubling its wait, until the database answers. A checkpoint that cannot be read
+(corrupt bytes) restarts the attempt from step 0 with a warning event instead of failing the job.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -48,6 +54,25 @@ from edgeprune.storage import (
 from edgeprune.v1 import job_pb2
 
 log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 10.0  # the longest wait between two tries while the database is unavailable
+
+
+class Backoff:
+    """Doubling waits from ``first_s`` up to MAX_BACKOFF_S, jittered so that workers that
+    lost the database together do not all come back in the same instant."""
+
+    def __init__(self, first_s: float) -> None:
+        self.first_s = max(first_s, 0.05)
+        self.delay_s = self.first_s
+
+    def next(self) -> float:
+        delay = self.delay_s * random.uniform(0.5, 1.0)
+        self.delay_s = min(self.delay_s * 2, MAX_BACKOFF_S)
+        return delay
+
+    def reset(self) -> None:
+        self.delay_s = self.first_s
 
 
 class Heartbeat(threading.Thread):
@@ -96,6 +121,7 @@ class Worker:
     def run_forever(self) -> None:
         metrics.WORKERS.inc()
         log.info("worker %s on %s", self.worker_id, self.device)
+        backoff = Backoff(self.config.poll_s)
         try:
             while not self.draining.is_set():
                 if self.parent_gone():
@@ -103,13 +129,17 @@ class Worker:
                     break
                 try:
                     claim = self.queue.claim(self.worker_id, self.config.lease_s)
-                except StorageError as err:
-                    log.warning("claim failed: %s", err)
-                    claim = None
+                    if claim is not None:
+                        self.run_job(claim)
+                except Exception as err:  # the worker outlives any database fault
+                    delay = backoff.next()
+                    log.warning("the job queue failed (%s); trying again in %.1f s",
+                                _describe(err), delay, exc_info=not isinstance(err, StorageError))
+                    self.draining.wait(delay)
+                    continue
+                backoff.reset()
                 if claim is None:
                     self.draining.wait(self.config.poll_s)
-                    continue
-                self.run_job(claim)
         finally:
             metrics.WORKERS.dec()
 
@@ -128,7 +158,9 @@ class Worker:
                 checkpoint=lambda data: self.queue.checkpoint(claim, data),
                 should_stop=lambda: (self.draining.is_set() or beat.cancelled.is_set()
                                      or beat.lost.is_set() or self.parent_gone()),
-                resume=self.blobs.get(job.checkpoint_blob) if job.checkpoint_blob else None,
+                resume=runner.load_checkpoint(
+                    lambda: self.blobs.get(job.checkpoint_blob), reporter.warning,
+                ) if job.checkpoint_blob else None,
                 checkpoint_every=self.config.checkpoint_every,
                 warning=reporter.warning,
             )
@@ -146,9 +178,8 @@ class Worker:
         except LeaseLost as err:
             log.warning("job %s: %s", job.id, err)
         except Unavailable as err:  # the database, not the job: let another attempt run it
-            log.warning("job %s: %s; releasing it", job.id, err)
-            with contextlib.suppress(StorageError):
-                self.queue.release(claim)
+            log.warning("job %s: %s; releasing it", job.id, _describe(err))
+            self._release_when_possible(claim)
         except Exception as exc:  # noqa: BLE001 - the job fails, the worker lives on
             self._fail(claim, exc)
         finally:
@@ -190,6 +221,7 @@ class Worker:
                                   media_type="application/x-safetensors")
             dataset = spec.data.dataset.removeprefix("datasets/") or None
             news.append(NewCircuit(
+                owner=job.caller,  # a circuit belongs to its job's owner
                 model=spec.model, method=METHOD_NAMES[spec.method], edges=circuit.edges,
                 n_edges_total=circuit.n_edges_total, nodes=circuit.nodes,
                 n_nodes_total=outcome.model.graph.n_writers + 1,  # writers and "logits"
@@ -217,6 +249,29 @@ class Worker:
             self._observe(claim, JobState.FAILED)
         except LeaseLost as err:
             log.warning("job %s: %s", claim.job_id, err)
+        except StorageError as err:  # its lease expires and the job runs again
+            log.warning("job %s: cannot store its failure: %s", claim.job_id, _describe(err))
+
+    def _release_when_possible(self, claim: Claim) -> None:
+        """Release a job after a database fault, trying again (backing off) for as long as
+        its lease lasts; past that the lease expires and the job is claimed again anyway."""
+        backoff = Backoff(self.config.poll_s)
+        deadline = time.monotonic() + self.config.lease_s
+        while True:
+            try:
+                self.queue.release(claim)
+                log.info("job %s released", claim.job_id)
+                return
+            except LeaseLost as err:
+                log.warning("job %s: %s", claim.job_id, err)
+                return
+            except StorageError as err:
+                delay = backoff.next()
+                if time.monotonic() + delay > deadline:
+                    log.warning("job %s: cannot release it (%s); its lease will expire",
+                                claim.job_id, _describe(err))
+                    return
+                time.sleep(delay)
 
     def _finish(self, claim: Claim, state: JobState, action: Callable[[Claim], Any]) -> None:
         action(claim)
@@ -265,6 +320,12 @@ class _Reporter:
         self.flush()
         log.warning("job %s: %s", self.claim.job_id, fields.get("message", ""))
         self.queue.report(self.claim, EVENT_WARNING, fields)
+
+
+def _describe(err: BaseException) -> str:
+    """An error for the log: an Unavailable with the driver's own words (they stay here)."""
+    detail = getattr(err, "detail", "")
+    return f"{err}: {detail}" if detail else str(err)
 
 
 def run_worker(config: Config) -> int:

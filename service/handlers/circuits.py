@@ -5,8 +5,10 @@ from __future__ import annotations
 from edgeprune.service.config import Config
 from edgeprune.service.converters import METHOD_NAMES
 from edgeprune.service.errors import FailedPrecondition, InvalidArgument
-from edgeprune.service.validation import Violations, check_page, parse_name
-from edgeprune.storage import BlobStore, CircuitFilter, CircuitRecord, CircuitRepo, Page
+from edgeprune.service.principals import Principal
+from edgeprune.service.validation import Violations, check_page, parse_circuit_name, parse_name
+from edgeprune.storage import BlobStore, CircuitFilter, CircuitRecord, CircuitRepo, NotFound, Page
+from edgeprune.storage.limits import MAX_INTEGER
 from edgeprune.v1 import circuit_pb2, common_pb2
 
 EXPORT_CHUNK_BYTES = 256 * 1024
@@ -38,19 +40,22 @@ class CircuitHandler:
         self.blobs = blobs
         self.config = config
 
-    def get(self, circuit_id: str, *, full: bool) -> CircuitRecord:
-        return self.circuits.get(circuit_id, full=full)
+    def get(self, circuit_id: str, who: Principal, *, full: bool) -> CircuitRecord:
+        """Another principal's circuit is NOT_FOUND exactly as a missing one is."""
+        record = self.circuits.get(circuit_id, full=full)
+        if not who.may_see(record.owner):
+            raise NotFound("circuit", circuit_id)
+        return record
 
-    def list(self, request: circuit_pb2.ListCircuitsRequest) -> Page[CircuitRecord]:
+    def list(self, request: circuit_pb2.ListCircuitsRequest, who: Principal) -> Page[CircuitRecord]:
         v = Violations()
         size = check_page(v, request.page_size, self.config)
         if request.method not in common_pb2.Method.values():
             v.bad("method", f"unknown value {request.method}")
-        if request.min_edge_count < 0:
-            v.bad("min_edge_count", "must not be negative")
-        if request.max_edge_count < 0:
-            v.bad("max_edge_count", "must not be negative")
-        elif request.max_edge_count and request.max_edge_count < request.min_edge_count:
+        # Edge counts are stored in an INTEGER column: a bound beyond it cannot be compared.
+        v.number("min_edge_count", request.min_edge_count, 0, MAX_INTEGER)
+        v.number("max_edge_count", request.max_edge_count, 0, MAX_INTEGER)
+        if request.max_edge_count and request.max_edge_count < request.min_edge_count:
             v.bad("max_edge_count", "must not be below min_edge_count")
         dataset_id = job_id = None
         for field, collection in (("dataset", "datasets"), ("job", "jobs")):
@@ -64,6 +69,7 @@ class CircuitHandler:
                 dataset_id, job_id = (parsed, job_id) if field == "dataset" else (dataset_id, parsed)
         v.raise_if_any()
         filter = CircuitFilter(
+            owner=who.owner_filter,
             model=request.model or None,
             task=request.task or None,
             dataset_id=dataset_id,
@@ -74,14 +80,17 @@ class CircuitHandler:
             contains_edges=[request.contains_edge] if request.contains_edge else [],
             contains_nodes=[request.contains_node] if request.contains_node else [],
         )
+        # A FULL page ends early where the next circuit would overflow the reply; a circuit
+        # too large for any reply is listed without its edges (Circuit.edges_omitted).
+        full = request.view == common_pb2.VIEW_FULL
         return self.circuits.list(filter, page_size=size, page_token=request.page_token or None,
-                                  full=request.view == common_pb2.VIEW_FULL)
+                                  full=full, max_bytes=self.config.limits.reply_bytes if full else None)
 
-    def export(self, circuit_id: str, fmt: int) -> tuple[str, str, bytes]:
+    def export(self, circuit_id: str, fmt: int, who: Principal) -> tuple[str, str, bytes]:
         """(content type, file name, bytes) of a circuit in an export format."""
         if fmt == circuit_pb2.EXPORT_FORMAT_UNSPECIFIED or fmt not in circuit_pb2.ExportFormat.values():
             raise InvalidArgument("format", "one of JSON, DOT, SVG or SAFETENSORS is required")
-        record = self.circuits.get(circuit_id, full=True)
+        record = self.get(circuit_id, who, full=True)
         stem = f"circuit-{record.id}"
         if fmt == circuit_pb2.EXPORT_FORMAT_SAFETENSORS:
             if record.mask_blob is None:
@@ -91,9 +100,10 @@ class CircuitHandler:
         kind, suffix, content_type = EXPORTS[fmt]
         return content_type, f"{stem}.{suffix}", render(record, kind).encode()
 
-    def compare(self, request: circuit_pb2.CompareCircuitsRequest) -> circuit_pb2.CompareCircuitsResponse:
-        first = self.circuits.get(parse_name(request.first, "circuits", field="first"))
-        second = self.circuits.get(parse_name(request.second, "circuits", field="second"))
+    def compare(self, request: circuit_pb2.CompareCircuitsRequest,
+                who: Principal) -> circuit_pb2.CompareCircuitsResponse:
+        first = self.get(parse_circuit_name(request.first, field="first"), who, full=True)
+        second = self.get(parse_circuit_name(request.second, field="second"), who, full=True)
         if first.model != second.model:
             raise FailedPrecondition(f"the circuits belong to different models ({first.model!r}, "
                                      f"{second.model!r})", reason="MODEL_MISMATCH")

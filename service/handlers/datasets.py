@@ -1,101 +1,68 @@
-"""Datasets: parse and check uploaded JSONL, store, read, list, delete."""
+"""Datasets: store checked uploads (parsed as they stream in, see uploads.py), read, list,
+delete."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import Any
-
 from edgeprune.service.config import Config
-from edgeprune.service.errors import InvalidArgument, ResourceExhausted
-from edgeprune.service.validation import MAX_TEXT, Violations, check_labels, check_page
-from edgeprune.storage import AlreadyExists, DatasetRecord, DatasetRepo, NewDataset, Page
+from edgeprune.service.principals import Principal
+from edgeprune.service.uploads import StreamedUpload, UploadSlots
+from edgeprune.service.validation import (
+    MAX_DISPLAY_NAME,
+    Violations,
+    check_labels,
+    check_page,
+)
+from edgeprune.storage import DatasetRecord, DatasetRepo, NewDataset, NotFound, Page
 from edgeprune.v1 import dataset_pb2
-
-EXAMPLE_KEYS = {"clean", "corrupted", "target", "distractor"}
-
-
-def parse_jsonl(content: bytes, *, max_examples: int) -> list[dict[str, Any]]:
-    """Examples from JSONL bytes; INVALID_ARGUMENT names the line (field ``chunk``)."""
-    try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise InvalidArgument("chunk", f"content is not UTF-8 (byte {err.start})") from err
-    examples: list[dict[str, Any]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if len(examples) == max_examples:
-            raise ResourceExhausted(f"chunk: more than {max_examples} examples",
-                                    reason="LIMIT_EXCEEDED", violations=[("chunk", "too many examples")])
-        examples.append(_example(line, f"chunk line {number}"))
-    if not examples:
-        raise InvalidArgument("chunk", "the dataset has no examples")
-    return examples
-
-
-def _example(line: str, where: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(line)
-    except ValueError as err:
-        raise InvalidArgument("chunk", f"{where}: not JSON ({err.msg})") from err
-    if not isinstance(obj, dict):
-        raise InvalidArgument("chunk", f"{where}: expected a JSON object")
-    unknown = set(obj) - EXAMPLE_KEYS
-    if unknown:
-        raise InvalidArgument("chunk", f"{where}: unknown keys {sorted(unknown)}")
-    for key in ("clean", "corrupted"):
-        if not isinstance(obj.get(key), str) or not obj[key]:
-            raise InvalidArgument("chunk", f"{where}: `{key}` must be a non-empty string")
-    for key in EXAMPLE_KEYS:
-        value = obj.get(key)
-        if value is not None and (not isinstance(value, str) or len(value) > MAX_TEXT):
-            raise InvalidArgument("chunk", f"{where}: `{key}` must be a string of at most "
-                                           f"{MAX_TEXT} characters")
-    return {k: obj[k] for k in ("clean", "corrupted", "target", "distractor") if obj.get(k)}
 
 
 class DatasetHandler:
     def __init__(self, datasets: DatasetRepo, config: Config) -> None:
         self.datasets = datasets
         self.config = config
+        self.upload_slots = UploadSlots(config.limits.max_concurrent_uploads)
+
+    def begin_upload(self, metadata: dataset_pb2.DatasetMetadata) -> StreamedUpload:
+        """Check the metadata and start parsing an upload (the caller holds an upload slot
+        and closes it)."""
+        self.check_metadata(metadata)
+        return StreamedUpload(max_bytes=self.config.limits.max_dataset_bytes,
+                              max_examples=self.config.limits.max_examples)
 
     def check_metadata(self, metadata: dataset_pb2.DatasetMetadata) -> None:
         v = Violations()
         check_labels(v, "metadata.labels", metadata.labels, self.config)
         if len(metadata.request_id) > 128:
             v.bad("metadata.request_id", "must be at most 128 characters")
-        if len(metadata.display_name) > 256:
-            v.bad("metadata.display_name", "must be at most 256 characters")
+        if len(metadata.display_name) > MAX_DISPLAY_NAME:
+            v.bad("metadata.display_name", f"must be at most {MAX_DISPLAY_NAME} characters")
         v.raise_if_any()
 
-    def upload(self, metadata: dataset_pb2.DatasetMetadata, content: bytes,
-               *, caller: str = "") -> DatasetRecord:
-        """Store an uploaded dataset. With a request_id the dataset id is derived from
-        (caller, request_id), so a repeated upload returns the first dataset."""
-        self.check_metadata(metadata)
-        examples = parse_jsonl(content, max_examples=self.config.limits.max_examples)
-        dataset_id = None
-        if metadata.request_id:
-            key = f"{caller}\0{metadata.request_id}".encode()
-            dataset_id = "d" + hashlib.sha256(key).hexdigest()[:31]
-        new = NewDataset(display_name=metadata.display_name, source=f"upload:{len(content)}",
-                         labels=dict(metadata.labels), id=dataset_id)
-        try:
-            return self.datasets.create(new, examples)
-        except AlreadyExists:
-            if dataset_id is None:
-                raise
-            return self.datasets.get(dataset_id)
+    def upload(self, metadata: dataset_pb2.DatasetMetadata, upload: StreamedUpload,
+               who: Principal) -> DatasetRecord:
+        """Store an uploaded dataset owned by the caller. A request_id is unique per owner:
+        repeating an upload with the same content returns the first dataset, other content
+        answers ALREADY_EXISTS."""
+        upload.finish()
+        new = NewDataset(owner=who.name, request_id=metadata.request_id or None,
+                         display_name=metadata.display_name, source=f"upload:{upload.size}",
+                         labels=dict(metadata.labels))
+        return self.datasets.create(new, upload.examples())
 
-    def get(self, dataset_id: str) -> DatasetRecord:
-        return self.datasets.get(dataset_id)
+    def get(self, dataset_id: str, who: Principal) -> DatasetRecord:
+        """Another principal's dataset is NOT_FOUND exactly as a missing one is."""
+        record = self.datasets.get(dataset_id)
+        if not who.may_see(record.owner):
+            raise NotFound("dataset", dataset_id)
+        return record
 
-    def list(self, request: dataset_pb2.ListDatasetsRequest) -> Page[DatasetRecord]:
+    def list(self, request: dataset_pb2.ListDatasetsRequest, who: Principal) -> Page[DatasetRecord]:
         v = Violations()
         size = check_page(v, request.page_size, self.config)
         v.raise_if_any()
-        return self.datasets.list(page_size=size, page_token=request.page_token or None)
+        return self.datasets.list(page_size=size, page_token=request.page_token or None,
+                                  owner=who.owner_filter)
 
-    def delete(self, dataset_id: str) -> None:
+    def delete(self, dataset_id: str, who: Principal) -> None:
+        self.get(dataset_id, who)
         self.datasets.delete(dataset_id)

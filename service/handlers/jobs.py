@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from google.protobuf import json_format
 
 from edgeprune.service.config import Config
 from edgeprune.service.converters import KIND_DISCOVERY, KIND_EVALUATION, STATES_BY_PROTO
-from edgeprune.service.errors import FailedPrecondition, NotFound, ResourceExhausted
+from edgeprune.service.dataset_check import DatasetChecks
+from edgeprune.service.errors import (
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from edgeprune.service.memory_check import check_job_memory, min_tokens
+from edgeprune.service.principals import Principal
 from edgeprune.service.validation import (
     Violations,
     check_common,
@@ -27,12 +32,10 @@ from edgeprune.storage import (
     NewJob,
     Page,
     Queue,
+    QueueFull,
 )
 from edgeprune.storage import NotFound as StorageNotFound
-from edgeprune.v1 import circuit_pb2, job_pb2
-
-# ListJobs filters that storage cannot apply are applied here over at most this many pages.
-MAX_FILTER_SCAN_PAGES = 20
+from edgeprune.v1 import circuit_pb2, common_pb2, job_pb2
 
 
 class JobHandler:
@@ -44,10 +47,11 @@ class JobHandler:
         self.circuits = circuits
         self.config = config
         self._dataset_shapes: dict[str, tuple[int, int]] = {}  # datasets never change
+        self.dataset_checks = DatasetChecks(datasets)
 
     # ---------------------------------------------------------------------------- submit
 
-    def submit(self, request: job_pb2.SubmitJobRequest, *, caller: str = "") -> JobRecord:
+    def submit(self, request: job_pb2.SubmitJobRequest, who: Principal) -> JobRecord:
         """Queue a discovery job (the same request_id returns the same job)."""
         v = Violations()
         spec = job_pb2.JobSpec()
@@ -59,12 +63,15 @@ class JobHandler:
         check_common(v, priority=request.priority, labels=request.labels,
                      request_id=request.request_id, config=self.config)
         v.raise_if_any()
-        self._check_references(spec.data, "spec.data")
+        self._check_priority(request.priority, who)
+        self._check_references(spec.data, "spec.data", who)
+        self._check_dataset(spec.data, "spec.data", self.config.models[spec.model],
+                            all_positions=spec.positions == common_pb2.POSITION_MODE_ALL)
         check_job_memory(spec, self.config.models[spec.model], self.config, self._dataset_shape)
         return self._create(spec, KIND_DISCOVERY, request.priority, request.labels,
-                            request.request_id, caller)
+                            request.request_id, who.name)
 
-    def evaluate(self, request: circuit_pb2.EvaluateCircuitRequest, *, caller: str = "") -> JobRecord:
+    def evaluate(self, request: circuit_pb2.EvaluateCircuitRequest, who: Principal) -> JobRecord:
         """Queue an evaluation of a stored circuit."""
         v = Violations()
         spec = job_pb2.EvaluationSpec()
@@ -77,24 +84,47 @@ class JobHandler:
         check_common(v, priority=request.priority, labels=request.labels,
                      request_id=request.request_id, config=self.config)
         v.raise_if_any()
+        self._check_priority(request.priority, who)
         circuit = self.circuits.get(circuit_id, full=False)
+        if not who.may_see(circuit.owner):
+            raise StorageNotFound("circuit", circuit_id)
         if circuit.model not in self.config.models:
             raise FailedPrecondition(f"the circuit's model {circuit.model!r} is no longer on the "
                                      "allow-list", reason="MODEL_NOT_ALLOWED")
-        self._check_references(spec.data, "evaluation.data")
+        self._check_references(spec.data, "evaluation.data", who)
+        self._check_dataset(spec.data, "evaluation.data", self.config.models[circuit.model],
+                            all_positions=False)
         check_job_memory(spec, self.config.models[circuit.model], self.config,
                          self._dataset_shape)
         return self._create(spec, KIND_EVALUATION, request.priority, request.labels,
-                            request.request_id, caller)
+                            request.request_id, who.name)
 
-    def _check_references(self, data: job_pb2.DataSpec, field: str) -> None:
+    def _check_priority(self, priority: int, who: Principal) -> None:
+        if who.admin:
+            return
+        limit = who.max_priority if who.max_priority is not None else self.config.user_max_priority
+        if priority > limit:
+            raise PermissionDenied(f"priority: {who.name} may submit at priority {limit} at most, "
+                                   f"got {priority}", reason="PRIORITY_NOT_ALLOWED",
+                                   violations=[("priority", f"at most {limit}")])
+
+    def _check_references(self, data: job_pb2.DataSpec, field: str, who: Principal) -> None:
         if data.WhichOneof("source") == "dataset":
             dataset_id = parse_name(data.dataset, "datasets", field=f"{field}.dataset")
             try:
-                self.datasets.get(dataset_id)
-            except StorageNotFound as err:
+                visible = who.may_see(self.datasets.get(dataset_id).owner)
+            except StorageNotFound:
+                visible = False
+            if not visible:
                 raise NotFound(f"{field}.dataset: {data.dataset} does not exist",
-                               reason="DATASET_NOT_FOUND") from err
+                               reason="DATASET_NOT_FOUND")
+
+    def _check_dataset(self, data: job_pb2.DataSpec, field: str, ref: str, *,
+                       all_positions: bool) -> None:
+        """An uploaded dataset against the model's tokenizer, as the worker will build it."""
+        if data.WhichOneof("source") == "dataset":
+            self.dataset_checks.check(data.dataset.removeprefix("datasets/"), ref,
+                                      f"{field}.dataset", all_positions=all_positions)
 
     def _dataset_shape(self, dataset_id: str) -> tuple[int, int]:
         """(fewest tokens of its longest example, example count) of a stored dataset."""
@@ -107,11 +137,7 @@ class JobHandler:
 
     def _create(self, spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, kind: str, priority: int,
                 labels: dict[str, str], request_id: str, caller: str) -> JobRecord:
-        if self.queue.pending_count() >= self.config.limits.max_pending_jobs:
-            raise ResourceExhausted(
-                f"the queue holds {self.config.limits.max_pending_jobs} pending jobs; retry later",
-                reason="QUEUE_FULL")
-        return self.jobs.create(NewJob(
+        new = NewJob(
             spec=spec.SerializeToString(deterministic=True),
             spec_json=json_format.MessageToDict(spec, preserving_proto_field_name=True),
             kind=kind,
@@ -119,16 +145,26 @@ class JobHandler:
             labels=dict(labels),
             caller=caller,
             request_id=request_id or None,
-        ))
+        )
+        try:  # counted in the create transaction: concurrent submits cannot overshoot the cap
+            return self.jobs.create(new, max_pending=self.config.limits.max_pending_jobs)
+        except QueueFull as err:
+            raise ResourceExhausted(str(err), reason="QUEUE_FULL") from err
 
     # ------------------------------------------------------------------------------ read
 
-    def get(self, job_id: str) -> JobRecord:
-        return self.jobs.get(job_id)
+    def get(self, job_id: str, who: Principal, *, full: bool = False) -> JobRecord:
+        """Another principal's job is NOT_FOUND exactly as a missing one is. Without `full`
+        the record has no spec bytes; a full record too large for a reply has none either."""
+        job = self.jobs.get(job_id, full=full, max_bytes=self.config.limits.reply_bytes)
+        if not who.may_see(job.caller):
+            raise StorageNotFound("job", job_id)
+        return job
 
-    def list(self, request: job_pb2.ListJobsRequest) -> Page[JobRecord]:
-        """Newest first. `model` and `labels` are matched here, page by page, so a page may
-        hold fewer jobs than asked for while `next_page_token` is set (AIP-158)."""
+    def list(self, request: job_pb2.ListJobsRequest, who: Principal) -> Page[JobRecord]:
+        """Newest first. A FULL page ends early (with a token) where the next job would take
+        the reply past the message size limit (AIP-158 allows short pages); a job too large
+        for any reply comes as in BASIC (the converter counts its inline examples)."""
         v = Violations()
         size = check_page(v, request.page_size, self.config)
         states = []
@@ -139,30 +175,12 @@ class JobHandler:
                 states.append(STATES_BY_PROTO[state])
         check_labels(v, "labels", request.labels, self.config)
         v.raise_if_any()
-        keep = _matcher(request)
-        items: list[JobRecord] = []
-        token = request.page_token or None
-        for _ in range(MAX_FILTER_SCAN_PAGES):
-            page = self.jobs.list(states=states or None, page_size=size - len(items),
-                                  page_token=token)
-            items.extend(job for job in page.items if keep(job))
-            token = page.next_page_token
-            if token is None or len(items) >= size:
-                break
-        return Page(items=items, next_page_token=token)
+        full = request.view == common_pb2.VIEW_FULL
+        return self.jobs.list(states=states or None, caller=who.owner_filter,
+                              model=request.model or None, labels=dict(request.labels) or None,
+                              page_size=size, page_token=request.page_token or None, full=full,
+                              max_bytes=self.config.limits.reply_bytes if full else None)
 
-    def cancel(self, job_id: str) -> JobRecord:
+    def cancel(self, job_id: str, who: Principal) -> JobRecord:
+        self.get(job_id, who)
         return self.jobs.request_cancel(job_id)
-
-    def is_final(self, job_id: str) -> bool:
-        return self.jobs.get(job_id).state.final
-
-
-def _matcher(request: job_pb2.ListJobsRequest) -> Callable[[JobRecord], bool]:
-    def keep(job: JobRecord) -> bool:
-        if request.model and job.spec_json.get("model") != request.model:
-            return False
-        return all(job.labels.get(k) == v for k, v in request.labels.items())
-
-    return keep
-
