@@ -8,7 +8,8 @@ Every error the client raises is an :class:`EdgepruneError`::
     ├── AlreadyExists                  ALREADY_EXISTS
     ├── FailedPrecondition             FAILED_PRECONDITION / ABORTED (wrong state, e.g. cancel a finished job)
     ├── ResourceExhausted              RESOURCE_EXHAUSTED (a server limit, e.g. model too big for memory)
-    ├── Unauthenticated                UNAUTHENTICATED / PERMISSION_DENIED
+    ├── Unauthenticated                UNAUTHENTICATED (no valid token)
+    │   └── PermissionDenied           PERMISSION_DENIED (the token's principal may not, e.g. that priority)
     ├── Unavailable                    UNAVAILABLE (after the client's retries ran out)
     ├── DeadlineExceeded               DEADLINE_EXCEEDED
     ├── Cancelled                      CANCELLED
@@ -165,6 +166,12 @@ class Unauthenticated(EdgepruneError):
     exit_code = 8
 
 
+class PermissionDenied(Unauthenticated):
+    """The token is valid but its principal may not do this (e.g. submit at that priority)."""
+
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Unavailable(EdgepruneError):
     """The server could not be reached (after retrying)."""
 
@@ -238,7 +245,7 @@ _BY_CODE: dict[grpc.StatusCode, type[EdgepruneError]] = {
     grpc.StatusCode.ABORTED: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,

@@ -18,6 +18,7 @@ from edgeprune.client import (
     InvalidArgument,
     JobCancelled,
     NotFound,
+    PermissionDenied,
     RetryPolicy,
     Unauthenticated,
     Unavailable,
@@ -183,6 +184,11 @@ def test_bearer_token(client_server: ClientServer) -> None:
         assert caught.value.exit_code == 8
         with Client(target, token="wrong") as wrong, pytest.raises(Unauthenticated):
             list(wrong.list_jobs())
+        # A known principal asking for more than it may: PermissionDenied, still Unauthenticated.
+        with Client(target, token="s3cret") as good, pytest.raises(PermissionDenied) as denied:
+            good.submit(model=TINY_MODEL, task="ioi", method="eap", priority=5)
+        assert isinstance(denied.value, Unauthenticated) and denied.value.field == "priority"
+        assert denied.value.reason == "PRIORITY_NOT_ALLOWED"
 
 
 def test_retry_policy_decisions() -> None:
