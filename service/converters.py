@@ -18,6 +18,7 @@ KIND_EVALUATION = "evaluation"
 EVENT_STATE = "state"
 EVENT_PROGRESS = "progress"
 EVENT_WARNING = "warning"
+EVENT_CANCEL_REQUESTED = "cancel_requested"
 
 # Engine method names <-> the Method enum.
 METHOD_NAMES = {
@@ -88,10 +89,25 @@ def _size(record: DatasetRecord) -> int:
 
 
 def parse_spec(record: JobRecord) -> job_pb2.JobSpec | job_pb2.EvaluationSpec:
-    """The stored spec message of a job (JobSpec or EvaluationSpec by the job's kind)."""
+    """The spec message of a job (JobSpec or EvaluationSpec by the job's kind): the stored
+    bytes, or, for a record read without them, its JSON summary (no inline examples)."""
     message = job_pb2.EvaluationSpec() if record.kind == KIND_EVALUATION else job_pb2.JobSpec()
-    message.ParseFromString(record.spec)
+    if record.spec:
+        message.ParseFromString(record.spec)
+    else:
+        json_format.ParseDict(_jsonable(record.spec_json), message, ignore_unknown_fields=True)
     return message
+
+
+def _summarise_data(data: job_pb2.DataSpec, *, keep_examples: bool) -> None:
+    """Count inline examples (every view) and drop them unless kept; other sources stay as
+    they are."""
+    if data.WhichOneof("source") != "examples":
+        return
+    if data.examples.examples or not data.examples.example_count:
+        data.examples.example_count = len(data.examples.examples)
+    if not keep_examples:
+        data.examples.ClearField("examples")
 
 
 def progress_to_proto(payload: Mapping[str, Any]) -> job_pb2.JobProgress:
@@ -119,7 +135,8 @@ def result_to_proto(result: Mapping[str, Any]) -> job_pb2.JobResult:
 
 
 def job_to_proto(record: JobRecord, *, full: bool = False) -> job_pb2.Job:
-    """A Job message. BASIC leaves out inline examples and task parameters."""
+    """A Job message. BASIC leaves out inline examples (`data.examples.example_count` says
+    how many there are), as does FULL for a record read without its spec bytes."""
     job = job_pb2.Job(
         name=f"jobs/{record.id}",
         state=STATES[record.state],
@@ -133,8 +150,7 @@ def job_to_proto(record: JobRecord, *, full: bool = False) -> job_pb2.Job:
         last_event_sequence=record.last_event_seq,
     )
     spec = parse_spec(record)
-    if not full:
-        spec.data.examples.ClearField("examples")
+    _summarise_data(spec.data, keep_examples=full)
     if isinstance(spec, job_pb2.EvaluationSpec):
         job.type = job_pb2.JOB_TYPE_EVALUATION
         job.evaluation.CopyFrom(spec)
@@ -160,6 +176,12 @@ def event_to_proto(event: EventRecord, job: JobRecord | None = None) -> job_pb2.
         return out
     if event.kind == EVENT_WARNING:
         out.warning.CopyFrom(warning_to_proto(event.payload))
+        return out
+    if event.kind == EVENT_CANCEL_REQUESTED:
+        # Only a RUNNING job is flagged, and it stays RUNNING until its worker stops; the
+        # CANCELLED state change follows. (Read as a state event it would say PENDING.)
+        out.state_change.CopyFrom(job_pb2.StateChange(
+            state=STATES[JobState.RUNNING], attempt=event.attempt, reason="cancel requested"))
         return out
     state = JobState(event.payload.get("state", "PENDING"))
     change = out.state_change
@@ -211,6 +233,7 @@ def circuit_to_proto(record: CircuitRecord, *, full: bool = False) -> circuit_pb
         create_time=timestamp(record.created_at),
     )
     if full:
+        circuit.edges_omitted = record.edges is None  # too large for one reply
         scores = record.edge_scores or {}
         circuit.edges.extend(circuit_pb2.Edge(name=e, score=scores.get(e, 0.0))
                              for e in record.edges or [])

@@ -7,7 +7,7 @@ locks the job row (PostgreSQL) or the database (SQLite) until it commits.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from sqlalchemy import select, update
@@ -20,6 +20,7 @@ from edgeprune.storage.records import EventRecord
 
 MAX_KIND_LENGTH = 32
 MAX_EVENTS_PER_READ = 1000
+MAX_IDS_PER_QUERY = 500  # job ids per IN list (SQLite caps a statement's parameters)
 
 
 class EventRepo:
@@ -49,6 +50,28 @@ class EventRepo:
             if not rows and session.get(Job, job_id) is None:
                 raise NotFound("job", job_id)
             return [event_record(row) for row in rows]
+
+    def last_seqs(self, job_ids: Collection[str]) -> dict[str, int]:
+        """The highest sequence number of each of these jobs (in as few queries as the
+        number of ids allows); unknown ids are left out."""
+        ids = sorted(set(job_ids))
+        out: dict[str, int] = {}
+        with self.db.session(write=False) as session:
+            for start in range(0, len(ids), MAX_IDS_PER_QUERY):
+                chunk = ids[start:start + MAX_IDS_PER_QUERY]
+                rows = session.execute(select(Job.id, Job.last_event_seq).where(Job.id.in_(chunk)))
+                out.update({job_id: seq for job_id, seq in rows})
+        return out
+
+    def after_many(self, cursors: Mapping[str, int], *, limit: int = 100) -> dict[str, list[EventRecord]]:
+        """`after(job, seq, limit=limit)` for every (job, seq) of `cursors`, in one
+        transaction; jobs without such events map to []."""
+        if not 0 < limit <= MAX_EVENTS_PER_READ:
+            raise InvalidArgument("limit", f"must be between 1 and {MAX_EVENTS_PER_READ}")
+        with self.db.session(write=False) as session:
+            return {job_id: [event_record(row) for row in session.scalars(
+                select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > seq)
+                .order_by(JobEvent.seq).limit(limit))] for job_id, seq in cursors.items()}
 
     def last_seq(self, job_id: str) -> int:
         """The highest sequence number so far (0 when none). Raises NotFound."""
