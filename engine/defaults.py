@@ -42,6 +42,11 @@ WARM_START_SCALE = 3.0  # the top edges start with log_alpha in (0, 3]
 # masks at the requested density instead (a steeper map below the cut) measured worse: the
 # edges just below the cut must be sampled on for the task loss to rank them.
 WARM_START_FLOOR: float | None = None
+# Each step's generator is seeded with seed * SEED_STRIDE + step (and each epoch's permutation
+# with seed * SEED_STRIDE + epoch); torch takes seeds in [-2**63, 2**64 - 1], so seeds within
+# +-MAX_SEED stay in range for runs of up to 2**40 steps or epochs.
+SEED_STRIDE = 1_000_003
+MAX_SEED = (2**63 - 2**40) // SEED_STRIDE
 
 
 def target_warmup_steps(steps: int) -> int:

@@ -148,6 +148,11 @@ class PruneConfig:
                                   field="activation_checkpointing")
         if self.node_loss and not self.node_masks:
             raise InvalidArgument("node_loss needs node_masks", field="node_loss")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+            -defaults.MAX_SEED <= self.seed <= defaults.MAX_SEED
+        ):
+            raise InvalidArgument(f"seed must be an integer in [-{defaults.MAX_SEED}, "
+                                  f"{defaults.MAX_SEED}], got {self.seed!r}", field="seed")
         objective.check_loss(self.loss, dataset)
         requested_edges(model.graph, n_edges=self.n_edges, sparsity=self.sparsity)
 
@@ -270,7 +275,7 @@ def lr_scale(step: int, warmup: int) -> float:
 
 @functools.lru_cache(maxsize=4)
 def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(seed * defaults.SEED_STRIDE + epoch)
     return torch.randperm(n, generator=generator)  # [N]
 
 
@@ -282,7 +287,7 @@ def batch_rows(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
 
 
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
+    return torch.Generator(device=device).manual_seed(seed * defaults.SEED_STRIDE + step + 1)
 
 
 # ---- the run -------------------------------------------------------------------------------------

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from edgeprune.engine import defaults
 from edgeprune.service.config import Config
 from edgeprune.service.errors import InvalidArgument, ResourceExhausted
+from edgeprune.storage.limits import MAX_INTEGER, MAX_NAME_LENGTH, text_problem
 from edgeprune.v1 import common_pb2, job_pb2
 
 BUILTIN_TASKS = ("ioi", "gendered_pronoun", "greater_than")
@@ -27,6 +31,7 @@ MAX_REQUEST_ID = 128
 MAX_PRIORITY = 100
 MAX_IG_STEPS = 1000
 MAX_TEXT = 4096
+MAX_DISPLAY_NAME = MAX_NAME_LENGTH  # the column's width
 MAX_EDGE_SPARSITY = 1.2  # Edge Pruning's target may overshoot 1 (runs settle slightly below it)
 MAX_EVAL_FRACTION = 0.9
 DEFAULT_EVAL_FRACTION = 0.2
@@ -87,6 +92,42 @@ def parse_name(name: str, collection: str, *, field: str = "name") -> str:
     if not name.startswith(prefix) or not RESOURCE_ID.fullmatch(name[len(prefix):]):
         raise InvalidArgument(field, f"{name!r} is not a `{collection}/{{id}}` name")
     return name[len(prefix):]
+
+
+def parse_circuit_name(name: str, *, field: str = "name") -> str:
+    """``"circuits/42"`` -> ``"42"``: a decimal id beyond what the id column holds is malformed
+    (INVALID_ARGUMENT); any other unknown id is left to the lookup (NOT_FOUND)."""
+    circuit_id = parse_name(name, "circuits", field=field)
+    if circuit_id.isdecimal() and int(circuit_id) > MAX_INTEGER:
+        raise InvalidArgument(field, f"circuit ids are at most {MAX_INTEGER}, got {circuit_id}")
+    return circuit_id
+
+
+def text_violations(message: Message, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(field path, problem) of every string in ``message``, at any depth, that the database
+    cannot hold (a NUL character): checked for every request, whatever its RPC, so no such text
+    reaches storage and SQLite answers as PostgreSQL must."""
+    for field, value in message.ListFields():
+        path = f"{prefix}{field.name}"
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            for key, item in value.items():
+                item_path = f"{path}[{key!r}]"
+                if isinstance(key, str) and (problem := text_problem(key)):
+                    yield item_path, f"keys {problem}"
+                yield from _value_violations(value_field, item, item_path)
+        elif field.is_repeated:
+            for i, item in enumerate(value):
+                yield from _value_violations(field, item, f"{path}[{i}]")
+        else:
+            yield from _value_violations(field, value, path)
+
+
+def _value_violations(field: FieldDescriptor, value: Any, path: str) -> Iterator[tuple[str, str]]:
+    if field.type == FieldDescriptor.TYPE_STRING and (problem := text_problem(value)):
+        yield path, problem
+    elif field.type == FieldDescriptor.TYPE_MESSAGE:
+        yield from text_violations(value, f"{path}.")
 
 
 def check_labels(v: Violations, field: str, labels: Mapping[str, str], config: Config) -> None:
@@ -267,6 +308,8 @@ def normalize_job_spec(spec: job_pb2.JobSpec, config: Config, v: Violations) -> 
     v.count("spec.batch_size", spec.batch_size, config.limits.max_batch_size)
     if spec.batch_size == 0:
         spec.batch_size = config.default_batch_size
+    # The engine derives torch seeds from it: a larger one would fail the job on the worker.
+    v.number("spec.seed", spec.seed, -defaults.MAX_SEED, defaults.MAX_SEED)
     if spec.ablation == common_pb2.ABLATION_UNSPECIFIED:
         spec.ablation = common_pb2.ABLATION_CORRUPTED
     check_edge_pruning(v, spec, config)
@@ -280,7 +323,7 @@ def normalize_evaluation(spec: job_pb2.EvaluationSpec, config: Config, v: Violat
     """Check an EvaluationSpec (``evaluation.*``); returns the circuit id."""
     circuit_id = ""
     try:
-        circuit_id = parse_name(spec.circuit, "circuits", field="evaluation.circuit")
+        circuit_id = parse_circuit_name(spec.circuit, field="evaluation.circuit")
     except InvalidArgument as err:
         v.bad(err.field, err.violations[0][1])
     if not spec.HasField("data"):

@@ -11,6 +11,7 @@ which the names were first stored (graph order when circuits list them in graph 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, aliased
 
 from edgeprune.storage.db import Database
 from edgeprune.storage.errors import InvalidArgument, NotFound
+from edgeprune.storage.limits import MAX_INTEGER, MAX_NAME_LENGTH, MIN_INTEGER, text_problem
 from edgeprune.storage.models import (
     Blob,
     Circuit,
@@ -34,8 +36,6 @@ from edgeprune.storage.names import intern_names, name_ids
 from edgeprune.storage.paging import decode_token, encode_token, page_size_or_default
 from edgeprune.storage.records import CircuitFilter, CircuitRecord, NewCircuit, Page
 from edgeprune.storage.sqlutil import bulk_insert
-
-MAX_NAME_LENGTH = 255
 
 
 class CircuitRepo:
@@ -77,6 +77,7 @@ class CircuitRepo:
         """Circuits matching every filter field, newest first, keyset-paginated (the token
         is opaque and only valid with the same filter). Raises InvalidArgument."""
         filter = filter or CircuitFilter()
+        _check_filter(filter)
         size = page_size_or_default(page_size)
         fingerprint = _filter_key(filter)
         after = decode_token(page_token, fingerprint)
@@ -256,6 +257,25 @@ def _column_conditions(f: CircuitFilter) -> list[Any]:
     return conditions
 
 
+def _check_filter(f: CircuitFilter) -> None:
+    """InvalidArgument naming the filter field whose value no column can be compared with."""
+    for field in dataclasses.fields(f):
+        value = getattr(f, field.name)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            problem = text_problem(value)
+        elif field.name in ("contains_edges", "contains_nodes"):
+            problem = next((p for p in map(text_problem, value) if p), None)
+        elif field.name in ("min_edges", "max_edges"):
+            problem = (None if MIN_INTEGER <= value <= MAX_INTEGER
+                       else f"must be in [{MIN_INTEGER}, {MAX_INTEGER}], got {value}")
+        else:  # min_sparsity / max_sparsity
+            problem = None if math.isfinite(value) else f"must be finite, got {value}"
+        if problem is not None:
+            raise InvalidArgument(field.name, problem)
+
+
 def _circuit_row(new: NewCircuit, now: Any) -> dict[str, Any]:
     return {
         "owner": new.owner,
@@ -331,12 +351,13 @@ def _parse_id(circuit_id: str) -> int:
         value = int(circuit_id)
     except (TypeError, ValueError):
         raise NotFound("circuit", str(circuit_id)) from None
-    if value <= 0 or str(value) != str(circuit_id):
+    # Ids come from an INTEGER column: a larger one names nothing (and would not bind).
+    if not 0 < value <= MAX_INTEGER or str(value) != str(circuit_id):
         raise NotFound("circuit", str(circuit_id))
     return value
 
 
 def _parse_key(key: list[Any]) -> int:
-    if len(key) != 1 or not isinstance(key[0], int):
+    if len(key) != 1 or not isinstance(key[0], int) or not MIN_INTEGER <= key[0] <= MAX_INTEGER:
         raise InvalidArgument("page_token", "malformed page token")
     return key[0]

@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from edgeprune.storage.errors import InvalidArgument
+from edgeprune.storage.limits import MAX_BIGINT, MIN_BIGINT, text_problem
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -47,8 +48,22 @@ def decode_token(token: str | None, filters: Any) -> list[Any] | None:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
         key, fingerprint = data["k"], data["f"]
-    except (binascii.Error, ValueError, KeyError, TypeError) as err:
+    except (binascii.Error, ValueError, KeyError, TypeError, RecursionError) as err:
         raise InvalidArgument("page_token", "malformed page token") from err
     if not isinstance(key, list) or fingerprint != _fingerprint(filters):
         raise InvalidArgument("page_token", "page token does not match this request's filters")
+    # Tokens are not signed: a forged one may carry any JSON, and a value the database cannot
+    # bind must be a bad token rather than a driver error.
+    if not all(_storable(part) for part in key):
+        raise InvalidArgument("page_token", "malformed page token")
     return key
+
+
+def _storable(part: Any) -> bool:
+    """Whether a sort-key part is a value every backend can compare: an int within BIGINT
+    or storable text (the tokens made here hold nothing else)."""
+    if isinstance(part, bool):
+        return False
+    if isinstance(part, int):
+        return MIN_BIGINT <= part <= MAX_BIGINT
+    return isinstance(part, str) and text_problem(part) is None

@@ -55,6 +55,7 @@ class Server:
     def __init__(self, data_dir: Path, database_url: str, models: dict[str, str],
                  *, root_cert: bytes | None = None, **settings: Any) -> None:
         self.data_dir = data_dir
+        self.database_url = database_url
         self.root_cert = root_cert
         flags = {**FAST, "data-dir": str(data_dir), "database-url": database_url,
                  **{k.replace("_", "-"): str(v) for k, v in settings.items()}}
