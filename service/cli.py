@@ -20,7 +20,13 @@ import logging
 import os
 import sys
 
-from edgeprune.service.config import Config, ConfigError, add_arguments, load_config
+from edgeprune.service.config import (
+    Config,
+    ConfigError,
+    add_arguments,
+    check_transport,
+    load_config,
+)
 from edgeprune.service.multiproc import prepare_metrics_dir
 
 
@@ -36,13 +42,16 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
 
 
-def _config(prog: str, args: argparse.Namespace) -> Config | None:
+def _config(prog: str, args: argparse.Namespace, *, api: bool = False) -> Config | None:
     if getattr(args, "auth_tokens", None):
         print(f"{prog}: warning: --auth-token puts the token on the command line, where other "
               "local users can read it (ps); use --auth-token-file or EDGEPRUNE_AUTH_TOKENS",
               file=sys.stderr)
     try:
-        return load_config(args)
+        config = load_config(args)
+        if api:
+            check_transport(config)
+        return config
     except ConfigError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return None
@@ -81,7 +90,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     args = _parser(prog, "Run the edgeprune gRPC API and its workers.").parse_args(argv)
     if not _check_server_extra(prog):
         return 2
-    config = _config(prog, args)
+    config = _config(prog, args, api=True)
     if config is None:
         return 2
     _setup_logging(config.log_level)

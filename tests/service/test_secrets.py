@@ -20,7 +20,7 @@ from grpc_status import rpc_status
 from sqlalchemy.engine import make_url
 
 from edgeprune.client import Client
-from edgeprune.service.config import Config, ConfigError
+from edgeprune.service.config import Config, ConfigError, check_transport
 from edgeprune.v1 import job_pb2, server_pb2, server_pb2_grpc
 from tests.service.errors import details
 from tests.service.harness import MODEL, Server, wait_for
@@ -107,6 +107,11 @@ def test_token_file_and_environment_tokens_combine(tmp_path: Path) -> None:
                    {"EDGEPRUNE_AUTH_TOKENS": "env-a,env-b"})
     assert config.auth_tokens == ("env-a", "env-b", "file-a", "file-b")
     assert config.insecure and Config.from_json(config.to_json()) == config
+    # Only the API needs TLS for tokens: a worker reading the same settings serves no calls.
+    plain = parse(["--auth-token-file", str(path)])
+    with pytest.raises(ConfigError, match="auth_tokens: bearer tokens need TLS"):
+        check_transport(plain)
+    check_transport(config)
     (tmp_path / "empty").write_text("# nobody yet\n\n")
     for name, message in (("empty", "no tokens"), ("missing", "No such file")):
         with pytest.raises(ConfigError, match=f"auth_token_file .*{name}: {message}"):
