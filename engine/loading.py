@@ -228,14 +228,33 @@ def load_hf(target: str) -> tuple[PreTrainedModel, object]:
             f"{', '.join(bad[:5])}",
             field="model",
         )
+    return module, _hf_tokenizer(source, target)
+
+
+def _hf_tokenizer(source: str, target: str) -> object:
     if not any(_local_file(source, name) for name in TOKENIZER_FILES):
         raise ModelNotFound(f"{target!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True,
-                                                  trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(source, local_files_only=True,
+                                             trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"no tokenizer for {target!r}: {exc}") from exc
-    return module, tokenizer
+
+
+def load_tokenizer(ref: str, *, cache_dir: str | os.PathLike | None = None) -> object | None:
+    """The tokenizer ``load_model(ref)`` would give, without the weights; None for
+    ``smollm2-135m`` until a load has cached it (converting the GGUF file is a model load)."""
+    parsed = parse_ref(ref)
+    if parsed.kind == "tracr":
+        return load_tracr(Path(parsed.target).expanduser())[1]
+    if parsed.kind == "smollm2":
+        folder = cache_root(cache_dir) / DEFAULT_MODEL
+        if not (folder / "source.json").is_file():
+            return None
+        source = str(folder)
+    else:
+        source = _hf_source(parsed.target)
+    return _prepare_tokenizer(_hf_tokenizer(source, parsed.target))
 
 
 def _prepare_tokenizer(tokenizer: object) -> object:

@@ -89,9 +89,10 @@ def model_shape(ref: str) -> ModelShape | None:
         return None
 
 
-def min_tokens(texts: Iterable[str]) -> int:
-    """The fewest tokens the longest of ``texts`` can have (one per whitespace-separated word)."""
-    return max((len(text.split()) for text in texts), default=1)
+def min_tokens(prompts: Iterable[str | list[int]]) -> int:
+    """The fewest tokens the longest of ``prompts`` can have (one per whitespace-separated word
+    of a text; a list of token ids is exact)."""
+    return max((len(p) if isinstance(p, list) else len(p.split()) for p in prompts), default=1)
 
 
 def data_shape(data: job_pb2.DataSpec, dataset_texts: Callable[[str], tuple[int, int]], *,

@@ -84,10 +84,10 @@ def test_upload_get_list_delete_dataset(api_server: Server) -> None:
 
 
 @pytest.mark.parametrize(("lines", "code", "field"), [
-    (["not json"], "INVALID_ARGUMENT", "chunk"),
-    ([[1, 2]], "INVALID_ARGUMENT", "chunk"),
-    ([{"clean": "a"}], "INVALID_ARGUMENT", "chunk"),
-    ([{**EXAMPLE, "extra": 1}], "INVALID_ARGUMENT", "chunk"),
+    (["not json"], "INVALID_ARGUMENT", "chunk line 1"),
+    ([[1, 2]], "INVALID_ARGUMENT", "chunk line 1"),
+    ([{"clean": "a"}], "INVALID_ARGUMENT", "chunk line 1"),
+    ([{**EXAMPLE, "extra": 1}], "INVALID_ARGUMENT", "chunk line 1"),
     ([], "INVALID_ARGUMENT", "chunk"),
     ([EXAMPLE] * 60, "RESOURCE_EXHAUSTED", "chunk"),  # over max_dataset_bytes = 4096
 ])
