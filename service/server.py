@@ -29,9 +29,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from edgeprune.service import metrics
+from edgeprune.service import cleanup, metrics, reflection
 from edgeprune.service.config import Config, check_transport
 from edgeprune.service.handlers import CircuitHandler, DatasetHandler, JobHandler, ServerHandler
 from edgeprune.service.health import Health
@@ -132,9 +131,8 @@ def build(config: Config, db: Database) -> Api:
                                                         server)
     health = Health(SERVICE_NAMES)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+    reflection.enable(  # as grpc.reflection.v1 and v1alpha
+        server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     address = f"{config.host}:{config.port}"
     if config.tls:
         credentials = grpc.ssl_server_credentials(
@@ -256,6 +254,8 @@ async def serve(config: Config) -> None:
     await api.server.start()
     await api.set_serving(True)
     probe = asyncio.create_task(api.health.watch_database(db))
+    upkeep = (asyncio.create_task(cleanup.run_forever(config, db))
+              if config.cleanup_interval_s > 0 else None)
     log.info("edgeprune API on %s:%d (%s)", config.host, api.port, "TLS" if config.tls else "plaintext")
     _announce("port", api.port)
 
@@ -263,6 +263,8 @@ async def serve(config: Config) -> None:
 
     log.info("draining (grace %.0f s)", config.drain_grace_s)
     probe.cancel()
+    if upkeep is not None:
+        upkeep.cancel()
     await api.set_serving(False)
     await api.hub.close()
     if supervisor_task is not None:
