@@ -167,6 +167,11 @@ class AsyncClient:
         request = _spec.cancel_job_request(name)
         return await self._unary(self._jobs.CancelJob, request, timeout)
 
+    async def delete_job(self, name: str, *, timeout: float | None = _UNSET) -> None:
+        """See :meth:`Client.delete_job`."""
+        request = _spec.delete_job_request(name)
+        await self._unary(self._jobs.DeleteJob, request, timeout)
+
     async def watch(
         self, name: str, *, after_sequence: int = 0, reconnect_timeout: float = 60.0
     ) -> AsyncIterator[job_pb2.JobEvent]:
@@ -301,6 +306,11 @@ class AsyncClient:
         """See :meth:`Client.compare_circuits`."""
         request = _spec.compare_request(first, second)
         return await self._unary(self._circuits.CompareCircuits, request, timeout)
+
+    async def delete_circuit(self, name: str, *, timeout: float | None = _UNSET) -> None:
+        """See :meth:`Client.delete_circuit`."""
+        request = _spec.delete_circuit_request(name)
+        await self._unary(self._circuits.DeleteCircuit, request, timeout)
 
     # -- server ---------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tempfile
+import secrets
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -398,8 +398,8 @@ class ExportFile:
             if target.is_dir():
                 target = target / (chunk.filename or "circuit.export")
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-            self._handle, self._tmp, self.path = os.fdopen(fd, "wb"), Path(tmp), target
+            fd, tmp = _create_beside(target)
+            self._handle, self._tmp, self.path = os.fdopen(fd, "wb"), tmp, target
         self._handle.write(chunk.data)
         self.size += len(chunk.data)
 
@@ -418,3 +418,15 @@ class ExportFile:
             self._handle.close()
             if self._tmp is not None:
                 self._tmp.unlink(missing_ok=True)
+
+
+def _create_beside(target: Path) -> tuple[int, Path]:
+    """A new hidden file next to ``target``, opened for writing. Its mode is 0666 less the
+    umask, as for any file the user writes (tempfile's 0600 would survive the rename and hide
+    an export from the user's group)."""
+    while True:
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.part"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
@@ -22,6 +22,7 @@ __all__ = [
     "describe_event",
     "describe_job",
     "enum_name",
+    "job_columns",
     "print_json",
     "print_pairs",
     "print_table",
@@ -61,15 +62,32 @@ def _job_progress(job: job_pb2.Job) -> str:
     return p.phase or ""
 
 
-JOB_COLUMNS: list[Column] = [
-    ("JOB", lambda j: _short(j.name)),
-    ("STATE", lambda j: enum_name(job_pb2.JobState, j.state, "JOB_STATE_")),
-    ("MODEL", lambda j: j.spec.model or _short(j.evaluation.circuit)),
-    ("METHOD", lambda j: enum_name(common_pb2.Method, j.spec.method, "METHOD_") if j.spec.model else "EVALUATE"),
-    ("PROGRESS", _job_progress),
-    ("CIRCUITS", lambda j: len(j.result.circuits) or "-"),
-    ("CREATED", lambda j: _time(j.create_time)),
-]
+def job_columns(circuit_models: Mapping[str, str] | None = None) -> list[Column]:
+    """Columns of ``jobs list``. An evaluation job runs on its circuit's model, which the job
+    does not carry: ``circuit_models`` maps circuit names to models ("-" where unknown); its
+    METHOD names the circuit it evaluates."""
+    models = circuit_models or {}
+
+    def model(job: job_pb2.Job) -> str:
+        return job.spec.model or models.get(job.evaluation.circuit) or "-"
+
+    def method(job: job_pb2.Job) -> str:
+        if job.evaluation.circuit:
+            return f"EVALUATE {job.evaluation.circuit}"
+        return enum_name(common_pb2.Method, job.spec.method, "METHOD_")
+
+    return [
+        ("JOB", lambda j: _short(j.name)),
+        ("STATE", lambda j: enum_name(job_pb2.JobState, j.state, "JOB_STATE_")),
+        ("MODEL", model),
+        ("METHOD", method),
+        ("PROGRESS", _job_progress),
+        ("CIRCUITS", lambda j: len(j.result.circuits) or "-"),
+        ("CREATED", lambda j: _time(j.create_time)),
+    ]
+
+
+JOB_COLUMNS: list[Column] = job_columns()
 
 CIRCUIT_COLUMNS: list[Column] = [
     ("CIRCUIT", lambda c: _short(c.name)),

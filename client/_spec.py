@@ -497,6 +497,16 @@ def cancel_job_request(name: str) -> job_pb2.CancelJobRequest:
     return job_pb2.CancelJobRequest(name=resource_name("jobs", name))
 
 
+def delete_job_request(name: str) -> job_pb2.DeleteJobRequest:
+    """A DeleteJobRequest for a job name or id."""
+    return job_pb2.DeleteJobRequest(name=resource_name("jobs", name))
+
+
+def delete_circuit_request(name: str) -> circuit_pb2.DeleteCircuitRequest:
+    """A DeleteCircuitRequest for a circuit name or id."""
+    return circuit_pb2.DeleteCircuitRequest(name=resource_name("circuits", name))
+
+
 def get_dataset_request(name: str) -> dataset_pb2.GetDatasetRequest:
     """A GetDatasetRequest for a dataset name or id."""
     return dataset_pb2.GetDatasetRequest(name=resource_name("datasets", name))

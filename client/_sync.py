@@ -173,6 +173,12 @@ class Client:
         request = _spec.cancel_job_request(name)
         return self._unary(self._jobs.CancelJob, request, timeout)
 
+    def delete_job(self, name: str, *, timeout: float | None = _UNSET) -> None:
+        """Delete a finished job with its events (its circuits stay). A pending or running
+        job raises FailedPrecondition: cancel it and wait for it first."""
+        request = _spec.delete_job_request(name)
+        self._unary(self._jobs.DeleteJob, request, timeout)
+
     def watch(
         self, name: str, *, after_sequence: int = 0, reconnect_timeout: float = 60.0
     ) -> Iterator[job_pb2.JobEvent]:
@@ -319,6 +325,12 @@ class Client:
         """Shared and distinct edges and nodes of two circuits of one model, with Jaccard indices."""
         request = _spec.compare_request(first, second)
         return self._unary(self._circuits.CompareCircuits, request, timeout)
+
+    def delete_circuit(self, name: str, *, timeout: float | None = _UNSET) -> None:
+        """Delete a circuit with its edges and nodes. FailedPrecondition while a pending or
+        running job is to evaluate it."""
+        request = _spec.delete_circuit_request(name)
+        self._unary(self._circuits.DeleteCircuit, request, timeout)
 
     # -- server ---------------------------------------------------------------------------
 

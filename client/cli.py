@@ -2,9 +2,9 @@
 
     edgeprune serve | worker | migrate [options]   run the service (needs the server extra)
     edgeprune submit [JOB_FILE] [--model ...] [--watch | --wait]
-    edgeprune jobs list | get | cancel | watch
+    edgeprune jobs list | get | cancel | watch | delete
     edgeprune datasets upload | list | get | delete
-    edgeprune circuits list | show | export | compare | evaluate
+    edgeprune circuits list | show | export | compare | evaluate | delete
     edgeprune info                                 the server's models, devices and limits
     edgeprune demo                                 a whole run on the default model
 
@@ -19,6 +19,7 @@ Only ``serve``, ``worker``, ``migrate`` and ``demo`` import the server side, and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -30,11 +31,11 @@ from ._core import DEFAULT_TARGET, DEFAULT_TIMEOUT, check_finished
 from ._output import (
     CIRCUIT_COLUMNS,
     DATASET_COLUMNS,
-    JOB_COLUMNS,
     describe_circuit,
     describe_dataset,
     describe_job,
     enum_name,
+    job_columns,
     print_json,
     print_pairs,
     print_table,
@@ -43,7 +44,7 @@ from ._output import (
 from ._spec import load_job_file
 from ._sync import Client
 from .demo import add_demo_arguments, run_demo
-from .errors import EdgepruneError, InvalidArgument
+from .errors import EdgepruneError, InvalidArgument, NotFound
 from .progress import JobProgress
 
 __all__ = ["build_parser", "main"]
@@ -138,10 +139,28 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         jobs = client.list_jobs(states=args.state, model=args.model, labels=_labels(args.label))
         rows = [job for _, job in zip(range(args.limit), jobs)]
+        models = {} if args.json else _circuit_models(client, rows)
     if args.json:
         print_json(rows)
     else:
-        print_table(rows, JOB_COLUMNS, empty="no jobs")
+        print_table(rows, job_columns(models), empty="no jobs")
+    return EXIT_OK
+
+
+def _circuit_models(client: Client, jobs: Sequence[Any]) -> dict[str, str]:
+    """The model of each circuit the evaluation jobs among ``jobs`` read (a deleted one is
+    left out)."""
+    models = {}
+    for name in sorted({job.evaluation.circuit for job in jobs if job.evaluation.circuit}):
+        with contextlib.suppress(NotFound):
+            models[name] = client.get_circuit(name).model
+    return models
+
+
+def cmd_jobs_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete_job(args.job)
+    print_json({"deleted": args.job}) if args.json else print(f"deleted {args.job}")
     return EXIT_OK
 
 
@@ -229,6 +248,13 @@ def cmd_circuits_export(args: argparse.Namespace) -> int:
     with _client(args) as client:
         path = client.export_circuit(args.circuit, args.path, format=args.format)
     print_json({"path": str(path)}) if args.json else print(path)
+    return EXIT_OK
+
+
+def cmd_circuits_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete_circuit(args.circuit)
+    print_json({"deleted": args.circuit}) if args.json else print(f"deleted {args.circuit}")
     return EXIT_OK
 
 
@@ -398,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=cmd_jobs_list)
     for action, func, text in (("get", cmd_jobs_get, "show a job"), ("cancel", cmd_jobs_cancel, "cancel a job"),
-                               ("watch", cmd_jobs_watch, "follow a job's progress to its end")):
+                               ("watch", cmd_jobs_watch, "follow a job's progress to its end"),
+                               ("delete", cmd_jobs_delete,
+                                "delete a finished job and its events (its circuits stay)")):
         p = jobs.add_parser(action, parents=[common], help=text)
         p.add_argument("job", help="jobs/ID or ID")
         if action == "get":
@@ -444,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="output file (or a directory for the server's file name)")
     p.add_argument("--format", default="json", help="json (default), dot, svg or safetensors")
     p.set_defaults(func=cmd_circuits_export)
+    p = circuits.add_parser("delete", parents=[common], help="delete a circuit with its edges")
+    p.add_argument("circuit", help="circuits/ID or ID")
+    p.set_defaults(func=cmd_circuits_delete)
     p = circuits.add_parser("compare", parents=[common], help="shared and distinct edges of two circuits")
     p.add_argument("first")
     p.add_argument("second")

@@ -148,6 +148,13 @@ class JobServicer(_Servicer, job_pb2_grpc.JobServiceServicer):
             metrics.JOBS_FINISHED.labels(record.kind, record.state.value).inc()
         return converters.job_to_proto(record)
 
+    @unary
+    async def DeleteJob(self, request: job_pb2.DeleteJobRequest,
+                        context: Context) -> empty_pb2.Empty:
+        await asyncio.to_thread(self.handler.delete, parse_name(request.name, "jobs"),
+                                self.who(context))
+        return empty_pb2.Empty()
+
     @streaming
     async def WatchJob(self, request: job_pb2.WatchJobRequest,
                        context: Context) -> AsyncIterator[job_pb2.JobEvent]:
@@ -209,6 +216,13 @@ class CircuitServicer(_Servicer, circuit_pb2_grpc.CircuitServiceServicer):
     async def CompareCircuits(self, request: circuit_pb2.CompareCircuitsRequest,
                               context: Context) -> circuit_pb2.CompareCircuitsResponse:
         return await asyncio.to_thread(self.handler.compare, request, self.who(context))
+
+    @unary
+    async def DeleteCircuit(self, request: circuit_pb2.DeleteCircuitRequest,
+                            context: Context) -> empty_pb2.Empty:
+        await asyncio.to_thread(self.handler.delete, parse_circuit_name(request.name),
+                                self.who(context))
+        return empty_pb2.Empty()
 
 
 class ServerServicer(server_pb2_grpc.ServerServiceServicer):

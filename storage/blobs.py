@@ -77,22 +77,28 @@ class BlobStore:
 def put_blob(session: Session, data: bytes, media_type: str = DEFAULT_MEDIA_TYPE) -> str:
     """`BlobStore.put` inside the caller's transaction.
 
-    If a copy exists but fails its hash (corrupted in place), the good bytes replace it.
+    If a copy exists but fails its hash (corrupted in place), the good bytes replace it. A
+    copy that exists is stamped as stored now: `delete_unreferenced` spares blobs younger
+    than its grace period, and one put again is about to be referenced again.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidArgument("data", f"blob data must be bytes, got {type(data).__name__}")
     data = bytes(data)
     sha256 = hashlib.sha256(data).hexdigest()
     stored = session.execute(select(Blob.data).where(Blob.sha256 == sha256)).scalar_one_or_none()
-    if stored is None:
+    updated = 0
+    if stored is not None:
+        values: dict[str, Any] = {"created_at": utcnow()}
+        if hashlib.sha256(bytes(stored)).hexdigest() != sha256:
+            values.update(data=data, size=len(data))
+        updated = session.execute(
+            update(Blob).where(Blob.sha256 == sha256).values(**values)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    if not updated:  # new, or deleted by the cleanup since it was read
         row = {"sha256": sha256, "size": len(data), "media_type": media_type, "data": data,
                "created_at": utcnow()}
         insert_ignore(session, Blob, [row], ["sha256"])  # a concurrent put may win the race
-    elif hashlib.sha256(bytes(stored)).hexdigest() != sha256:
-        session.execute(
-            update(Blob).where(Blob.sha256 == sha256).values(data=data, size=len(data))
-            .execution_options(synchronize_session=False)
-        )
     return sha256
 
 

@@ -11,15 +11,17 @@ which the names were first stored (graph order when circuits list them in graph 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Select, exists, insert, select
+from sqlalchemy import Select, exists, func, insert, select
 from sqlalchemy.orm import Session, aliased
 
+from edgeprune.storage import lifecycle
 from edgeprune.storage.db import Database
-from edgeprune.storage.errors import InvalidArgument, NotFound
+from edgeprune.storage.errors import Conflict, InvalidArgument, NotFound
 from edgeprune.storage.limits import MAX_INTEGER, MAX_NAME_LENGTH, MIN_INTEGER, text_problem
 from edgeprune.storage.models import (
     Blob,
@@ -73,9 +75,16 @@ class CircuitRepo:
         page_size: int = 50,
         page_token: str | None = None,
         full: bool = False,
+        max_bytes: int | None = None,
     ) -> Page[CircuitRecord]:
         """Circuits matching every filter field, newest first, keyset-paginated (the token
-        is opaque and only valid with the same filter). Raises InvalidArgument."""
+        is opaque and only valid with the same filter). Raises InvalidArgument.
+
+        full=True loads edges and nodes; with `max_bytes` the page then ends early (with a
+        token) before the circuit that would take the page's `full_size` total past it, and
+        a first circuit larger than that alone comes without edges and nodes (as in a
+        summary), so every page makes progress. Sizes are summed in the database before
+        anything is loaded."""
         filter = filter or CircuitFilter()
         _check_filter(filter)
         size = page_size_or_default(page_size)
@@ -89,21 +98,25 @@ class CircuitRepo:
             if after is not None:
                 query = query.where(id_column < _parse_key(after))
             ids = list(session.scalars(query.order_by(id_column.desc()).limit(size + 1)))
-            token = encode_token([ids[size - 1]], fingerprint) if len(ids) > size else None
             rows = {c.id: c for c in session.scalars(select(Circuit).where(Circuit.id.in_(ids[:size])))}
-            items = [
-                _load_full(session, rows[i]) if full else circuit_record(rows[i])
-                for i in ids[:size]
-            ]
+            items = [circuit_record(rows[i]) for i in ids[:size]]
+            if full:
+                items = _load_page(session, [rows[i] for i in ids[:size]], max_bytes)
+        token = encode_token([int(items[-1].id)], fingerprint) if len(ids) > len(items) else None
         return Page(items, token)
 
     def delete(self, circuit_id: str) -> None:
         """Delete a circuit with its edges and nodes (blobs stay until
-        `BlobStore.delete_unreferenced`). Raises NotFound."""
+        `BlobStore.delete_unreferenced`). Raises NotFound, or Conflict while a pending or
+        running job is to read it."""
         with self.db.session() as session:
             row = session.get(Circuit, _parse_id(circuit_id))
             if row is None:
                 raise NotFound("circuit", circuit_id)
+            reader = lifecycle.job_reading_circuit(session, row.id)
+            if reader is not None:
+                raise Conflict(f"job {reader} is to evaluate circuit {circuit_id}: cancel it "
+                               "or let it finish first")
             session.delete(row)
 
 
@@ -202,6 +215,46 @@ def _load_full(session: Session, row: Circuit) -> CircuitRecord:
     ).all()
     scores = {name: score for name, score in edge_rows if score is not None}
     return circuit_record(row, [name for name, _ in edge_rows], scores, list(nodes))
+
+
+# A full record's bytes beyond its names: an edge's score and framing, a node's framing, and
+# the fixed fields; settings and provenance are counted at twice their JSON text.
+EDGE_OVERHEAD_BYTES = 16
+NODE_OVERHEAD_BYTES = 4
+CIRCUIT_OVERHEAD_BYTES = 1024
+
+
+def full_size(session: Session, row: Circuit) -> int:
+    """An upper estimate of a circuit's full record in a reply, summed by the database."""
+    sizes = []
+    for link, names, column in ((CircuitEdge, EdgeName, CircuitEdge.edge_id),
+                                (CircuitNode, NodeName, CircuitNode.node_id)):
+        count, text = session.execute(
+            select(func.count(), func.coalesce(func.sum(func.length(names.name)), 0))
+            .select_from(link).join(names, names.id == column)
+            .where(link.circuit_id == row.id)).one()
+        sizes.append((count, text))
+    (edges, edge_text), (nodes, node_text) = sizes
+    json_text = len(json.dumps(row.settings)) + len(json.dumps(row.provenance))
+    return (edge_text + edges * EDGE_OVERHEAD_BYTES + node_text + nodes * NODE_OVERHEAD_BYTES
+            + 2 * json_text + len(json.dumps(row.metrics)) + CIRCUIT_OVERHEAD_BYTES)
+
+
+def _load_page(session: Session, rows: list[Circuit], max_bytes: int | None) -> list[CircuitRecord]:
+    """Full records of the leading rows that fit `max_bytes` together (all without it); a
+    first row too large alone comes as its summary."""
+    if max_bytes is None:
+        return [_load_full(session, row) for row in rows]
+    out: list[CircuitRecord] = []
+    total = 0
+    for row in rows:
+        total += full_size(session, row)
+        if total > max_bytes:
+            if not out:
+                out.append(circuit_record(row))
+            break
+        out.append(_load_full(session, row))
+    return out
 
 
 def _list_query(session: Session, f: CircuitFilter) -> Select[Any] | None:

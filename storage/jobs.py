@@ -11,14 +11,17 @@ read only for a full record, and in a full list only while they fit the caller's
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 from collections.abc import Collection, Mapping
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Text, cast, exc, func, literal, select, tuple_, type_coerce
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session, defer
 
+from edgeprune.storage import lifecycle
 from edgeprune.storage.db import Database
 from edgeprune.storage.errors import AlreadyExists, InvalidArgument, NotFound, QueueFull
 from edgeprune.storage.events import append_event
@@ -172,6 +175,17 @@ class JobRepo:
                 append_event(session, job.id, "cancel_requested", {"reason": reason})
             return job_record(job)
 
+    def delete(self, job_id: str) -> None:
+        """Delete a final job with its events; its circuits stay, unlinked (see
+        `lifecycle.py`). Raises NotFound, or Conflict while the job is PENDING or RUNNING."""
+        with self.db.session() as session:
+            lifecycle.delete_job(session, job_id)
+
+    def delete_finished_before(self, cutoff: datetime, *, limit: int = 1000) -> int:
+        """Delete up to `limit` final jobs that ended before `cutoff`; returns how many."""
+        with self.db.session() as session:
+            return lifecycle.delete_jobs_finished_before(session, cutoff, limit=limit)
+
 
 def get_job(session: Session, job_id: str, *, for_update: bool = False) -> Job:
     """The job row (locked FOR UPDATE on PostgreSQL when asked). Raises NotFound."""
@@ -219,8 +233,6 @@ def job_record(job: Job, *, spec: bytes | None = None,
 def record_size(record: JobRecord, spec_bytes: int) -> int:
     """An upper estimate of a full record's size in a reply: its spec bytes, the text of its
     JSON fields and a fixed overhead."""
-    import json
-
     texts = (record.labels, record.progress, record.result)
     return (spec_bytes + sum(len(json.dumps(t)) for t in texts) + len(record.error or "")
             + RECORD_OVERHEAD_BYTES)

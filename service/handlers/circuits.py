@@ -1,4 +1,4 @@
-"""Circuits: get, list with filters, export, compare."""
+"""Circuits: get, list with filters, export, compare, delete."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ from edgeprune.service.converters import METHOD_NAMES
 from edgeprune.service.errors import FailedPrecondition, InvalidArgument
 from edgeprune.service.principals import Principal
 from edgeprune.service.validation import Violations, check_page, parse_circuit_name, parse_name
-from edgeprune.storage import BlobStore, CircuitFilter, CircuitRecord, CircuitRepo, NotFound, Page
+from edgeprune.storage import (
+    BlobStore,
+    CircuitFilter,
+    CircuitRecord,
+    CircuitRepo,
+    Conflict,
+    NotFound,
+    Page,
+)
 from edgeprune.storage.limits import MAX_INTEGER
 from edgeprune.v1 import circuit_pb2, common_pb2
 
@@ -46,6 +54,15 @@ class CircuitHandler:
         if not who.may_see(record.owner):
             raise NotFound("circuit", circuit_id)
         return record
+
+    def delete(self, circuit_id: str, who: Principal) -> None:
+        """Delete a circuit with its edges and nodes; FAILED_PRECONDITION while a job is to
+        evaluate it. Its mask blob goes with the scheduled cleanup (blobs are shared)."""
+        self.get(circuit_id, who, full=False)
+        try:
+            self.circuits.delete(circuit_id)
+        except Conflict as err:
+            raise FailedPrecondition(str(err), reason="CIRCUIT_IN_USE") from err
 
     def list(self, request: circuit_pb2.ListCircuitsRequest, who: Principal) -> Page[CircuitRecord]:
         v = Violations()

@@ -1,4 +1,4 @@
-"""Jobs: submit (validated, defaults filled, idempotent), get, list, cancel."""
+"""Jobs: submit (validated, defaults filled, idempotent), get, list, cancel, delete."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from edgeprune.storage import (
     Queue,
     QueueFull,
 )
+from edgeprune.storage import Conflict as StorageConflict
 from edgeprune.storage import NotFound as StorageNotFound
 from edgeprune.v1 import circuit_pb2, common_pb2, job_pb2
 
@@ -184,3 +185,11 @@ class JobHandler:
     def cancel(self, job_id: str, who: Principal) -> JobRecord:
         self.get(job_id, who)
         return self.jobs.request_cancel(job_id)
+
+    def delete(self, job_id: str, who: Principal) -> None:
+        """Delete a finished job (its circuits stay); FAILED_PRECONDITION while it may run."""
+        self.get(job_id, who)
+        try:
+            self.jobs.delete(job_id)
+        except StorageConflict as err:
+            raise FailedPrecondition(str(err), reason="JOB_NOT_FINISHED") from err

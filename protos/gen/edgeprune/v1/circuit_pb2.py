@@ -25,11 +25,12 @@ _sym_db = _symbol_database.Default()
 from edgeprune.v1 import common_pb2 as edgeprune_dot_v1_dot_common__pb2
 from edgeprune.v1 import job_pb2 as edgeprune_dot_v1_dot_job__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x64geprune/v1/circuit.proto\x12\x0c\x65\x64geprune.v1\x1a\x19\x65\x64geprune/v1/common.proto\x1a\x16\x65\x64geprune/v1/job.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"#\n\x04\x45\x64ge\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"\x9f\x05\n\x07\x43ircuit\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03job\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05model\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12*\n\x06method\x18\x04 \x01(\x0e\x32\x14.edgeprune.v1.MethodB\x04\xe2\x41\x01\x03\x12\x12\n\x04task\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x64\x61taset\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nedge_count\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nnode_count\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10total_edge_count\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1b\n\redge_sparsity\x18\n \x01(\x01\x42\x04\xe2\x41\x01\x03\x12/\n\x06target\x18\x0b \x01(\x0b\x32\x19.edgeprune.v1.CircuitSizeB\x04\xe2\x41\x01\x03\x12\x39\n\x07metrics\x18\x0c \x03(\x0b\x32\".edgeprune.v1.Circuit.MetricsEntryB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65\x64ges\x18\x0e \x03(\x0b\x32\x12.edgeprune.v1.EdgeB\x04\xe2\x41\x01\x03\x12\x13\n\x05nodes\x18\x0f \x03(\tB\x04\xe2\x41\x01\x03\x12/\n\x08settings\x18\x10 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\x12\x31\n\nprovenance\x18\x11 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\x12\x1b\n\redges_omitted\x18\x12 \x01(\x08\x42\x04\xe2\x41\x01\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"I\n\x11GetCircuitRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12 \n\x04view\x18\x02 \x01(\x0e\x32\x12.edgeprune.v1.View\"\x9d\x02\n\x13ListCircuitsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x05 \x01(\t\x12$\n\x06method\x18\x06 \x01(\x0e\x32\x14.edgeprune.v1.Method\x12\x16\n\x0emin_edge_count\x18\x07 \x01(\x03\x12\x16\n\x0emax_edge_count\x18\x08 \x01(\x03\x12\x15\n\rcontains_edge\x18\t \x01(\t\x12\x15\n\rcontains_node\x18\n \x01(\t\x12\x0b\n\x03job\x18\x0b \x01(\t\x12 \n\x04view\x18\x0c \x01(\x0e\x32\x12.edgeprune.v1.View\"X\n\x14ListCircuitsResponse\x12\'\n\x08\x63ircuits\x18\x01 \x03(\x0b\x32\x15.edgeprune.v1.Circuit\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\\\n\x14\x45xportCircuitRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x30\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1a.edgeprune.v1.ExportFormatB\x04\xe2\x41\x01\x02\"M\n\x15\x45xportCircuitResponse\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xe7\x01\n\x16\x45valuateCircuitRequest\x12\x36\n\nevaluation\x18\x01 \x01(\x0b\x32\x1c.edgeprune.v1.EvaluationSpecB\x04\xe2\x41\x01\x02\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12@\n\x06labels\x18\x03 \x03(\x0b\x32\x30.edgeprune.v1.EvaluateCircuitRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x16\x43ompareCircuitsRequest\x12\x13\n\x05\x66irst\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06second\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\xdb\x01\n\x17\x43ompareCircuitsResponse\x12\x14\n\x0cshared_edges\x18\x01 \x03(\t\x12\x18\n\x10\x66irst_only_edges\x18\x02 \x03(\t\x12\x19\n\x11second_only_edges\x18\x03 \x03(\t\x12\x14\n\x0cshared_nodes\x18\x04 \x03(\t\x12\x18\n\x10\x66irst_only_nodes\x18\x05 \x03(\t\x12\x19\n\x11second_only_nodes\x18\x06 \x03(\t\x12\x14\n\x0c\x65\x64ge_jaccard\x18\x07 \x01(\x01\x12\x14\n\x0cnode_jaccard\x18\x08 \x01(\x01*\x92\x01\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPORT_FORMAT_JSON\x10\x01\x12\x15\n\x11\x45XPORT_FORMAT_DOT\x10\x02\x12\x15\n\x11\x45XPORT_FORMAT_SVG\x10\x03\x12\x1d\n\x19\x45XPORT_FORMAT_SAFETENSORS\x10\x04\x32\xb5\x03\n\x0e\x43ircuitService\x12\x44\n\nGetCircuit\x12\x1f.edgeprune.v1.GetCircuitRequest\x1a\x15.edgeprune.v1.Circuit\x12U\n\x0cListCircuits\x12!.edgeprune.v1.ListCircuitsRequest\x1a\".edgeprune.v1.ListCircuitsResponse\x12Z\n\rExportCircuit\x12\".edgeprune.v1.ExportCircuitRequest\x1a#.edgeprune.v1.ExportCircuitResponse0\x01\x12J\n\x0f\x45valuateCircuit\x12$.edgeprune.v1.EvaluateCircuitRequest\x1a\x11.edgeprune.v1.Job\x12^\n\x0f\x43ompareCircuits\x12$.edgeprune.v1.CompareCircuitsRequest\x1a%.edgeprune.v1.CompareCircuitsResponseBq\n\x10\x64\x65v.edgeprune.v1B\x0c\x43ircuitProtoP\x01Z>github.com/edgeprune/edgeprune/gen/go/edgeprune/v1;edgeprunev1\xaa\x02\x0c\x45\x64geprune.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x64geprune/v1/circuit.proto\x12\x0c\x65\x64geprune.v1\x1a\x19\x65\x64geprune/v1/common.proto\x1a\x16\x65\x64geprune/v1/job.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"#\n\x04\x45\x64ge\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"\x9f\x05\n\x07\x43ircuit\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03job\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05model\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12*\n\x06method\x18\x04 \x01(\x0e\x32\x14.edgeprune.v1.MethodB\x04\xe2\x41\x01\x03\x12\x12\n\x04task\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x64\x61taset\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nedge_count\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nnode_count\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10total_edge_count\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1b\n\redge_sparsity\x18\n \x01(\x01\x42\x04\xe2\x41\x01\x03\x12/\n\x06target\x18\x0b \x01(\x0b\x32\x19.edgeprune.v1.CircuitSizeB\x04\xe2\x41\x01\x03\x12\x39\n\x07metrics\x18\x0c \x03(\x0b\x32\".edgeprune.v1.Circuit.MetricsEntryB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65\x64ges\x18\x0e \x03(\x0b\x32\x12.edgeprune.v1.EdgeB\x04\xe2\x41\x01\x03\x12\x13\n\x05nodes\x18\x0f \x03(\tB\x04\xe2\x41\x01\x03\x12/\n\x08settings\x18\x10 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\x12\x31\n\nprovenance\x18\x11 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\x12\x1b\n\redges_omitted\x18\x12 \x01(\x08\x42\x04\xe2\x41\x01\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"I\n\x11GetCircuitRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12 \n\x04view\x18\x02 \x01(\x0e\x32\x12.edgeprune.v1.View\"\x9d\x02\n\x13ListCircuitsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x05 \x01(\t\x12$\n\x06method\x18\x06 \x01(\x0e\x32\x14.edgeprune.v1.Method\x12\x16\n\x0emin_edge_count\x18\x07 \x01(\x03\x12\x16\n\x0emax_edge_count\x18\x08 \x01(\x03\x12\x15\n\rcontains_edge\x18\t \x01(\t\x12\x15\n\rcontains_node\x18\n \x01(\t\x12\x0b\n\x03job\x18\x0b \x01(\t\x12 \n\x04view\x18\x0c \x01(\x0e\x32\x12.edgeprune.v1.View\"X\n\x14ListCircuitsResponse\x12\'\n\x08\x63ircuits\x18\x01 \x03(\x0b\x32\x15.edgeprune.v1.Circuit\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\\\n\x14\x45xportCircuitRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x30\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1a.edgeprune.v1.ExportFormatB\x04\xe2\x41\x01\x02\"M\n\x15\x45xportCircuitResponse\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xe7\x01\n\x16\x45valuateCircuitRequest\x12\x36\n\nevaluation\x18\x01 \x01(\x0b\x32\x1c.edgeprune.v1.EvaluationSpecB\x04\xe2\x41\x01\x02\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12@\n\x06labels\x18\x03 \x03(\x0b\x32\x30.edgeprune.v1.EvaluateCircuitRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x14\x44\x65leteCircuitRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"C\n\x16\x43ompareCircuitsRequest\x12\x13\n\x05\x66irst\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06second\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\xdb\x01\n\x17\x43ompareCircuitsResponse\x12\x14\n\x0cshared_edges\x18\x01 \x03(\t\x12\x18\n\x10\x66irst_only_edges\x18\x02 \x03(\t\x12\x19\n\x11second_only_edges\x18\x03 \x03(\t\x12\x14\n\x0cshared_nodes\x18\x04 \x03(\t\x12\x18\n\x10\x66irst_only_nodes\x18\x05 \x03(\t\x12\x19\n\x11second_only_nodes\x18\x06 \x03(\t\x12\x14\n\x0c\x65\x64ge_jaccard\x18\x07 \x01(\x01\x12\x14\n\x0cnode_jaccard\x18\x08 \x01(\x01*\x92\x01\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPORT_FORMAT_JSON\x10\x01\x12\x15\n\x11\x45XPORT_FORMAT_DOT\x10\x02\x12\x15\n\x11\x45XPORT_FORMAT_SVG\x10\x03\x12\x1d\n\x19\x45XPORT_FORMAT_SAFETENSORS\x10\x04\x32\x82\x04\n\x0e\x43ircuitService\x12\x44\n\nGetCircuit\x12\x1f.edgeprune.v1.GetCircuitRequest\x1a\x15.edgeprune.v1.Circuit\x12U\n\x0cListCircuits\x12!.edgeprune.v1.ListCircuitsRequest\x1a\".edgeprune.v1.ListCircuitsResponse\x12Z\n\rExportCircuit\x12\".edgeprune.v1.ExportCircuitRequest\x1a#.edgeprune.v1.ExportCircuitResponse0\x01\x12J\n\x0f\x45valuateCircuit\x12$.edgeprune.v1.EvaluateCircuitRequest\x1a\x11.edgeprune.v1.Job\x12^\n\x0f\x43ompareCircuits\x12$.edgeprune.v1.CompareCircuitsRequest\x1a%.edgeprune.v1.CompareCircuitsResponse\x12K\n\rDeleteCircuit\x12\".edgeprune.v1.DeleteCircuitRequest\x1a\x16.google.protobuf.EmptyBq\n\x10\x64\x65v.edgeprune.v1B\x0c\x43ircuitProtoP\x01Z>github.com/edgeprune/edgeprune/gen/go/edgeprune/v1;edgeprunev1\xaa\x02\x0c\x45\x64geprune.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -85,36 +86,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATECIRCUITREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_EVALUATECIRCUITREQUEST'].fields_by_name['evaluation']._loaded_options = None
   _globals['_EVALUATECIRCUITREQUEST'].fields_by_name['evaluation']._serialized_options = b'\342A\001\002'
+  _globals['_DELETECIRCUITREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DELETECIRCUITREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_COMPARECIRCUITSREQUEST'].fields_by_name['first']._loaded_options = None
   _globals['_COMPARECIRCUITSREQUEST'].fields_by_name['first']._serialized_options = b'\342A\001\002'
   _globals['_COMPARECIRCUITSREQUEST'].fields_by_name['second']._loaded_options = None
   _globals['_COMPARECIRCUITSREQUEST'].fields_by_name['second']._serialized_options = b'\342A\001\002'
-  _globals['_EXPORTFORMAT']._serialized_start=2054
-  _globals['_EXPORTFORMAT']._serialized_end=2200
-  _globals['_EDGE']._serialized_start=191
-  _globals['_EDGE']._serialized_end=226
-  _globals['_CIRCUIT']._serialized_start=229
-  _globals['_CIRCUIT']._serialized_end=900
-  _globals['_CIRCUIT_METRICSENTRY']._serialized_start=854
-  _globals['_CIRCUIT_METRICSENTRY']._serialized_end=900
-  _globals['_GETCIRCUITREQUEST']._serialized_start=902
-  _globals['_GETCIRCUITREQUEST']._serialized_end=975
-  _globals['_LISTCIRCUITSREQUEST']._serialized_start=978
-  _globals['_LISTCIRCUITSREQUEST']._serialized_end=1263
-  _globals['_LISTCIRCUITSRESPONSE']._serialized_start=1265
-  _globals['_LISTCIRCUITSRESPONSE']._serialized_end=1353
-  _globals['_EXPORTCIRCUITREQUEST']._serialized_start=1355
-  _globals['_EXPORTCIRCUITREQUEST']._serialized_end=1447
-  _globals['_EXPORTCIRCUITRESPONSE']._serialized_start=1449
-  _globals['_EXPORTCIRCUITRESPONSE']._serialized_end=1526
-  _globals['_EVALUATECIRCUITREQUEST']._serialized_start=1529
-  _globals['_EVALUATECIRCUITREQUEST']._serialized_end=1760
-  _globals['_EVALUATECIRCUITREQUEST_LABELSENTRY']._serialized_start=1715
-  _globals['_EVALUATECIRCUITREQUEST_LABELSENTRY']._serialized_end=1760
-  _globals['_COMPARECIRCUITSREQUEST']._serialized_start=1762
-  _globals['_COMPARECIRCUITSREQUEST']._serialized_end=1829
-  _globals['_COMPARECIRCUITSRESPONSE']._serialized_start=1832
-  _globals['_COMPARECIRCUITSRESPONSE']._serialized_end=2051
-  _globals['_CIRCUITSERVICE']._serialized_start=2203
-  _globals['_CIRCUITSERVICE']._serialized_end=2640
+  _globals['_EXPORTFORMAT']._serialized_start=2127
+  _globals['_EXPORTFORMAT']._serialized_end=2273
+  _globals['_EDGE']._serialized_start=220
+  _globals['_EDGE']._serialized_end=255
+  _globals['_CIRCUIT']._serialized_start=258
+  _globals['_CIRCUIT']._serialized_end=929
+  _globals['_CIRCUIT_METRICSENTRY']._serialized_start=883
+  _globals['_CIRCUIT_METRICSENTRY']._serialized_end=929
+  _globals['_GETCIRCUITREQUEST']._serialized_start=931
+  _globals['_GETCIRCUITREQUEST']._serialized_end=1004
+  _globals['_LISTCIRCUITSREQUEST']._serialized_start=1007
+  _globals['_LISTCIRCUITSREQUEST']._serialized_end=1292
+  _globals['_LISTCIRCUITSRESPONSE']._serialized_start=1294
+  _globals['_LISTCIRCUITSRESPONSE']._serialized_end=1382
+  _globals['_EXPORTCIRCUITREQUEST']._serialized_start=1384
+  _globals['_EXPORTCIRCUITREQUEST']._serialized_end=1476
+  _globals['_EXPORTCIRCUITRESPONSE']._serialized_start=1478
+  _globals['_EXPORTCIRCUITRESPONSE']._serialized_end=1555
+  _globals['_EVALUATECIRCUITREQUEST']._serialized_start=1558
+  _globals['_EVALUATECIRCUITREQUEST']._serialized_end=1789
+  _globals['_EVALUATECIRCUITREQUEST_LABELSENTRY']._serialized_start=1744
+  _globals['_EVALUATECIRCUITREQUEST_LABELSENTRY']._serialized_end=1789
+  _globals['_DELETECIRCUITREQUEST']._serialized_start=1791
+  _globals['_DELETECIRCUITREQUEST']._serialized_end=1833
+  _globals['_COMPARECIRCUITSREQUEST']._serialized_start=1835
+  _globals['_COMPARECIRCUITSREQUEST']._serialized_end=1902
+  _globals['_COMPARECIRCUITSRESPONSE']._serialized_start=1905
+  _globals['_COMPARECIRCUITSRESPONSE']._serialized_end=2124
+  _globals['_CIRCUITSERVICE']._serialized_start=2276
+  _globals['_CIRCUITSERVICE']._serialized_end=2790
 # @@protoc_insertion_point(module_scope)

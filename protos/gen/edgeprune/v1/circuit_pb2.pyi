@@ -442,6 +442,28 @@ class EvaluateCircuitRequest(_message.Message):
 Global___EvaluateCircuitRequest: _TypeAlias = EvaluateCircuitRequest  # noqa: Y015
 
 @_typing.final
+class DeleteCircuitRequest(_message.Message):
+    """Request of DeleteCircuit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`circuits/{circuit}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCircuitRequest: _TypeAlias = DeleteCircuitRequest  # noqa: Y015
+
+@_typing.final
 class CompareCircuitsRequest(_message.Message):
     """Request of CompareCircuits."""
 

@@ -5,6 +5,7 @@ import warnings
 
 from edgeprune.v1 import circuit_pb2 as edgeprune_dot_v1_dot_circuit__pb2
 from edgeprune.v1 import job_pb2 as edgeprune_dot_v1_dot_job__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -61,6 +62,11 @@ class CircuitServiceStub:
                 request_serializer=edgeprune_dot_v1_dot_circuit__pb2.CompareCircuitsRequest.SerializeToString,
                 response_deserializer=edgeprune_dot_v1_dot_circuit__pb2.CompareCircuitsResponse.FromString,
                 _registered_method=True)
+        self.DeleteCircuit = channel.unary_unary(
+                '/edgeprune.v1.CircuitService/DeleteCircuit',
+                request_serializer=edgeprune_dot_v1_dot_circuit__pb2.DeleteCircuitRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class CircuitServiceServicer:
@@ -102,6 +108,14 @@ class CircuitServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteCircuit(self, request, context):
+        """Deletes a circuit with its edges and nodes. Its mask blob is freed by the server's
+        scheduled cleanup once nothing else refers to it (blobs are shared by content).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CircuitServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +143,11 @@ def add_CircuitServiceServicer_to_server(servicer, server):
                     servicer.CompareCircuits,
                     request_deserializer=edgeprune_dot_v1_dot_circuit__pb2.CompareCircuitsRequest.FromString,
                     response_serializer=edgeprune_dot_v1_dot_circuit__pb2.CompareCircuitsResponse.SerializeToString,
+            ),
+            'DeleteCircuit': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCircuit,
+                    request_deserializer=edgeprune_dot_v1_dot_circuit__pb2.DeleteCircuitRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +286,33 @@ class CircuitService:
             '/edgeprune.v1.CircuitService/CompareCircuits',
             edgeprune_dot_v1_dot_circuit__pb2.CompareCircuitsRequest.SerializeToString,
             edgeprune_dot_v1_dot_circuit__pb2.CompareCircuitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCircuit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeprune.v1.CircuitService/DeleteCircuit',
+            edgeprune_dot_v1_dot_circuit__pb2.DeleteCircuitRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

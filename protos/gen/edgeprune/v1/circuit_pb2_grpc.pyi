@@ -6,6 +6,7 @@ Circuits: the subgraphs that jobs find, and queries over them."""
 from collections import abc as _abc
 from edgeprune.v1 import circuit_pb2 as _circuit_pb2
 from edgeprune.v1 import job_pb2 as _job_pb2
+from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -44,6 +45,10 @@ class CircuitServiceStub:
     """Queues a job that evaluates a stored circuit on other examples."""
     CompareCircuits: _grpc.UnaryUnaryMultiCallable[_circuit_pb2.CompareCircuitsRequest, _circuit_pb2.CompareCircuitsResponse]
     """Compares the edges and nodes of two circuits."""
+    DeleteCircuit: _grpc.UnaryUnaryMultiCallable[_circuit_pb2.DeleteCircuitRequest, _empty_pb2.Empty]
+    """Deletes a circuit with its edges and nodes. Its mask blob is freed by the server's
+    scheduled cleanup once nothing else refers to it (blobs are shared by content).
+    """
 
 @_typing.type_check_only
 class CircuitServiceAsyncStub(CircuitServiceStub):
@@ -60,6 +65,10 @@ class CircuitServiceAsyncStub(CircuitServiceStub):
     """Queues a job that evaluates a stored circuit on other examples."""
     CompareCircuits: _aio.UnaryUnaryMultiCallable[_circuit_pb2.CompareCircuitsRequest, _circuit_pb2.CompareCircuitsResponse]  # type: ignore[assignment]
     """Compares the edges and nodes of two circuits."""
+    DeleteCircuit: _aio.UnaryUnaryMultiCallable[_circuit_pb2.DeleteCircuitRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Deletes a circuit with its edges and nodes. Its mask blob is freed by the server's
+    scheduled cleanup once nothing else refers to it (blobs are shared by content).
+    """
 
 class CircuitServiceServicer(metaclass=_abc_1.ABCMeta):
     """Queries stored circuits."""
@@ -103,5 +112,15 @@ class CircuitServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_circuit_pb2.CompareCircuitsResponse, _abc.Awaitable[_circuit_pb2.CompareCircuitsResponse]]:
         """Compares the edges and nodes of two circuits."""
+
+    @_abc_1.abstractmethod
+    def DeleteCircuit(
+        self,
+        request: _circuit_pb2.DeleteCircuitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Deletes a circuit with its edges and nodes. Its mask blob is freed by the server's
+        scheduled cleanup once nothing else refers to it (blobs are shared by content).
+        """
 
 def add_CircuitServiceServicer_to_server(servicer: CircuitServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,11 +24,12 @@ _sym_db = _symbol_database.Default()
 
 from edgeprune.v1 import common_pb2 as edgeprune_dot_v1_dot_common__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x64geprune/v1/job.proto\x12\x0c\x65\x64geprune.v1\x1a\x19\x65\x64geprune/v1/common.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xaa\x01\n\nTaskSource\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\rexample_count\x18\x02 \x01(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x34\n\x06params\x18\x04 \x03(\x0b\x32$.edgeprune.v1.TaskSource.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"m\n\x0eInlineExamples\x12\'\n\x08\x65xamples\x18\x01 \x03(\x0b\x32\x15.edgeprune.v1.Example\x12\x15\n\rall_positions\x18\x02 \x01(\x08\x12\x1b\n\rexample_count\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\"\x9a\x01\n\x08\x44\x61taSpec\x12\x11\n\x07\x64\x61taset\x18\x01 \x01(\tH\x00\x12(\n\x04task\x18\x02 \x01(\x0b\x32\x18.edgeprune.v1.TaskSourceH\x00\x12\x30\n\x08\x65xamples\x18\x03 \x01(\x0b\x32\x1c.edgeprune.v1.InlineExamplesH\x00\x12\x15\n\reval_fraction\x18\x04 \x01(\x01\x42\x08\n\x06source\"\xb5\x02\n\x12\x45\x64gePruningOptions\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x14\n\x0cwarmup_steps\x18\x02 \x01(\x05\x12\x1a\n\x12mask_learning_rate\x18\x03 \x01(\x01\x12\x1c\n\x14lambda_learning_rate\x18\x04 \x01(\x01\x12\x17\n\nnode_masks\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\rnode_sparsity\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12+\n\nwarm_start\x18\x07 \x01(\x0e\x32\x17.edgeprune.v1.WarmStart\x12 \n\x18\x61\x63tivation_checkpointing\x18\x08 \x01(\x08\x12\x1b\n\x13warm_start_ig_steps\x18\t \x01(\x05\x42\r\n\x0b_node_masksB\x10\n\x0e_node_sparsity\">\n\x12\x41ttributionOptions\x12\x10\n\x08ig_steps\x18\x01 \x01(\x05\x12\x16\n\x0e\x61\x63\x64\x63_threshold\x18\x02 \x01(\x01\"\xef\x03\n\x07JobSpec\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x16.edgeprune.v1.DataSpecB\x04\xe2\x41\x01\x02\x12*\n\x06method\x18\x03 \x01(\x0e\x32\x14.edgeprune.v1.MethodB\x04\xe2\x41\x01\x02\x12(\n\x05sizes\x18\x04 \x03(\x0b\x32\x19.edgeprune.v1.CircuitSize\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12(\n\x08\x61\x62lation\x18\x07 \x01(\x0e\x32\x16.edgeprune.v1.Ablation\x12 \n\x04loss\x18\x08 \x01(\x0e\x32\x12.edgeprune.v1.Loss\x12-\n\tpositions\x18\t \x01(\x0e\x32\x1a.edgeprune.v1.PositionMode\x12\"\n\x05\x64type\x18\n \x01(\x0e\x32\x13.edgeprune.v1.Dtype\x12\x36\n\x0c\x65\x64ge_pruning\x18\x0b \x01(\x0b\x32 .edgeprune.v1.EdgePruningOptions\x12\x35\n\x0b\x61ttribution\x18\x0c \x01(\x0b\x32 .edgeprune.v1.AttributionOptions\x12\x1d\n\x15\x64\x61ta_parallel_workers\x18\r \x01(\x05\"\xb5\x01\n\x0e\x45valuationSpec\x12\x15\n\x07\x63ircuit\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x16.edgeprune.v1.DataSpecB\x04\xe2\x41\x01\x02\x12(\n\x08\x61\x62lation\x18\x03 \x01(\x0e\x32\x16.edgeprune.v1.Ablation\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.edgeprune.v1.Dtype\"\xdc\x02\n\x0bJobProgress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x03\x12\x12\n\nsize_index\x18\x03 \x01(\x05\x12\x12\n\nsize_count\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\n\n\x02kl\x18\x06 \x01(\x01\x12\x15\n\rsparsity_loss\x18\x07 \x01(\x01\x12\x1e\n\x16\x65xpected_edge_sparsity\x18\x08 \x01(\x01\x12\x1e\n\x16\x65xpected_node_sparsity\x18\t \x01(\x01\x12\x1c\n\x14target_edge_sparsity\x18\n \x01(\x01\x12\x0f\n\x07lambdas\x18\x0b \x03(\x01\x12\x18\n\x10steps_per_second\x18\x0c \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\r \x01(\x01\x12\r\n\x05phase\x18\x0e \x01(\t\x12\x11\n\tloss_name\x18\x0f \x01(\t\x12\x11\n\ttask_loss\x18\x10 \x01(\x01\"R\n\nJobWarning\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nsize_index\x18\x03 \x01(\x05\x12\x0f\n\x07\x63ircuit\x18\x04 \x01(\t\"\xb0\x01\n\tJobResult\x12\x10\n\x08\x63ircuits\x18\x01 \x03(\t\x12\x35\n\x07metrics\x18\x02 \x03(\x0b\x32$.edgeprune.v1.JobResult.MetricsEntry\x12*\n\x08warnings\x18\x03 \x03(\x0b\x32\x18.edgeprune.v1.JobWarning\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbe\x05\n\x03Job\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12)\n\x04type\x18\x02 \x01(\x0e\x32\x15.edgeprune.v1.JobTypeB\x04\xe2\x41\x01\x03\x12#\n\x04spec\x18\x03 \x01(\x0b\x32\x15.edgeprune.v1.JobSpec\x12\x30\n\nevaluation\x18\x04 \x01(\x0b\x32\x1c.edgeprune.v1.EvaluationSpec\x12+\n\x05state\x18\x05 \x01(\x0e\x32\x16.edgeprune.v1.JobStateB\x04\xe2\x41\x01\x03\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12-\n\x06labels\x18\x07 \x03(\x0b\x32\x1d.edgeprune.v1.Job.LabelsEntry\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x61ttempt\x18\x0b \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10\x63\x61ncel_requested\x18\x0c \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x31\n\x08progress\x18\r \x01(\x0b\x32\x19.edgeprune.v1.JobProgressB\x04\xe2\x41\x01\x03\x12-\n\x06result\x18\x0e \x01(\x0b\x32\x17.edgeprune.v1.JobResultB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12!\n\x13last_event_sequence\x18\x10 \x01(\x03\x42\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\x10SubmitJobRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x15.edgeprune.v1.JobSpecB\x04\xe2\x41\x01\x02\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12:\n\x06labels\x18\x03 \x03(\x0b\x32*.edgeprune.v1.SubmitJobRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\rGetJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12 \n\x04view\x18\x02 \x01(\x0e\x32\x12.edgeprune.v1.View\"\xfb\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12&\n\x06states\x18\x03 \x03(\x0e\x32\x16.edgeprune.v1.JobState\x12\r\n\x05model\x18\x04 \x01(\t\x12\x39\n\x06labels\x18\x05 \x03(\x0b\x32).edgeprune.v1.ListJobsRequest.LabelsEntry\x12 \n\x04view\x18\x06 \x01(\x0e\x32\x12.edgeprune.v1.View\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.edgeprune.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"=\n\x0fWatchJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xa1\x01\n\x0bStateChange\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.edgeprune.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.edgeprune.v1.JobResult\"\xeb\x01\n\x08JobEvent\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0cstate_change\x18\x04 \x01(\x0b\x32\x19.edgeprune.v1.StateChangeH\x00\x12-\n\x08progress\x18\x05 \x01(\x0b\x32\x19.edgeprune.v1.JobProgressH\x00\x12+\n\x07warning\x18\x06 \x01(\x0b\x32\x18.edgeprune.v1.JobWarningH\x00\x42\x07\n\x05\x65vent*\x9b\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*T\n\x07JobType\x12\x18\n\x14JOB_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_TYPE_DISCOVERY\x10\x01\x12\x17\n\x13JOB_TYPE_EVALUATION\x10\x02*S\n\tWarmStart\x12\x1a\n\x16WARM_START_UNSPECIFIED\x10\x00\x12\x15\n\x11WARM_START_EAP_IG\x10\x01\x12\x13\n\x0fWARM_START_NONE\x10\x02\x32\xd6\x02\n\nJobService\x12>\n\tSubmitJob\x12\x1e.edgeprune.v1.SubmitJobRequest\x1a\x11.edgeprune.v1.Job\x12\x38\n\x06GetJob\x12\x1b.edgeprune.v1.GetJobRequest\x1a\x11.edgeprune.v1.Job\x12I\n\x08ListJobs\x12\x1d.edgeprune.v1.ListJobsRequest\x1a\x1e.edgeprune.v1.ListJobsResponse\x12>\n\tCancelJob\x12\x1e.edgeprune.v1.CancelJobRequest\x1a\x11.edgeprune.v1.Job\x12\x43\n\x08WatchJob\x12\x1d.edgeprune.v1.WatchJobRequest\x1a\x16.edgeprune.v1.JobEvent0\x01\x42m\n\x10\x64\x65v.edgeprune.v1B\x08JobProtoP\x01Z>github.com/edgeprune/edgeprune/gen/go/edgeprune/v1;edgeprunev1\xaa\x02\x0c\x45\x64geprune.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x64geprune/v1/job.proto\x12\x0c\x65\x64geprune.v1\x1a\x19\x65\x64geprune/v1/common.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xaa\x01\n\nTaskSource\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\rexample_count\x18\x02 \x01(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x34\n\x06params\x18\x04 \x03(\x0b\x32$.edgeprune.v1.TaskSource.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"m\n\x0eInlineExamples\x12\'\n\x08\x65xamples\x18\x01 \x03(\x0b\x32\x15.edgeprune.v1.Example\x12\x15\n\rall_positions\x18\x02 \x01(\x08\x12\x1b\n\rexample_count\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\"\x9a\x01\n\x08\x44\x61taSpec\x12\x11\n\x07\x64\x61taset\x18\x01 \x01(\tH\x00\x12(\n\x04task\x18\x02 \x01(\x0b\x32\x18.edgeprune.v1.TaskSourceH\x00\x12\x30\n\x08\x65xamples\x18\x03 \x01(\x0b\x32\x1c.edgeprune.v1.InlineExamplesH\x00\x12\x15\n\reval_fraction\x18\x04 \x01(\x01\x42\x08\n\x06source\"\xb5\x02\n\x12\x45\x64gePruningOptions\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x14\n\x0cwarmup_steps\x18\x02 \x01(\x05\x12\x1a\n\x12mask_learning_rate\x18\x03 \x01(\x01\x12\x1c\n\x14lambda_learning_rate\x18\x04 \x01(\x01\x12\x17\n\nnode_masks\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\rnode_sparsity\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12+\n\nwarm_start\x18\x07 \x01(\x0e\x32\x17.edgeprune.v1.WarmStart\x12 \n\x18\x61\x63tivation_checkpointing\x18\x08 \x01(\x08\x12\x1b\n\x13warm_start_ig_steps\x18\t \x01(\x05\x42\r\n\x0b_node_masksB\x10\n\x0e_node_sparsity\">\n\x12\x41ttributionOptions\x12\x10\n\x08ig_steps\x18\x01 \x01(\x05\x12\x16\n\x0e\x61\x63\x64\x63_threshold\x18\x02 \x01(\x01\"\xef\x03\n\x07JobSpec\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x16.edgeprune.v1.DataSpecB\x04\xe2\x41\x01\x02\x12*\n\x06method\x18\x03 \x01(\x0e\x32\x14.edgeprune.v1.MethodB\x04\xe2\x41\x01\x02\x12(\n\x05sizes\x18\x04 \x03(\x0b\x32\x19.edgeprune.v1.CircuitSize\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12(\n\x08\x61\x62lation\x18\x07 \x01(\x0e\x32\x16.edgeprune.v1.Ablation\x12 \n\x04loss\x18\x08 \x01(\x0e\x32\x12.edgeprune.v1.Loss\x12-\n\tpositions\x18\t \x01(\x0e\x32\x1a.edgeprune.v1.PositionMode\x12\"\n\x05\x64type\x18\n \x01(\x0e\x32\x13.edgeprune.v1.Dtype\x12\x36\n\x0c\x65\x64ge_pruning\x18\x0b \x01(\x0b\x32 .edgeprune.v1.EdgePruningOptions\x12\x35\n\x0b\x61ttribution\x18\x0c \x01(\x0b\x32 .edgeprune.v1.AttributionOptions\x12\x1d\n\x15\x64\x61ta_parallel_workers\x18\r \x01(\x05\"\xb5\x01\n\x0e\x45valuationSpec\x12\x15\n\x07\x63ircuit\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x16.edgeprune.v1.DataSpecB\x04\xe2\x41\x01\x02\x12(\n\x08\x61\x62lation\x18\x03 \x01(\x0e\x32\x16.edgeprune.v1.Ablation\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.edgeprune.v1.Dtype\"\xdc\x02\n\x0bJobProgress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x03\x12\x12\n\nsize_index\x18\x03 \x01(\x05\x12\x12\n\nsize_count\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\n\n\x02kl\x18\x06 \x01(\x01\x12\x15\n\rsparsity_loss\x18\x07 \x01(\x01\x12\x1e\n\x16\x65xpected_edge_sparsity\x18\x08 \x01(\x01\x12\x1e\n\x16\x65xpected_node_sparsity\x18\t \x01(\x01\x12\x1c\n\x14target_edge_sparsity\x18\n \x01(\x01\x12\x0f\n\x07lambdas\x18\x0b \x03(\x01\x12\x18\n\x10steps_per_second\x18\x0c \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\r \x01(\x01\x12\r\n\x05phase\x18\x0e \x01(\t\x12\x11\n\tloss_name\x18\x0f \x01(\t\x12\x11\n\ttask_loss\x18\x10 \x01(\x01\"R\n\nJobWarning\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nsize_index\x18\x03 \x01(\x05\x12\x0f\n\x07\x63ircuit\x18\x04 \x01(\t\"\xb0\x01\n\tJobResult\x12\x10\n\x08\x63ircuits\x18\x01 \x03(\t\x12\x35\n\x07metrics\x18\x02 \x03(\x0b\x32$.edgeprune.v1.JobResult.MetricsEntry\x12*\n\x08warnings\x18\x03 \x03(\x0b\x32\x18.edgeprune.v1.JobWarning\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbe\x05\n\x03Job\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12)\n\x04type\x18\x02 \x01(\x0e\x32\x15.edgeprune.v1.JobTypeB\x04\xe2\x41\x01\x03\x12#\n\x04spec\x18\x03 \x01(\x0b\x32\x15.edgeprune.v1.JobSpec\x12\x30\n\nevaluation\x18\x04 \x01(\x0b\x32\x1c.edgeprune.v1.EvaluationSpec\x12+\n\x05state\x18\x05 \x01(\x0e\x32\x16.edgeprune.v1.JobStateB\x04\xe2\x41\x01\x03\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12-\n\x06labels\x18\x07 \x03(\x0b\x32\x1d.edgeprune.v1.Job.LabelsEntry\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x61ttempt\x18\x0b \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10\x63\x61ncel_requested\x18\x0c \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x31\n\x08progress\x18\r \x01(\x0b\x32\x19.edgeprune.v1.JobProgressB\x04\xe2\x41\x01\x03\x12-\n\x06result\x18\x0e \x01(\x0b\x32\x17.edgeprune.v1.JobResultB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12!\n\x13last_event_sequence\x18\x10 \x01(\x03\x42\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\x10SubmitJobRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x15.edgeprune.v1.JobSpecB\x04\xe2\x41\x01\x02\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12:\n\x06labels\x18\x03 \x03(\x0b\x32*.edgeprune.v1.SubmitJobRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\rGetJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12 \n\x04view\x18\x02 \x01(\x0e\x32\x12.edgeprune.v1.View\"\xfb\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12&\n\x06states\x18\x03 \x03(\x0e\x32\x16.edgeprune.v1.JobState\x12\r\n\x05model\x18\x04 \x01(\t\x12\x39\n\x06labels\x18\x05 \x03(\x0b\x32).edgeprune.v1.ListJobsRequest.LabelsEntry\x12 \n\x04view\x18\x06 \x01(\x0e\x32\x12.edgeprune.v1.View\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.edgeprune.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"&\n\x10\x44\x65leteJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"=\n\x0fWatchJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xa1\x01\n\x0bStateChange\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.edgeprune.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.edgeprune.v1.JobResult\"\xeb\x01\n\x08JobEvent\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0cstate_change\x18\x04 \x01(\x0b\x32\x19.edgeprune.v1.StateChangeH\x00\x12-\n\x08progress\x18\x05 \x01(\x0b\x32\x19.edgeprune.v1.JobProgressH\x00\x12+\n\x07warning\x18\x06 \x01(\x0b\x32\x18.edgeprune.v1.JobWarningH\x00\x42\x07\n\x05\x65vent*\x9b\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*T\n\x07JobType\x12\x18\n\x14JOB_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_TYPE_DISCOVERY\x10\x01\x12\x17\n\x13JOB_TYPE_EVALUATION\x10\x02*S\n\tWarmStart\x12\x1a\n\x16WARM_START_UNSPECIFIED\x10\x00\x12\x15\n\x11WARM_START_EAP_IG\x10\x01\x12\x13\n\x0fWARM_START_NONE\x10\x02\x32\x9b\x03\n\nJobService\x12>\n\tSubmitJob\x12\x1e.edgeprune.v1.SubmitJobRequest\x1a\x11.edgeprune.v1.Job\x12\x38\n\x06GetJob\x12\x1b.edgeprune.v1.GetJobRequest\x1a\x11.edgeprune.v1.Job\x12I\n\x08ListJobs\x12\x1d.edgeprune.v1.ListJobsRequest\x1a\x1e.edgeprune.v1.ListJobsResponse\x12>\n\tCancelJob\x12\x1e.edgeprune.v1.CancelJobRequest\x1a\x11.edgeprune.v1.Job\x12\x43\n\x08WatchJob\x12\x1d.edgeprune.v1.WatchJobRequest\x1a\x16.edgeprune.v1.JobEvent0\x01\x12\x43\n\tDeleteJob\x12\x1e.edgeprune.v1.DeleteJobRequest\x1a\x16.google.protobuf.EmptyBm\n\x10\x64\x65v.edgeprune.v1B\x08JobProtoP\x01Z>github.com/edgeprune/edgeprune/gen/go/edgeprune/v1;edgeprunev1\xaa\x02\x0c\x45\x64geprune.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -90,62 +91,66 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CANCELJOBREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_CANCELJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_DELETEJOBREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DELETEJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_WATCHJOBREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_WATCHJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
-  _globals['_JOBSTATE']._serialized_start=4094
-  _globals['_JOBSTATE']._serialized_end=4249
-  _globals['_JOBTYPE']._serialized_start=4251
-  _globals['_JOBTYPE']._serialized_end=4335
-  _globals['_WARMSTART']._serialized_start=4337
-  _globals['_WARMSTART']._serialized_end=4420
-  _globals['_TASKSOURCE']._serialized_start=159
-  _globals['_TASKSOURCE']._serialized_end=329
-  _globals['_TASKSOURCE_PARAMSENTRY']._serialized_start=284
-  _globals['_TASKSOURCE_PARAMSENTRY']._serialized_end=329
-  _globals['_INLINEEXAMPLES']._serialized_start=331
-  _globals['_INLINEEXAMPLES']._serialized_end=440
-  _globals['_DATASPEC']._serialized_start=443
-  _globals['_DATASPEC']._serialized_end=597
-  _globals['_EDGEPRUNINGOPTIONS']._serialized_start=600
-  _globals['_EDGEPRUNINGOPTIONS']._serialized_end=909
-  _globals['_ATTRIBUTIONOPTIONS']._serialized_start=911
-  _globals['_ATTRIBUTIONOPTIONS']._serialized_end=973
-  _globals['_JOBSPEC']._serialized_start=976
-  _globals['_JOBSPEC']._serialized_end=1471
-  _globals['_EVALUATIONSPEC']._serialized_start=1474
-  _globals['_EVALUATIONSPEC']._serialized_end=1655
-  _globals['_JOBPROGRESS']._serialized_start=1658
-  _globals['_JOBPROGRESS']._serialized_end=2006
-  _globals['_JOBWARNING']._serialized_start=2008
-  _globals['_JOBWARNING']._serialized_end=2090
-  _globals['_JOBRESULT']._serialized_start=2093
-  _globals['_JOBRESULT']._serialized_end=2269
-  _globals['_JOBRESULT_METRICSENTRY']._serialized_start=2223
-  _globals['_JOBRESULT_METRICSENTRY']._serialized_end=2269
-  _globals['_JOB']._serialized_start=2272
-  _globals['_JOB']._serialized_end=2974
-  _globals['_JOB_LABELSENTRY']._serialized_start=2929
-  _globals['_JOB_LABELSENTRY']._serialized_end=2974
-  _globals['_SUBMITJOBREQUEST']._serialized_start=2977
-  _globals['_SUBMITJOBREQUEST']._serialized_end=3183
-  _globals['_SUBMITJOBREQUEST_LABELSENTRY']._serialized_start=2929
-  _globals['_SUBMITJOBREQUEST_LABELSENTRY']._serialized_end=2974
-  _globals['_GETJOBREQUEST']._serialized_start=3185
-  _globals['_GETJOBREQUEST']._serialized_end=3254
-  _globals['_LISTJOBSREQUEST']._serialized_start=3257
-  _globals['_LISTJOBSREQUEST']._serialized_end=3508
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_start=2929
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_end=2974
-  _globals['_LISTJOBSRESPONSE']._serialized_start=3510
-  _globals['_LISTJOBSRESPONSE']._serialized_end=3586
-  _globals['_CANCELJOBREQUEST']._serialized_start=3588
-  _globals['_CANCELJOBREQUEST']._serialized_end=3626
-  _globals['_WATCHJOBREQUEST']._serialized_start=3628
-  _globals['_WATCHJOBREQUEST']._serialized_end=3689
-  _globals['_STATECHANGE']._serialized_start=3692
-  _globals['_STATECHANGE']._serialized_end=3853
-  _globals['_JOBEVENT']._serialized_start=3856
-  _globals['_JOBEVENT']._serialized_end=4091
-  _globals['_JOBSERVICE']._serialized_start=4423
-  _globals['_JOBSERVICE']._serialized_end=4765
+  _globals['_JOBSTATE']._serialized_start=4163
+  _globals['_JOBSTATE']._serialized_end=4318
+  _globals['_JOBTYPE']._serialized_start=4320
+  _globals['_JOBTYPE']._serialized_end=4404
+  _globals['_WARMSTART']._serialized_start=4406
+  _globals['_WARMSTART']._serialized_end=4489
+  _globals['_TASKSOURCE']._serialized_start=188
+  _globals['_TASKSOURCE']._serialized_end=358
+  _globals['_TASKSOURCE_PARAMSENTRY']._serialized_start=313
+  _globals['_TASKSOURCE_PARAMSENTRY']._serialized_end=358
+  _globals['_INLINEEXAMPLES']._serialized_start=360
+  _globals['_INLINEEXAMPLES']._serialized_end=469
+  _globals['_DATASPEC']._serialized_start=472
+  _globals['_DATASPEC']._serialized_end=626
+  _globals['_EDGEPRUNINGOPTIONS']._serialized_start=629
+  _globals['_EDGEPRUNINGOPTIONS']._serialized_end=938
+  _globals['_ATTRIBUTIONOPTIONS']._serialized_start=940
+  _globals['_ATTRIBUTIONOPTIONS']._serialized_end=1002
+  _globals['_JOBSPEC']._serialized_start=1005
+  _globals['_JOBSPEC']._serialized_end=1500
+  _globals['_EVALUATIONSPEC']._serialized_start=1503
+  _globals['_EVALUATIONSPEC']._serialized_end=1684
+  _globals['_JOBPROGRESS']._serialized_start=1687
+  _globals['_JOBPROGRESS']._serialized_end=2035
+  _globals['_JOBWARNING']._serialized_start=2037
+  _globals['_JOBWARNING']._serialized_end=2119
+  _globals['_JOBRESULT']._serialized_start=2122
+  _globals['_JOBRESULT']._serialized_end=2298
+  _globals['_JOBRESULT_METRICSENTRY']._serialized_start=2252
+  _globals['_JOBRESULT_METRICSENTRY']._serialized_end=2298
+  _globals['_JOB']._serialized_start=2301
+  _globals['_JOB']._serialized_end=3003
+  _globals['_JOB_LABELSENTRY']._serialized_start=2958
+  _globals['_JOB_LABELSENTRY']._serialized_end=3003
+  _globals['_SUBMITJOBREQUEST']._serialized_start=3006
+  _globals['_SUBMITJOBREQUEST']._serialized_end=3212
+  _globals['_SUBMITJOBREQUEST_LABELSENTRY']._serialized_start=2958
+  _globals['_SUBMITJOBREQUEST_LABELSENTRY']._serialized_end=3003
+  _globals['_GETJOBREQUEST']._serialized_start=3214
+  _globals['_GETJOBREQUEST']._serialized_end=3283
+  _globals['_LISTJOBSREQUEST']._serialized_start=3286
+  _globals['_LISTJOBSREQUEST']._serialized_end=3537
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_start=2958
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_end=3003
+  _globals['_LISTJOBSRESPONSE']._serialized_start=3539
+  _globals['_LISTJOBSRESPONSE']._serialized_end=3615
+  _globals['_CANCELJOBREQUEST']._serialized_start=3617
+  _globals['_CANCELJOBREQUEST']._serialized_end=3655
+  _globals['_DELETEJOBREQUEST']._serialized_start=3657
+  _globals['_DELETEJOBREQUEST']._serialized_end=3695
+  _globals['_WATCHJOBREQUEST']._serialized_start=3697
+  _globals['_WATCHJOBREQUEST']._serialized_end=3758
+  _globals['_STATECHANGE']._serialized_start=3761
+  _globals['_STATECHANGE']._serialized_end=3922
+  _globals['_JOBEVENT']._serialized_start=3925
+  _globals['_JOBEVENT']._serialized_end=4160
+  _globals['_JOBSERVICE']._serialized_start=4492
+  _globals['_JOBSERVICE']._serialized_end=4903
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from edgeprune.v1 import job_pb2 as edgeprune_dot_v1_dot_job__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -60,6 +61,11 @@ class JobServiceStub:
                 request_serializer=edgeprune_dot_v1_dot_job__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=edgeprune_dot_v1_dot_job__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/edgeprune.v1.JobService/DeleteJob',
+                request_serializer=edgeprune_dot_v1_dot_job__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -103,6 +109,15 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Deletes a finished job (SUCCEEDED, FAILED or CANCELLED) with its events, checkpoint and
+        result; a pending or running job answers FAILED_PRECONDITION (cancel it first). The
+        circuits it found are kept, no longer linked to a job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +145,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=edgeprune_dot_v1_dot_job__pb2.WatchJobRequest.FromString,
                     response_serializer=edgeprune_dot_v1_dot_job__pb2.JobEvent.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=edgeprune_dot_v1_dot_job__pb2.DeleteJobRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +288,33 @@ class JobService:
             '/edgeprune.v1.JobService/WatchJob',
             edgeprune_dot_v1_dot_job__pb2.WatchJobRequest.SerializeToString,
             edgeprune_dot_v1_dot_job__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeprune.v1.JobService/DeleteJob',
+            edgeprune_dot_v1_dot_job__pb2.DeleteJobRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

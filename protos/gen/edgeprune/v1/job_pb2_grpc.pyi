@@ -5,6 +5,7 @@ Jobs: circuit discovery and evaluation runs (AIP-151 long-running work)."""
 
 from collections import abc as _abc
 from edgeprune.v1 import job_pb2 as _job_pb2
+from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -47,6 +48,11 @@ class JobServiceStub:
     """Streams a job's events after `after_sequence`: first the stored ones, then live ones;
     the stream ends after the event that moves the job to a terminal state.
     """
+    DeleteJob: _grpc.UnaryUnaryMultiCallable[_job_pb2.DeleteJobRequest, _empty_pb2.Empty]
+    """Deletes a finished job (SUCCEEDED, FAILED or CANCELLED) with its events, checkpoint and
+    result; a pending or running job answers FAILED_PRECONDITION (cancel it first). The
+    circuits it found are kept, no longer linked to a job.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -66,6 +72,11 @@ class JobServiceAsyncStub(JobServiceStub):
     WatchJob: _aio.UnaryStreamMultiCallable[_job_pb2.WatchJobRequest, _job_pb2.JobEvent]  # type: ignore[assignment]
     """Streams a job's events after `after_sequence`: first the stored ones, then live ones;
     the stream ends after the event that moves the job to a terminal state.
+    """
+    DeleteJob: _aio.UnaryUnaryMultiCallable[_job_pb2.DeleteJobRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Deletes a finished job (SUCCEEDED, FAILED or CANCELLED) with its events, checkpoint and
+    result; a pending or running job answers FAILED_PRECONDITION (cancel it first). The
+    circuits it found are kept, no longer linked to a job.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -113,6 +124,17 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_job_pb2.JobEvent], _abc.AsyncIterator[_job_pb2.JobEvent]]:
         """Streams a job's events after `after_sequence`: first the stored ones, then live ones;
         the stream ends after the event that moves the job to a terminal state.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteJob(
+        self,
+        request: _job_pb2.DeleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Deletes a finished job (SUCCEEDED, FAILED or CANCELLED) with its events, checkpoint and
+        result; a pending or running job answers FAILED_PRECONDITION (cancel it first). The
+        circuits it found are kept, no longer linked to a job.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
