@@ -554,7 +554,8 @@ class JobWarning(_message.Message):
     """Machine-readable: `TARGET_NOT_REACHED` (training ended with the masks' expected sparsity
     short of the target), `SIZE_NOT_REACHED` (fewer live edges than requested),
     `EMPTY_CIRCUIT` (no edge kept), `NO_BETTER_THAN_EMPTY` (on held-out data the circuit is
-    no more faithful than the empty circuit).
+    no more faithful than the empty circuit). As an event only: `CHECKPOINT_CORRUPT` (the
+    stored checkpoint could not be read; the attempt started again from step 0).
     """
     message: _builtins.str
     """What happened, with the figures, for people."""
