@@ -7,6 +7,9 @@ thread of its own so busy storage threads cannot delay it) and turns the server 
 service NOT_SERVING while the probe fails, SERVING again when it succeeds. Draining wins over
 the probe: once `set_serving(False)` is called nothing turns health back on.
 
+One more name, `liveness`, follows the process only (SERVING until it drains): a liveness probe
+that restarted the API during a database outage would only add a restart to the outage.
+
 `List` (the protocol's snapshot of every service's status) is implemented here: the asyncio
 servicer of grpcio-health-checking leaves it UNIMPLEMENTED.
 """
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 2.0
 PROBE_TIMEOUT_S = 2.0
+LIVENESS = "liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -86,8 +90,10 @@ class Health(HealthServicer):
         await self._publish()
 
     async def _publish(self) -> None:
-        status = SERVING if self.wanted and self.database_ok else NOT_SERVING
-        for name in self.services:
+        ready = SERVING if self.wanted and self.database_ok else NOT_SERVING
+        statuses = {name: ready for name in self.services}
+        statuses[LIVENESS] = SERVING if self.wanted else NOT_SERVING
+        for name, status in statuses.items():
             if self._server_status.get(name) != status:
                 await self.set(name, status)
 

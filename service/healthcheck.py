@@ -2,8 +2,9 @@
 
 The container's HEALTHCHECK (and an exec probe where the server speaks TLS, which Kubernetes'
 native gRPC probes cannot) runs this: one ``grpc.health.v1.Health/Check`` call, exit code 0 when
-the answer is SERVING and 1 otherwise (NOT_SERVING while draining, unreachable, timed out), with a
-one-line reason on stderr. Defaults come from the server's own settings: ``EDGEPRUNE_PORT`` and,
+the answer is SERVING and 1 otherwise (NOT_SERVING while draining or while the server's database
+does not answer, unreachable, timed out), with a one-line reason on stderr. ``--service liveness``
+asks whether the process itself is up, whatever its database. Defaults come from the server's own settings: ``EDGEPRUNE_PORT`` and,
 when the server has TLS, ``EDGEPRUNE_TLS_CERT`` as the trusted certificate. Health needs no token.
 """
 
