@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, update
@@ -16,7 +17,7 @@ from edgeprune.storage import (
     NewCircuit,
     NotFound,
 )
-from edgeprune.storage.models import Blob
+from edgeprune.storage.models import Blob, utcnow
 
 DATA = b"safetensors bytes" * 1000
 
@@ -61,3 +62,15 @@ def test_delete_unreferenced_keeps_referenced_blobs(db: Database) -> None:
     assert blobs.delete_unreferenced() == 0  # both still inside the grace period
     assert blobs.delete_unreferenced(min_age_s=0) == 1
     assert blobs.exists(kept) and not blobs.exists(dropped)
+
+
+def test_a_blob_put_again_gets_a_new_grace_period(db: Database) -> None:
+    """A worker puts a mask that an old, unreferenced blob already holds, then stores the
+    circuit that refers to it: the cleanup in between must not take it."""
+    blobs = BlobStore(db)
+    old, other = blobs.put(b"shared mask"), blobs.put(b"forgotten")
+    with db.session() as session:  # both stored two hours ago
+        session.execute(update(Blob).values(created_at=utcnow() - timedelta(hours=2)))
+    assert blobs.put(b"shared mask") == old
+    assert blobs.delete_unreferenced(min_age_s=3600) == 1
+    assert blobs.exists(old) and not blobs.exists(other)
