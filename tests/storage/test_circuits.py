@@ -127,3 +127,31 @@ def test_owner_is_stored_and_filters(db: Database) -> None:
     assert repo.get(alice.id).owner == "alice"
     assert [c.id for c in repo.list(CircuitFilter(owner="alice")).items] == [alice.id]
     assert len(repo.list().items) == 2
+
+
+def test_full_pages_end_before_the_byte_budget(db: Database) -> None:
+    repo = CircuitRepo(db)
+    edges = [f"writer{i}->reader{i}" for i in range(100)]  # about 3.4 kB of names and framing
+    created = [repo.create(NewCircuit(model="gpt2", method="eap", edges=edges, n_edges_total=1000))
+               for _ in range(5)]
+    size = full_size_of(db, created[0].id)
+    assert 100 * (len("writer0->reader0") + 16) <= size < 100 * 40 + 3000
+    seen, token, pages = [], None, 0
+    while True:
+        page = repo.list(full=True, max_bytes=2 * size + size // 2, page_token=token)
+        assert len(page.items) <= 2 and all(c.edges == edges for c in page.items)
+        seen += [c.id for c in page.items]
+        pages += 1
+        if not (token := page.next_page_token):
+            break
+    assert seen == [c.id for c in reversed(created)] and pages == 3
+    alone = repo.list(full=True, max_bytes=size - 1)  # no circuit fits: its summary
+    assert [c.edges for c in alone.items] == [None] and alone.next_page_token
+
+
+def full_size_of(db: Database, circuit_id: str) -> int:
+    from edgeprune.storage.circuits import full_size
+    from edgeprune.storage.models import Circuit
+
+    with db.session(write=False) as session:
+        return full_size(session, session.get(Circuit, int(circuit_id)))
