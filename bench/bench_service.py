@@ -10,6 +10,9 @@ Measures (one JSON line each):
   the first pruning progress event reaching a watcher; target < 1 s;
 * ``watchers``: 100 concurrent WatchJob streams on one job; every watcher must receive every
   event exactly once (missed = 0).
+* ``upload_peak_rss``: the API's peak RSS rise while it receives two maximum uploads at once
+  (``max_dataset_bytes`` each, or ``EDGEPRUNE_BENCH_UPLOAD_MIB``; the ratio to the bytes
+  uploaded is reported), on SQLite and PostgreSQL; written to bench/results/uploads.jsonl.
 
 Run: ``python -m bench service`` (``make bench`` runs it with the others).
 """
@@ -18,14 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
-from edgeprune.v1 import job_pb2, job_pb2_grpc
+from edgeprune.service.config import Limits
+from edgeprune.v1 import dataset_pb2, dataset_pb2_grpc, job_pb2, job_pb2_grpc
 from tests.service.harness import MODEL, Server, edge_pruning_spec
 from tests.tiny_models import tiny_gpt2
 
@@ -33,6 +39,10 @@ CLIENTS = 50
 CALLS_PER_CLIENT = 20
 RATE = 1.0  # calls per second per client in the open-loop run
 WATCHERS = 100
+UPLOADS = 2  # the default max_concurrent_uploads
+UPLOAD_EXAMPLES = 40_000  # about this many examples an upload (under the default max_examples)
+MiB = 1024 * 1024
+UPLOAD_RESULTS = Path(__file__).parent / "results" / "uploads.jsonl"
 
 
 def emit(**values: object) -> None:
@@ -125,6 +135,64 @@ async def worker_figures(server: Server) -> None:
              duplicated=duplicated, seconds=round(time.perf_counter() - start, 2))
 
 
+def _upload_parts(size: int, index: int) -> Iterator[dataset_pb2.UploadDatasetRequest]:
+    """An upload of ``size`` bytes in 1 MiB chunks (the client's), made as it is sent; its lines
+    are long enough for the examples to stay within max_examples."""
+    yield dataset_pb2.UploadDatasetRequest(
+        metadata=dataset_pb2.DatasetMetadata(display_name=f"bench-{index}"))
+    words = " ".join(["word"] * max(50, size // UPLOAD_EXAMPLES // 10))
+    line = json.dumps({"clean": f"{words} Mary", "corrupted": f"{words} John",
+                       "target": " Mary", "distractor": " John"}).encode() + b"\n"
+    chunk = line * (MiB // len(line))
+    for _ in range(size // len(chunk)):
+        yield dataset_pb2.UploadDatasetRequest(chunk=chunk)
+
+
+def _status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+async def upload_peak_rss(server: Server, backend: str, size: int) -> dict[str, object]:
+    """Peak RSS rise of the API process while it receives UPLOADS uploads of ``size`` at once."""
+    assert server.proc is not None
+    pid = server.proc.pid
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = dataset_pb2_grpc.DatasetServiceStub(channel)
+        await stub.UploadDataset(_upload_parts(MiB, -1))  # warm-up
+        before = _status_kib(pid, "VmRSS")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM from here on
+        start = time.perf_counter()
+        done = await asyncio.gather(*(stub.UploadDataset(_upload_parts(size, i), timeout=1800)
+                                      for i in range(UPLOADS)))
+        seconds = time.perf_counter() - start
+    rise = (_status_kib(pid, "VmHWM") - before) * 1024
+    return {"bench": "service", "metric": "upload_peak_rss", "backend": backend,
+            "uploads": UPLOADS, "mib_each": round(size / MiB, 1),
+            "examples_each": done[0].example_count, "rss_before_mib": round(before / 1024, 1),
+            "peak_rise_mib": round(rise / MiB, 1),
+            "rise_per_uploaded_byte": round(rise / (UPLOADS * size), 3),
+            "seconds": round(seconds, 1)}
+
+
+def uploads(root: Path, models: dict[str, str], pg_url: str) -> None:
+    size = int(os.environ.get("EDGEPRUNE_BENCH_UPLOAD_MIB", "0")) * MiB or Limits().max_dataset_bytes
+    lines = []
+    for backend, url in (("sqlite", f"sqlite:///{root / 'uploads.db'}"), ("postgresql", pg_url)):
+        api = Server(root / f"uploads-{backend}", url, models, workers=0,
+                     max_dataset_bytes=size + MiB).start()
+        try:
+            line = asyncio.run(upload_peak_rss(api, backend, size))
+        finally:
+            api.stop()
+        print(json.dumps(line), flush=True)
+        lines.append(line)
+    UPLOAD_RESULTS.parent.mkdir(exist_ok=True)
+    UPLOAD_RESULTS.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
 def main() -> None:
     from tests.storage.databases import fresh_postgres_database
 
@@ -141,6 +209,7 @@ def main() -> None:
                     asyncio.run(latency(api, backend))
                 finally:
                     api.stop()
+            uploads(root, models, pg_url)
         url = f"sqlite:///{root / 'worker.db'}"
         server = Server(root / "worker", url, models, progress_interval_s=0.05).start()
         try:

@@ -21,6 +21,7 @@ from typing import Any
 from edgeprune.engine import errors as engine_errors
 from edgeprune.engine.examples import Example
 from edgeprune.service.errors import InvalidArgument
+from edgeprune.service.uploads import brief
 from edgeprune.storage import DatasetRepo
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class DatasetChecks:
                                       vocab_size=vocab):
                 total += 1
                 if len(listed) < MAX_REPORTED:
-                    listed.append(str(err))
+                    listed.append(brief(str(err)))
             start += len(batch)
         return listed, total
 

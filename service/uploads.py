@@ -26,6 +26,9 @@ from edgeprune.service.errors import InvalidArgument, ResourceExhausted
 
 MAX_LINE_BYTES = 1024 * 1024  # one example; far above what MAX_TOKENS_PER_EXAMPLE allows
 MAX_REPORTED = 20  # bad lines listed in one error
+# Characters kept of one violation's description: errors quote the values at fault, and the
+# details of a status travel in a trailer that clients cap (8 KiB by default).
+MAX_DESCRIPTION = 160
 
 
 class UploadSlots:
@@ -162,4 +165,11 @@ class StreamedUpload:
             self._bad(f"chunk line {self._line}", message)
 
     def _bad(self, field: str, message: str) -> None:
-        self.violations.append((field, message))
+        self.violations.append((field, brief(message)))
+
+
+def brief(description: str) -> str:
+    """A violation's description, cut to MAX_DESCRIPTION characters."""
+    if len(description) <= MAX_DESCRIPTION:
+        return description
+    return description[:MAX_DESCRIPTION - 3] + "..."

@@ -3,6 +3,8 @@ delete."""
 
 from __future__ import annotations
 
+import threading
+
 from edgeprune.service.config import Config
 from edgeprune.service.principals import Principal
 from edgeprune.service.uploads import StreamedUpload, UploadSlots
@@ -21,6 +23,9 @@ class DatasetHandler:
         self.datasets = datasets
         self.config = config
         self.upload_slots = UploadSlots(config.limits.max_concurrent_uploads)
+        # Uploads are received side by side but stored one at a time: each is one transaction,
+        # and on SQLite a second large insert would outwait the busy timeout for the write lock.
+        self._storing = threading.Lock()
 
     def begin_upload(self, metadata: dataset_pb2.DatasetMetadata) -> StreamedUpload:
         """Check the metadata and start parsing an upload (the caller holds an upload slot
@@ -47,7 +52,8 @@ class DatasetHandler:
         new = NewDataset(owner=who.name, request_id=metadata.request_id or None,
                          display_name=metadata.display_name, source=f"upload:{upload.size}",
                          labels=dict(metadata.labels))
-        return self.datasets.create(new, upload.examples())
+        with self._storing:
+            return self.datasets.create(new, upload.examples())
 
     def get(self, dataset_id: str, who: Principal) -> DatasetRecord:
         """Another principal's dataset is NOT_FOUND exactly as a missing one is."""

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from edgeprune.engine.examples import MAX_EXAMPLES
-from edgeprune.service.uploads import MAX_LINE_BYTES, MAX_REPORTED
+from edgeprune.service.uploads import MAX_DESCRIPTION, MAX_LINE_BYTES, MAX_REPORTED
 from edgeprune.v1 import dataset_pb2, job_pb2, server_pb2
 from tests.service.conftest import database_url, running
 from tests.service.errors import details, fails
@@ -146,6 +146,18 @@ def test_malformed_lines_name_the_line(big_server: Server, line: bytes, what: st
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     [(field, description)] = violations(err)
     assert field == "chunk line 2" and what in description, description
+
+
+def test_long_values_are_quoted_briefly(big_server: Server) -> None:
+    """Errors quote the value at fault, cut short: the details of all of them fit the trailer
+    a client accepts."""
+    lines = [{"clean": ["x" * 50_000], "corrupted": [1]}] * 30
+    err = failure(upload, big_server, jsonl(lines))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = violations(err)
+    assert len(found) == MAX_REPORTED + 1
+    assert all(len(d) <= MAX_DESCRIPTION for _, d in found)
+    assert found[0][1].startswith("line 1: clean: token ids must be integers, got 'xxx")
 
 
 def test_a_line_over_the_line_limit_is_rejected(big_server: Server) -> None:
