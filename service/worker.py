@@ -171,7 +171,8 @@ class Worker:
             elif beat.cancelled.is_set():
                 self._finish(claim, JobState.CANCELLED, self.queue.acknowledge_cancel)
             elif outcome.stopped:
-                self.queue.release(claim)
+                if self.queue.release(claim).state == JobState.CANCELLED:  # a cancel came too
+                    self._observe(claim, JobState.CANCELLED)
                 log.info("job %s released (draining)", job.id)
             else:
                 self._complete(claim, outcome)

@@ -174,8 +174,10 @@ class Queue:
 
     def release(self, claim: Claim) -> JobRecord:
         """Give the job back (drain on SIGTERM): PENDING again, resumable from its last
-        checkpoint by the next claim. Raises LeaseLost."""
-        return self._finish(claim, JobState.PENDING)
+        checkpoint by the next claim. A job whose cancellation was requested ends CANCELLED
+        instead (its worker stopped for the drain before a heartbeat told it): given back, it
+        would run again. Raises LeaseLost."""
+        return self._finish(claim, JobState.PENDING, cancel_wins=True)
 
     def reclaim_expired(self) -> list[str]:
         """Jobs whose lease expired go back to PENDING, or FAILED once they used
@@ -217,10 +219,15 @@ class Queue:
                 select(func.count()).select_from(Job).where(Job.state == JobState.PENDING)
             ) or 0
 
-    def _finish(self, claim: Claim, state: JobState, **values: Any) -> JobRecord:
-        """Leave RUNNING under this claim's fence and record the state event."""
+    def _finish(self, claim: Claim, state: JobState, *, cancel_wins: bool = False,
+                **values: Any) -> JobRecord:
+        """Leave RUNNING under this claim's fence and record the state event; with
+        `cancel_wins`, as CANCELLED if a cancel was requested (read under the same lock)."""
         with self.db.session() as session:
             now = self.db.now(session)
+            if cancel_wins and _fenced(session, claim, now).cancel_requested:
+                state, values = JobState.CANCELLED, {"error": "cancelled by request",
+                                                     "error_reason": "CANCELLED"}
             job = _fenced(session, claim, now, **_leave_running(state, now), **values)
             payload = {"state": state.value}
             if values.get("error"):

@@ -203,3 +203,18 @@ def _sha(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
+
+
+def test_a_job_released_after_a_cancel_request_ends_cancelled(db: Database) -> None:
+    """A drain stops the job before a heartbeat saw the cancel: giving it back would run it
+    again, so the release ends it CANCELLED (and never says PENDING)."""
+    (job_id,) = submit(db)
+    queue = Queue(db)
+    claim = queue.claim("w", 30)
+    JobRepo(db).request_cancel(job_id)
+    job = queue.release(claim)
+    assert (job.state, job.error, job.error_reason) == (
+        JobState.CANCELLED, "cancelled by request", "CANCELLED")
+    states = [e.payload.get("state") for e in EventRepo(db).after(job_id) if e.kind == "state"]
+    assert states == ["PENDING", "RUNNING", "CANCELLED"]
+    assert queue.claim("w", 30) is None
