@@ -18,9 +18,9 @@ import grpc
 import pytest
 from sqlalchemy import insert, update
 
-from edgeprune.storage import Database, EventRepo, JobRepo
+from edgeprune.storage import CircuitRepo, Database, EventRepo, JobRepo, NewCircuit
 from edgeprune.storage.models import Job, JobEvent
-from edgeprune.v1 import common_pb2, job_pb2, job_pb2_grpc
+from edgeprune.v1 import circuit_pb2, circuit_pb2_grpc, common_pb2, job_pb2, job_pb2_grpc
 from tests.service.conftest import database_url, running
 from tests.service.errors import details, fails
 from tests.service.harness import Server, edge_pruning_spec, wait_for
@@ -153,6 +153,29 @@ def test_basic_view_keeps_every_kind_of_source(load_server: Server) -> None:
     for reply in (job, got):
         assert reply.spec.data.WhichOneof("source") == "task"
         assert reply.spec.data.task.name == "ioi" and not reply.spec.data.HasField("examples")
+
+
+def test_full_circuit_pages_stop_at_the_reply_size(load_server: Server) -> None:
+    edges = [f"a{i // 100}.h{i % 100}->m{i % 7}.in" for i in range(20_000)]  # ~0.6 MB a circuit
+    db = Database(load_server.database_url)
+    try:
+        CircuitRepo(db).create_many([NewCircuit(model="wide", method="eap", edges=edges,
+                                                n_edges_total=40_000) for _ in range(10)])
+    finally:
+        db.dispose()
+    stub = circuit_pb2_grpc.CircuitServiceStub(grpc.insecure_channel(
+        f"127.0.0.1:{load_server.port}", options=[("grpc.max_receive_message_length", 64 * MIB)]))
+    pages, token = [], ""
+    while True:
+        page = stub.ListCircuits(circuit_pb2.ListCircuitsRequest(
+            model="wide", page_size=1000, page_token=token, view=common_pb2.VIEW_FULL), timeout=120)
+        pages.append(page)
+        if not (token := page.next_page_token):
+            break
+    circuits = [c for page in pages for c in page.circuits]
+    assert len(circuits) == 10 and all(len(c.edges) == 20_000 for c in circuits)
+    assert not any(c.edges_omitted for c in circuits)
+    assert len(pages) > 1 and all(page.ByteSize() < REPLY_LIMIT for page in pages)
 
 
 # ------------------------------------------------------------------------------------- watch
