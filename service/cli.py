@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
 
 from edgeprune.service.config import (
@@ -27,7 +28,7 @@ from edgeprune.service.config import (
     check_transport,
     load_config,
 )
-from edgeprune.service.multiproc import prepare_metrics_dir
+from edgeprune.service.multiproc import MULTIPROC_ENV, prepare_metrics_dir
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -94,7 +95,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     if config is None:
         return 2
     _setup_logging(config.log_level)
-    prepare_metrics_dir(fresh=True)
+    own_metrics_dir = not os.environ.get(MULTIPROC_ENV)  # else the operator's: leave it
+    metrics_dir = prepare_metrics_dir(fresh=True)
     from edgeprune.service.server import serve
     from edgeprune.storage import StorageError
 
@@ -106,6 +108,9 @@ def serve_main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 1
+    finally:
+        if own_metrics_dir:  # every worker has exited: nothing writes samples any more
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -88,6 +88,8 @@ def test_no_secret_is_left_on_disk(workers: int, sig: signal.Signals, tmp_path: 
         server.stop(signal.SIGKILL)
     assert "visible" not in server.log()  # no argv warning: the token came from a file
     assert _files_holding([temp, data], token, password) == []
+    if sig == signal.SIGTERM:  # a clean exit also removes the metrics samples it kept
+        assert not [p.name for p in temp.iterdir() if p.name.startswith("edgeprune-")]
 
 
 def test_a_token_on_the_command_line_warns(tmp_path: Path) -> None:
