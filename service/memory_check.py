@@ -26,6 +26,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from edgeprune.engine import errors as engine_errors
 from edgeprune.engine.memory import (
@@ -38,6 +39,7 @@ from edgeprune.engine.memory import (
 )
 from edgeprune.engine.memory import estimate_job_memory as engine_estimate
 from edgeprune.service.config import Config
+from edgeprune.service.dataset_check import model_tokenizer
 from edgeprune.service.errors import ResourceExhausted
 from edgeprune.v1 import common_pb2, job_pb2
 
@@ -48,6 +50,10 @@ CPU_MEMORY_FRACTION = 0.5  # of physical memory, when worker_memory_bytes is 0 o
 # tests/service/test_memory_check.py checks them against the engine's generators).
 TASK_MIN_TOKENS = {"ioi": 12, "gendered_pronoun": 5, "greater_than": 10}
 TRACR_MIN_TOKENS = 2  # BOS and one input token
+# Longer than any token of the vocabularies we serve (SmolLM2's longest, a newline and 80 spaces,
+# is 81 bytes): the token bound of a text when the API cannot read the model's tokenizer.
+MAX_TOKEN_BYTES = 128
+TOKENIZE_BATCH = 1000
 DTYPE_NAMES = {common_pb2.DTYPE_FLOAT32: "float32", common_pb2.DTYPE_BFLOAT16: "bfloat16",
                common_pb2.DTYPE_FLOAT16: "float16"}
 
@@ -89,25 +95,47 @@ def model_shape(ref: str) -> ModelShape | None:
         return None
 
 
-def min_tokens(prompts: Iterable[str | list[int]]) -> int:
-    """The fewest tokens the longest of ``prompts`` can have (one per whitespace-separated word
-    of a text; a list of token ids is exact)."""
-    return max((len(p) if isinstance(p, list) else len(p.split()) for p in prompts), default=1)
+def min_tokens(prompts: Iterable[str | list[int]], tokenizer: Any | None = None) -> int:
+    """The fewest tokens the longest of ``prompts`` can have.
+
+    Exact with the model's tokenizer (and for prompts given as token ids). Without it, a bound no
+    tokenizer goes below: tokens do not span whitespace, and none is longer than MAX_TOKEN_BYTES,
+    so a word of n bytes is at least ceil(n / MAX_TOKEN_BYTES) tokens.
+    """
+    longest = 1
+    texts: list[str] = []
+
+    def count_texts() -> int:
+        if tokenizer is not None:
+            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            return max(map(len, ids), default=1)
+        return max((sum(-(-len(w.encode()) // MAX_TOKEN_BYTES) for w in t.split())
+                    for t in texts), default=1)
+
+    for prompt in prompts:
+        if isinstance(prompt, list):
+            longest = max(longest, len(prompt))
+            continue
+        texts.append(prompt)
+        if len(texts) == TOKENIZE_BATCH:
+            longest, texts = max(longest, count_texts()), []
+    return max(longest, count_texts()) if texts else longest
 
 
-def data_shape(data: job_pb2.DataSpec, dataset_texts: Callable[[str], tuple[int, int]], *,
-               evaluation: bool = False) -> tuple[int, int]:
+def data_shape(data: job_pb2.DataSpec, dataset_shape: Callable[[str], tuple[int, int]], *,
+               evaluation: bool = False, tokenizer: Any | None = None) -> tuple[int, int]:
     """(sequence length lower bound, number of training examples) of a normalised job's data, or
     with ``evaluation`` of every example (an evaluation job's data, see runner.build_eval_data).
-    ``dataset_texts(id)`` gives (length bound, example count) of an uploaded dataset."""
+    ``dataset_shape(id)`` gives (length bound, example count) of an uploaded dataset; inline
+    examples are counted with ``tokenizer`` when the API has the model's."""
     source = data.WhichOneof("source")
     if source == "task":  # the held-out examples are generated apart
         return TASK_MIN_TOKENS.get(data.task.name, TRACR_MIN_TOKENS), data.task.example_count
     if source == "dataset":
-        tokens, count = dataset_texts(data.dataset.removeprefix("datasets/"))
+        tokens, count = dataset_shape(data.dataset.removeprefix("datasets/"))
     else:
         examples = data.examples.examples
-        tokens, count = min_tokens(e.clean for e in examples), len(examples)
+        tokens, count = min_tokens((e.clean for e in examples), tokenizer), len(examples)
     if evaluation:
         return tokens, count
     held_out = round(count * data.eval_fraction) if count >= 2 else 0  # as runner.build_data
@@ -136,7 +164,7 @@ def estimate(spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, shape: ModelShape, 
 
 
 def check_job_memory(spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, ref: str, config: Config,
-                     dataset_texts: Callable[[str], tuple[int, int]]) -> MemoryEstimate | None:
+                     dataset_shape: Callable[[str], tuple[int, int]]) -> MemoryEstimate | None:
     """RESOURCE_EXHAUSTED (reason INSUFFICIENT_DEVICE_MEMORY, the estimate in the message and in
     ErrorInfo metadata) when the job (a pruning job, or an evaluation of a stored circuit of
     model ``ref``) cannot fit; the estimate, or None when not checked."""
@@ -145,7 +173,9 @@ def check_job_memory(spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, ref: str, c
     if budget is None or shape is None:
         return None
     evaluation = isinstance(spec, job_pb2.EvaluationSpec)
-    seq_len, n_examples = data_shape(spec.data, dataset_texts, evaluation=evaluation)
+    tokenizer = model_tokenizer(ref) if spec.data.WhichOneof("source") == "examples" else None
+    seq_len, n_examples = data_shape(spec.data, dataset_shape, evaluation=evaluation,
+                                     tokenizer=tokenizer)
     on_gpu = config.device.startswith("cuda")
     all_positions = spec.data.examples.all_positions or (
         not evaluation and spec.positions == common_pb2.POSITION_MODE_ALL)

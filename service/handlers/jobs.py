@@ -6,7 +6,7 @@ from google.protobuf import json_format
 
 from edgeprune.service.config import Config
 from edgeprune.service.converters import KIND_DISCOVERY, KIND_EVALUATION, STATES_BY_PROTO
-from edgeprune.service.dataset_check import DatasetChecks
+from edgeprune.service.dataset_check import DatasetChecks, model_tokenizer
 from edgeprune.service.errors import (
     FailedPrecondition,
     NotFound,
@@ -38,6 +38,8 @@ from edgeprune.storage import Conflict as StorageConflict
 from edgeprune.storage import NotFound as StorageNotFound
 from edgeprune.v1 import circuit_pb2, common_pb2, job_pb2
 
+MAX_CACHED_SHAPES = 1024  # (dataset, model) token bounds kept for the memory check
+
 
 class JobHandler:
     def __init__(self, jobs: JobRepo, queue: Queue, datasets: DatasetRepo, circuits: CircuitRepo,
@@ -47,7 +49,7 @@ class JobHandler:
         self.datasets = datasets
         self.circuits = circuits
         self.config = config
-        self._dataset_shapes: dict[str, tuple[int, int]] = {}  # datasets never change
+        self._dataset_shapes: dict[tuple[str, str], tuple[int, int]] = {}  # datasets never change
         self.dataset_checks = DatasetChecks(datasets)
 
     # ---------------------------------------------------------------------------- submit
@@ -68,7 +70,8 @@ class JobHandler:
         self._check_references(spec.data, "spec.data", who)
         self._check_dataset(spec.data, "spec.data", self.config.models[spec.model],
                             all_positions=spec.positions == common_pb2.POSITION_MODE_ALL)
-        check_job_memory(spec, self.config.models[spec.model], self.config, self._dataset_shape)
+        ref = self.config.models[spec.model]
+        check_job_memory(spec, ref, self.config, lambda d: self._dataset_shape(d, ref))
         return self._create(spec, KIND_DISCOVERY, request.priority, request.labels,
                             request.request_id, who.name)
 
@@ -95,8 +98,8 @@ class JobHandler:
         self._check_references(spec.data, "evaluation.data", who)
         self._check_dataset(spec.data, "evaluation.data", self.config.models[circuit.model],
                             all_positions=False)
-        check_job_memory(spec, self.config.models[circuit.model], self.config,
-                         self._dataset_shape)
+        ref = self.config.models[circuit.model]
+        check_job_memory(spec, ref, self.config, lambda d: self._dataset_shape(d, ref))
         return self._create(spec, KIND_EVALUATION, request.priority, request.labels,
                             request.request_id, who.name)
 
@@ -127,14 +130,18 @@ class JobHandler:
             self.dataset_checks.check(data.dataset.removeprefix("datasets/"), ref,
                                       f"{field}.dataset", all_positions=all_positions)
 
-    def _dataset_shape(self, dataset_id: str) -> tuple[int, int]:
-        """(fewest tokens of its longest example, example count) of a stored dataset."""
-        if dataset_id not in self._dataset_shapes:
+    def _dataset_shape(self, dataset_id: str, ref: str) -> tuple[int, int]:
+        """(fewest tokens of its longest example, example count) of a stored dataset for a model
+        (exact where the API can read the model's tokenizer)."""
+        key = (dataset_id, ref)
+        if key not in self._dataset_shapes:
             texts = (row["clean"] for batch in self.datasets.iter_examples(dataset_id)
                      for row in batch)
             count = self.datasets.get(dataset_id).example_count
-            self._dataset_shapes[dataset_id] = (min_tokens(texts), count)
-        return self._dataset_shapes[dataset_id]
+            if len(self._dataset_shapes) >= MAX_CACHED_SHAPES:
+                self._dataset_shapes.pop(next(iter(self._dataset_shapes)))
+            self._dataset_shapes[key] = (min_tokens(texts, model_tokenizer(ref)), count)
+        return self._dataset_shapes[key]
 
     def _create(self, spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, kind: str, priority: int,
                 labels: dict[str, str], request_id: str, caller: str) -> JobRecord:

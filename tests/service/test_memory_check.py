@@ -3,6 +3,7 @@ bounds the check rests on."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from edgeprune.engine.tasks import Example, build_task, from_examples
 from edgeprune.service import memory_check
 from edgeprune.service.memory_check import TASK_MIN_TOKENS, min_tokens
 from edgeprune.storage import CircuitRepo, Database, NewCircuit
-from edgeprune.v1 import circuit_pb2, common_pb2, job_pb2, server_pb2
+from edgeprune.v1 import circuit_pb2, common_pb2, dataset_pb2, job_pb2, server_pb2
 from tests.service.conftest import running
 from tests.service.errors import fails
 from tests.service.harness import MODEL, Server, edge_pruning_spec, inline_examples
@@ -194,11 +195,12 @@ def test_token_lower_bounds_hold_for_real_tokenizers(tiny_gpt2_dir: Path,
         assert min_tokens(e.clean for e in examples) <= data.clean_ids.shape[1]
 
 
-def test_the_worker_checks_the_exact_token_count(tmp_path_factory: pytest.TempPathFactory,
-                                                 tiny_gpt2_dir: Path) -> None:
-    """One long 'word' passes the API's bound (a token per word) but tokenises into many
-    tokens: the worker, which sees them, fails the job with RESOURCE_EXHAUSTED before pruning,
-    and an evaluation of the same data before evaluating."""
+def test_long_words_are_counted_in_tokens_at_submit(tmp_path_factory: pytest.TempPathFactory,
+                                                    tiny_gpt2_dir: Path) -> None:
+    """One long 'word' tokenises into many tokens: the API counts them with the model's
+    tokenizer and rejects the job and an evaluation of the same data at submit, inline or
+    uploaded. Without a tokenizer, the byte bound still counts a long word as several tokens and
+    never more than the tokenizer does."""
     junk = "".join("qzxjvkw"[(i * i + 3 * i) % 7] for i in range(300))
     spec = edge_pruning_spec(job_pb2.DataSpec())
     spec.batch_size = 8
@@ -209,7 +211,10 @@ def test_the_worker_checks_the_exact_token_count(tmp_path_factory: pytest.TempPa
                                         distractor=ex.distractor)
     model = load_model(f"hf:{tiny_gpt2_dir}")
     n_tokens = from_examples(examples, model.tokenizer).clean_ids.shape[1]
-    assert n_tokens > 50 * min_tokens(e.clean for e in examples)
+    words = max(len(e.clean.split()) for e in examples)
+    assert n_tokens > 50 * words
+    assert words < min_tokens(e.clean for e in examples) <= n_tokens
+    assert n_tokens - 1 <= min_tokens((e.clean for e in examples), model.tokenizer) <= n_tokens
 
     def needs(seq_len: int) -> int:  # a pruning job's, or an evaluation's of the same data
         return max(estimate_job_memory(model, batch_size=8, seq_len=seq_len, n_examples=32).total,
@@ -221,20 +226,30 @@ def test_the_worker_checks_the_exact_token_count(tmp_path_factory: pytest.TempPa
                    estimate_evaluation_memory(model, batch_size=8, seq_len=seq_len,
                                               n_examples=40).total)
 
-    assert needs(2) < least(n_tokens)
-    budget = int((needs(2) + least(n_tokens)) / 2 / 0.9)
-    folder = tmp_path_factory.mktemp("memory-worker")
+    assert needs(words + 1) < least(n_tokens - 1)
+    budget = int((needs(words + 1) + least(n_tokens - 1)) / 2 / 0.9)
+    folder = tmp_path_factory.mktemp("memory-tokens")
     url = f"sqlite:///{folder / 'edgeprune.db'}"
-    with running(folder, url, tiny_gpt2_dir, worker_memory_bytes=budget) as server:
-        job = server.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=spec), timeout=30)
-        evaluation = server.circuits.EvaluateCircuit(circuit_pb2.EvaluateCircuitRequest(
-            evaluation=job_pb2.EvaluationSpec(circuit=_store_circuit(url), data=spec.data,
-                                              batch_size=8)), timeout=30)
-        done = [server.wait_done(j.name, timeout=120) for j in (job, evaluation)]
-    for job in done:
-        assert job.state == job_pb2.JOB_STATE_FAILED
-        assert job.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-        assert "job needs about" in job.error.message
+    with running(folder, url, tiny_gpt2_dir, worker_memory_bytes=budget, workers=0) as server:
+        content = "\n".join(json.dumps({"clean": e.clean, "corrupted": e.corrupted,
+                                        "target": e.target, "distractor": e.distractor})
+                            for e in examples).encode()
+        dataset = server.datasets.UploadDataset(iter([
+            dataset_pb2.UploadDatasetRequest(metadata=dataset_pb2.DatasetMetadata()),
+            dataset_pb2.UploadDatasetRequest(chunk=content)]), timeout=60)
+        uploaded = job_pb2.DataSpec(dataset=dataset.name)
+        for data in (spec.data, uploaded):
+            job = job_pb2.JobSpec()
+            job.CopyFrom(spec)
+            job.data.CopyFrom(data)
+            code, reason, _ = fails(server.jobs.SubmitJob, job_pb2.SubmitJobRequest(spec=job),
+                                    timeout=60)
+            assert (code, reason) == ("RESOURCE_EXHAUSTED", "INSUFFICIENT_DEVICE_MEMORY")
+            code, reason, _ = fails(
+                server.circuits.EvaluateCircuit, circuit_pb2.EvaluateCircuitRequest(
+                    evaluation=job_pb2.EvaluationSpec(circuit=_store_circuit(url), data=data,
+                                                      batch_size=8)), timeout=60)
+            assert (code, reason) == ("RESOURCE_EXHAUSTED", "INSUFFICIENT_DEVICE_MEMORY")
 
 
 def test_the_estimate_loads_no_torch() -> None:
