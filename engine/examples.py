@@ -200,6 +200,10 @@ def parse_example(text: str, number: int) -> Example:
                 "escape), which is not valid Unicode",
                 field=f"line {number}.{name}",
             )
+        # PostgreSQL's text and JSONB cannot hold NUL ("\u0000"); no prompt needs one.
+        if _has_nul(value):
+            raise InvalidArgument(f"line {number}: {name} holds a NUL character (\\u0000)",
+                                  field=f"line {number}.{name}")
     ex = Example(**obj)
     try:
         check_example(ex, "examples[0]")
@@ -217,6 +221,14 @@ def _has_lone_surrogate(value: Any) -> bool:
         return False
     if isinstance(value, list | tuple):
         return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
     return False
 
 

@@ -140,7 +140,9 @@ def test_every_bad_line_is_reported(big_server: Server) -> None:
     (b'{"clean": "x", "corrupted": "x", "good": ["\\udfff"], "bad": ["y"]}', "lone UTF-16 surrogate"),
     (b'{"clean": [' + b"9" * 5000 + b'], "corrupted": [1]}', "not valid JSON"),
     (b'{"clean": "x\xff", "corrupted": "x"}', "not UTF-8"),
-], ids=["nested", "surrogate", "surrogate-in-set", "huge-int", "not-utf8"])
+    (b'{"clean": "a\\u0000b", "corrupted": "x"}', "NUL character"),
+    (b'{"clean": "x", "corrupted": "x", "target": " \\u0000"}', "NUL character"),
+], ids=["nested", "surrogate", "surrogate-in-set", "huge-int", "not-utf8", "nul", "nul-target"])
 def test_malformed_lines_name_the_line(big_server: Server, line: bytes, what: str) -> None:
     err = failure(upload, big_server, jsonl([EXAMPLE]) + line + b"\n" + jsonl([EXAMPLE]))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
