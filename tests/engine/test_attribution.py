@@ -24,8 +24,9 @@ from edgeprune.engine.errors import InvalidArgument, Stopped
 from edgeprune.engine.loading import load_model
 from edgeprune.engine.masked import CircuitModel
 from edgeprune.engine.metrics import evaluate
+from edgeprune.engine.reference import reference_forward, reference_run
 from edgeprune.engine.tasks import TaskDataset, build_task
-from tests.engine.masked_models import float64, reference_forward, reference_run
+from tests.engine.masked_models import float64
 
 
 @pytest.fixture(scope="module")

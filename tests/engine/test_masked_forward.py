@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from edgeprune.engine.masked import CircuitModel, masked_forward
-from tests.engine.masked_models import batch, reference_run, tiny_models
+from edgeprune.engine.reference import reference_run
+from tests.engine.masked_models import batch, tiny_models
 
 MODELS = tiny_models()
 

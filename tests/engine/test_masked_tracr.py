@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from edgeprune.engine.masked import CircuitModel
+from edgeprune.engine.reference import reference_run
 from edgeprune.engine.tracr_model import TracrConfig, TracrModel, load_tracr
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "tracr"
@@ -53,43 +53,6 @@ def _batch():
     return ids, corrupted, mask
 
 
-@torch.no_grad()
-def _reference(tracr: TracrModel, ids, valid, edge=None, node=None, ablated=None):
-    """Explicit loops over readers and writers, weights read head by head from the nn.Linears."""
-    c = tracr.config
-    edge, node, ablated = edge or {}, node or {}, ablated or {}
-    T, K = ids.shape[1], c.key_size
-    ys = {
-        "tok": tracr.tok_embed(ids),
-        "pos": tracr.pos_embed(torch.arange(T)).expand(ids.shape[0], T, -1),
-    }
-
-    def read(reader):
-        total = 0
-        for w, y in ys.items():
-            m = edge.get((w, reader), 1.0) * node.get(w, 1.0)
-            total = total + m * y + (1 - m) * ablated.get(w, torch.zeros_like(y))
-        return total
-
-    for l, layer in enumerate(tracr.layers):
-        a, new = layer.attn, {}
-        for h in range(c.num_heads):
-            rows = slice(h * K, (h + 1) * K)
-            q = read(f"a{l}.h{h}.q") @ a.q.weight[rows].T + a.q.bias[rows]
-            k = read(f"a{l}.h{h}.k") @ a.k.weight[rows].T + a.k.bias[rows]
-            v = read(f"a{l}.h{h}.v") @ a.v.weight[rows].T + a.v.bias[rows]
-            allowed = valid[:, None, :].expand(-1, T, T)
-            if c.causal:
-                allowed = allowed & torch.ones(T, T, dtype=torch.bool).tril()
-            scores = (q @ k.transpose(1, 2) / math.sqrt(K)).masked_fill(~allowed, float("-inf"))
-            new[f"a{l}.h{h}"] = (
-                scores.softmax(-1) @ v @ a.o.weight[:, rows].T + a.o.bias / c.num_heads
-            )
-        ys.update(new)
-        ys[f"m{l}"] = layer.mlp.fc_out(torch.relu(layer.mlp.fc_in(read(f"m{l}"))))
-    return tracr.unembed(read("logits")), ys
-
-
 def _close(got: torch.Tensor, expected: torch.Tensor, valid: torch.Tensor) -> None:
     """Equal at real tokens up to float32 rounding of logits of this size."""
     assert (got - expected)[valid].abs().max() <= 1e-6 * (1 + expected[valid].abs().max()) * 10
@@ -116,14 +79,14 @@ def test_random_masks_match_reference(model, ablation):
     node_d = {w: float(node[i]) for i, w in enumerate(g.writers)}
     ablated = None
     if ablation != "zero":
-        _, outs = _reference(model.module, corrupted, valid)
+        _, outs = reference_run(model.module, corrupted, valid)
         ablated = outs
         if ablation == "mean":
             weight = valid[:, :, None].float()
             ablated = {
                 w: (y * weight).sum(0, keepdim=True) / weight.sum(0) for w, y in outs.items()
             }
-    expected, _ = _reference(model.module, ids, valid, edge_d, node_d, ablated)
+    expected, _ = reference_run(model.module, ids, valid, edge_d, node_d, ablated)
     got = model.logits(
         ids,
         attention_mask=mask,
