@@ -1,11 +1,12 @@
-"""The masked forward pass: every edge between its clean and its ablated value.
+"""The masked forward pass, fast: what engine/reference.py specifies, computed with matmuls.
 
 Reader r's input is ``x_r = A_r + sum_{w < n_r} M[r, w] * d_w`` where ``d_w = y_w - y~_w`` is
 writer w's output minus its ablation value, ``A_r = sum_{w < n_r} y~_w`` the ablated residual over
 r's upstream prefix, and ``M[r, w] = z_wr * z_w`` (edge mask times node mask). All masks 1 gives the
 clean residual, all masks 0 the ablated one. The deltas live in one buffer [W, B, T, D] written in
 place; readers are mixed by matmuls over their upstream slices, a block of layers at a time (see
-``masked_forward`` and _autograd.py).
+:class:`Readers`; the buffer's layout is in _buffer.py, the autograd functions that write and read
+it in _autograd.py, the matmuls in _kernels.py).
 
 ``masked_forward`` knows nothing of model families: an :class:`~edgeprune.engine.adapters.Adapter`
 supplies embeddings, per-head q/k/v, head outputs, MLPs and the unembedding.
@@ -20,6 +21,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,20 +29,14 @@ import torch.utils.checkpoint
 from torch import nn
 
 from edgeprune.engine import _checks
-from edgeprune.engine._autograd import (
-    DeltaBuffer,
-    Workspace,
-    head_outputs,
-    mix,
-    prefix,
-    read,
-    write,
-    write_heads,
-)
+from edgeprune.engine._autograd import mix, prefix, read, write, write_heads
+from edgeprune.engine._buffer import DeltaBuffer, GradInto
 from edgeprune.engine._checks import Mask
+from edgeprune.engine._kernels import head_outputs
 from edgeprune.engine.adapters import Adapter, adapter_for
 from edgeprune.engine.errors import InvalidArgument
 from edgeprune.engine.graph import Graph, ReaderGroup
+from edgeprune.engine.workspace import Workspace
 
 
 def attention_mask_4d(valid: torch.Tensor, *, causal: bool, window: int | None) -> torch.Tensor:
@@ -116,22 +112,26 @@ def attention_heads(
     position_ids: torch.Tensor,
     mask: torch.Tensor,
     answer_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    grad_into: tuple[GradInto | None, GradInto | None] = (None, None),
 ) -> torch.Tensor:
     """One layer's attention from its q/k/v readers' inputs to its heads' outputs before the output
     projection, a pure function: x_q [H, B, T, D], x_kv [2KV, B, T, D], position_ids [1, T],
     mask [B, 1, T, T] -> z [B, H, T, K].
 
-    With ``answer_rows`` (the example and the token of N rows, [N] each; see
-    ``DeltaBuffer.answer_rows``) the queries are taken there only: x_q [H, N, D] -> z [1, H, N, K],
-    every answer row one single-query attention over its example's keys.
+    With ``answer_rows`` (the example and the token of N rows, [N] each; see :class:`AnswerRows`)
+    the queries are taken there only: x_q [H, N, D] -> z [1, H, N, K], every answer row one
+    single-query attention over its example's keys. ``grad_into``: where the gradients of x_q and
+    x_kv may be written during the backward pass (see ``GradInto``), or None.
     """
-    k, v = adapter.keys_values(layer, x_kv, position_ids)  # [B, KV, T, K] each
+    q_grad_into, kv_grad_into = grad_into
+    k, v = adapter.keys_values(layer, x_kv, position_ids, grad_into=kv_grad_into)
+    # k, v [B, KV, T, K]
     if answer_rows is None:
-        q = adapter.queries(layer, x_q, position_ids)  # [B, H, T, K]
+        q = adapter.queries(layer, x_q, position_ids, grad_into=q_grad_into)  # [B, H, T, K]
         return _attend(adapter, layer, q, k, v, mask)  # [B, H, T, K]
     b, t = answer_rows
     at = position_ids.expand(x_kv.shape[1:3])[b, t]  # [N]
-    q = adapter.queries(layer, x_q[:, None], at[None])  # [1, H, N, K]
+    q = adapter.queries(layer, x_q[:, None], at[None], grad_into=q_grad_into)  # [1, H, N, K]
     q = q[0].transpose(0, 1)[:, :, None]  # [N, H, 1, K]
     z = _attend(adapter, layer, q, k[b], v[b], mask[b, :, t][:, :, None])  # [N, H, 1, K]
     return z.transpose(0, 2)  # [1, H, N, K]
@@ -160,6 +160,124 @@ def _call(fn: Callable[..., torch.Tensor], *args: object, recompute: bool) -> to
     )
 
 
+class AttentionInputs(NamedTuple):
+    """One layer's attention readers' inputs, and what :func:`attention_heads` takes with them."""
+
+    q: torch.Tensor  # [H, B, T, D], or [H, N, D] at the answer rows
+    kv: torch.Tensor  # [2KV, B, T, D]
+    grad_into: tuple[GradInto | None, GradInto | None]  # where their gradients may go
+    answer_rows: tuple[torch.Tensor, torch.Tensor] | None  # see AnswerRows
+
+
+class AnswerRows:
+    """The answer-row path: only the logits at the N answer rows (``index``) are wanted.
+
+    Then the last layer's writers are read by the logits reader alone, at those rows: that
+    layer's query readers, heads, MLP reader and MLP run at the answer rows only (its key and
+    value readers over the whole batch, since every answer row attends to its example's keys),
+    and its writers live in the buffer's ``d_at_index`` alone. Readers here read every writer
+    before them in one mix at the answer rows.
+    """
+
+    def __init__(self, buf: DeltaBuffer, graph: Graph, layer: int) -> None:
+        self.buf, self.layer = buf, layer
+        buf.index_only = graph.layer_start(layer)
+
+    @property
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The example and the token of every answer row, [N] each."""
+        return self.buf.answer_rows
+
+    def mix(self, token: torch.Tensor, m: torch.Tensor, *, last: bool = False) -> torch.Tensor:
+        """Readers' inputs A_r + sum_w M[r, w] d_w at the answer rows: m [R, n] -> [R, N, D]."""
+        buf = self.buf
+        return mix(buf, token, m, buf.at_index(buf.ablated_sum), at_index=True, last=last)
+
+
+class Readers:
+    """Every reader's input ``x_r = A_r + sum_w M[r, w] * d_w``, formed a block of layers at a time.
+
+    At the first layer of every block of ``block_layers(L)`` layers, one matmul mixes the whole
+    block's readers over the writers before the block (so that prefix of the buffer is read once
+    per block, not once per layer); each reader group then adds the block's writers before it.
+    A_r, the ablated residual, comes in the same parts: the running sum of the ablation values of
+    the writers before the block, then of those inside it.
+    """
+
+    def __init__(self, buf: DeltaBuffer, graph: Graph, weights: torch.Tensor,
+                 answers: AnswerRows | None) -> None:
+        self.buf, self.graph, self.weights, self.answers = buf, graph, weights, answers
+        self.H, self.KV = graph.n_heads, graph.n_kv_heads
+        self.size = block_layers(graph.n_layers)
+
+    def _at_answers(self, layer: int) -> bool:
+        return self.answers is not None and layer == self.answers.layer
+
+    def _start_block(self, token: torch.Tensor, layer: int) -> None:
+        """Mix the readers of the block starting at ``layer`` over the writers before it."""
+        g, R_attn = self.graph, self.H + 2 * self.KV
+        answer_layer = None if self.answers is None else self.answers.layer
+        stop = min(g.n_layers, layer + self.size)
+        m = _block_prefix(g, self.weights, layer, stop, answer_layer)  # [R_blk, first]
+        self.first = g.layer_start(layer)  # writers before the block
+        self.block_base = self.buf.ablated_sum  # [B|1, T, D] or None (zero ablation)
+        self.block, self.block_token = prefix(
+            self.buf, token, m, self.block_base, self.size * (R_attn + 1)
+        )
+
+    def _read(self, token: torch.Tensor, m: torch.Tensor, row: int, start: int,
+              since: torch.Tensor | None, returned: tuple[int, ...] | None = None
+              ) -> tuple[torch.Tensor, ...]:
+        """Add the writers ``start..`` inside the block (m [R, n]; their ablation values: the
+        running sum less ``since``) to the block's rows ``row..``."""
+        base = _difference(self.buf.ablated_sum, since)
+        return read(self.buf, token, self.block, self.block_token, m, row=row, start=start,
+                    returned=returned, base=base)
+
+    def attention(self, token: torch.Tensor, layer: int) -> AttentionInputs:
+        """The inputs of layer ``layer``'s query, key and value readers."""
+        if layer % self.size == 0:
+            self._start_block(token, layer)
+        H, KV, g, first = self.H, self.KV, self.graph, self.first
+        self.row = (layer % self.size) * (H + 2 * KV + 1)  # the layer's rows in the block
+        heads = g.layer_start(layer)
+        m_attn = _group_weights(self.weights, g.attn_group(layer))  # [H + 2KV, heads]
+        self.m_mlp = _group_weights(self.weights, g.mlp_group(layer))  # [1, heads + H]
+        if self._at_answers(layer):
+            # keys and values in the block; queries over every writer before the layer, there
+            (x_kv,) = self._read(token, m_attn[H:, first:], self.row, first, self.block_base)
+            x_q = self.answers.mix(token, m_attn[:H])  # [H, N, D]
+            grad_into = (None, GradInto(self.block, self.row, 2 * KV))
+            rows = self.answers.rows
+        else:
+            # the q/k/v readers and the MLP reader over the block's writers before the layer,
+            # in one matmul; the MLP reader adds the layer's heads once they are written
+            m = torch.cat([m_attn[:, first:], self.m_mlp[:, first:heads]])
+            x_q, x_kv = self._read(token, m, self.row, first, self.block_base, (H, 2 * KV))
+            grad_into = (GradInto(self.block, self.row, H),
+                         GradInto(self.block, self.row + H, 2 * KV))
+            rows = None
+        self.before_heads = self.buf.ablated_sum
+        return AttentionInputs(x_q, x_kv, grad_into, rows)  # x_kv [2KV, B, T, D]
+
+    def mlp(self, token: torch.Tensor, layer: int) -> torch.Tensor:
+        """The input of layer ``layer``'s MLP reader (after :meth:`attention` and the heads'
+        write): [1, B, T, D], or [1, 1, N, D] at the answer rows."""
+        if self._at_answers(layer):
+            return self.answers.mix(token, self.m_mlp)[:, None]
+        heads = self.graph.layer_start(layer)
+        (x,) = self._read(token, self.m_mlp[:, heads:], self.row + self.H + 2 * self.KV, heads,
+                          self.before_heads)
+        return x
+
+    def logits(self, token: torch.Tensor) -> torch.Tensor:
+        """The logits reader's input over every writer: [B, T, D], or [N, D] at the answer rows."""
+        m = _group_weights(self.weights, self.graph.logits_group())  # [1, W]
+        if self.answers is not None:
+            return self.answers.mix(token, m, last=True)[0]
+        return mix(self.buf, token, m, self.buf.ablated_sum, last=True)[0]
+
+
 def masked_forward(
     adapter: Adapter,
     graph: Graph,
@@ -177,25 +295,21 @@ def masked_forward(
 ) -> tuple[torch.Tensor | None, DeltaBuffer]:
     """Logits of the masked model, and the delta buffer.
 
+    Computes exactly what the specification, :func:`edgeprune.engine.reference.reference_forward`,
+    computes (every reader's input the mask-weighted sum of its upstream writers' clean and
+    ablated outputs), with readers mixed by matmuls over the delta buffer (see :class:`Readers`).
+
     input_ids [B, T]; valid [B, T] bool; weights [E] (M[r, w] in edge order); ablated [W, B|1, T, D]
     or None (zero ablation); index [N] rows of the flat (B*T) axis to unembed, None for all.
     Returns logits [B, T, V] (or [N, V]; None when ``logits`` is False) and the buffer, whose ``d``
-    holds every writer's output minus its ablation value.
-
-    Mixing is blocked: at the first layer of every block of ``block_layers(L)`` layers, one matmul
-    mixes the block's readers over the writers before the block (reading that prefix of the buffer
-    once per block, not once per layer); each reader then adds the writers inside the block.
-
-    With an ``index``, the last layer's writers are read by the logits reader alone, at those rows:
-    its query readers, heads, MLP reader and MLP run at the answer rows only (its key and value
-    readers over the whole batch), and its writers live in the buffer's ``d_at_index`` alone.
+    holds every writer's output minus its ablation value. With an ``index`` (and ``logits``) the
+    last layer runs at the answer rows only (see :class:`AnswerRows`).
 
     With ``checkpoint_layers`` every layer's attention (from its q/k/v readers' inputs to its heads'
     outputs before the output projection) and MLP (from its reader's input to its output) keep
-    none of their intermediates (normalised inputs, q/k/v, attention, hidden activations) for the
-    backward pass, which recomputes them. Both are pure functions of their inputs, which live in
-    the block's reader inputs until the backward pass is done with them; the buffer's writes and
-    reads stay outside.
+    none of their intermediates for the backward pass, which recomputes them. Both are pure
+    functions of their inputs, which live in the block's reader inputs until the backward pass is
+    done with them; the buffer's writes and reads stay outside.
 
     ``workspace`` lends the buffer and the blocks' reader inputs (see ``Workspace``); it must not be
     given when the caller keeps the returned buffer's ``d``.
@@ -209,85 +323,38 @@ def masked_forward(
     and this gives each edge's gradient . delta in one backward, for any delta.
     """
     B, T = input_ids.shape
-    H, KV, L = adapter.n_heads, adapter.n_kv_heads, adapter.n_layers
+    H = adapter.n_heads
     position_ids = torch.arange(T, device=input_ids.device)[None]  # [1, T]
     if embeddings is None:
-        emb = adapter.embed(input_ids, position_ids)  # [n_embed, B, T, D]
-    else:
-        emb = embeddings  # [n_embed, B, T, D]
-    buf = DeltaBuffer(
-        graph.n_writers, B, T, adapter.d_model, like=emb, workspace=workspace, index=index,
-        grad_deltas=grad_deltas,
-    )
-    # buf.d [W, B, T, D]
+        embeddings = adapter.embed(input_ids, position_ids)  # [n_embed, B, T, D]
+    buf = DeltaBuffer(graph.n_writers, B, T, adapter.d_model, like=embeddings,
+                      workspace=workspace, index=index, grad_deltas=grad_deltas)  # d [W, B, T, D]
+    answers = AnswerRows(buf, graph, adapter.n_layers - 1) if logits and index is not None else None
+    readers = Readers(buf, graph, weights, answers)
+    mask_of = layer_masks(adapter, valid)
 
     def ablation(start: int, stop: int) -> torch.Tensor | None:
-        return None if ablated is None else ablated[start:stop]  # [n, B|1, T, D]
+        return None if ablated is None else ablated[start:stop]  # y~ [n, B|1, T, D]
 
-    mask_of = layer_masks(adapter, valid)
-    size = block_layers(L)
-    R_attn = H + 2 * KV
-    # Only the logits read the last layer's writers: with answer positions, its queries, heads and
-    # MLP are computed there alone (its keys and values still everywhere)
-    answer_layer = L - 1 if logits and index is not None else None
-    if answer_layer is not None:
-        buf.index_only = graph.layer_start(answer_layer)
-
-    token = write(buf, emb.new_zeros(()), 0, emb, ablation(0, graph.n_embed))
-    for layer in range(L):
-        j = layer % size  # position in the block
-        if j == 0:
-            first = graph.layer_start(layer)  # writers before the block
-            m = _block_prefix(graph, weights, layer, min(L, layer + size), answer_layer)
-            # m [R_blk, first]
-            # A_r, each reader's ablated residual, in parts: the writers before the block here
-            block_base = buf.ablated_sum  # [B|1, T, D] or None (zero ablation)
-            block, block_token = prefix(buf, token, m, block_base, size * (R_attn + 1))
-
-        row = j * (R_attn + 1)
-        heads = graph.layer_start(layer)
-        at_answers = layer == answer_layer  # queries, heads and MLP at the answer rows only
-        m_attn = _group_weights(weights, graph.attn_group(layer))  # [H + 2KV, heads]
-        m_mlp = _group_weights(weights, graph.mlp_group(layer))  # [1, heads + H]
-        base = _difference(buf.ablated_sum, block_base)  # the block's writers before the layer
-        if at_answers:
-            # keys and values in the block; queries over every writer before the layer, there
-            (x_kv,) = read(buf, token, block, block_token, m_attn[H:, first:], row=row,
-                           start=first, base=base)  # [2KV, B, T, D]
-            x_q = mix(buf, token, m_attn[:H], buf.at_index(buf.ablated_sum), at_index=True)
-            # x_q [H, N, D]
-        else:
-            # the layer's q/k/v readers and its MLP reader over the block's writers before the
-            # layer, in one matmul; the MLP reader adds the layer's heads once they are written
-            m = torch.cat([m_attn[:, first:], m_mlp[:, first:heads]])
-            x_q, x_kv = read(buf, token, block, block_token, m, row=row, start=first,
-                             returned=(H, 2 * KV), base=base)
-            # x_q [H, B, T, D], x_kv [2KV, B, T, D]
+    token = write(buf, embeddings.new_zeros(()), 0, embeddings, ablation(0, graph.n_embed))
+    for layer in range(adapter.n_layers):
+        heads = graph.layer_start(layer)  # the layer's writers: heads..heads+H, then its MLP
+        # attention: gather its readers' inputs, run it, write its heads' outputs
+        x = readers.attention(token, layer)
         attend = functools.partial(
             attention_heads, adapter, layer, position_ids=position_ids, mask=mask_of(layer),
-            answer_rows=buf.answer_rows if at_answers else None,
+            answer_rows=x.answer_rows, grad_into=x.grad_into,
         )
-        z = _call(attend, x_q, x_kv, recompute=checkpoint_layers)  # [B, H, T, K] | [1, H, N, K]
+        z = _call(attend, x.q, x.kv, recompute=checkpoint_layers)  # [B, H, T, K] | [1, H, N, K]
         weight, bias = adapter.out_proj(layer)  # [H, K, D], [D] or None
-        before = buf.ablated_sum
         token = write_heads(buf, token, heads, z, weight, bias, ablation(heads, heads + H))
-        if at_answers:  # over every writer before it, at the answer rows
-            x = mix(buf, token, m_mlp, buf.at_index(buf.ablated_sum), at_index=True)[:, None]
-        else:
-            base = _difference(buf.ablated_sum, before)  # the layer's heads
-            (x,) = read(buf, token, block, block_token, m_mlp[:, heads:], row=row + R_attn,
-                        start=heads, base=base)
-        # x [1, B, T, D] | [1, 1, N, D]
-        y = _call(adapter.mlp, layer, x, recompute=checkpoint_layers)  # x's shape
+        # MLP: gather its reader's input, run it, write its output
+        x_mlp = readers.mlp(token, layer)  # [1, B, T, D] | [1, 1, N, D]
+        y = _call(adapter.mlp, layer, x_mlp, recompute=checkpoint_layers)  # x_mlp's shape
         token = write(buf, token, heads + H, y, ablation(heads + H, heads + H + 1))
-
     if not logits:
         return None, buf
-    base = buf.ablated_sum if index is None else buf.at_index(buf.ablated_sum)
-    # base [B|1, T, D] or [N, D] or None
-    m = _group_weights(weights, graph.logits_group())  # [1, W]
-    x = mix(buf, token, m, base, at_index=index is not None, last=True)  # [1, B, T, D] | [1, N, D]
-    return adapter.unembed(x[0]), buf  # [B, T, V] | [N, V]
+    return adapter.unembed(readers.logits(token)), buf  # [B, T, V] | [N, V]
 
 
 @torch.no_grad()

@@ -12,8 +12,8 @@ written by hand (weights are frozen): forward reads each input for its statistic
 two for LayerNorm) and for the projection, and writes nothing full-width; backward writes the
 projection's transpose and updates it in place once, instead of the handful of full-width
 temporaries autograd keeps for a norm.
-The gradient with respect to x is written where the masked forward keeps it (see
-``gradient_destination``), saving a full-width copy.
+The gradient with respect to x is written where the masked forward keeps it when the caller says
+where that is (``grad_into``), saving a full-width copy.
 Shapes: R readers (one per head), B batch, T tokens, D width, K head width.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeprune.engine._autograd import gradient_destination
+from edgeprune.engine.adapters.base import GradInto
 
 # Norm classes known to compute weight * x * rsqrt(mean(x^2) + variance_epsilon)
 STANDARD_RMS_NORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"})
@@ -52,9 +52,10 @@ class _NormProject(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         centred: bool,
+        grad_into: GradInto | None,
     ) -> torch.Tensor:
         # x [R, B, T, D]; norm_weight, norm_bias [D]; weight [R, K, D], bias [R, K] (frozen)
-        # -> [B, R, T, K]
+        # -> [B, R, T, K]; grad_into: where x's gradient may be written, or None
         D = x.shape[-1]
         R, K = weight.shape[:2]
         # (x * w) @ W^T == x @ (W * w)^T: scale the small weight, not the full-width input. For
@@ -65,8 +66,8 @@ class _NormProject(torch.autograd.Function):
         stats = _stats_dtype(x)
         sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stats).square() / D  # E[x^2]
         c = mu = None
-        if centred:  # LayerNorm: var = E[x^2] - mu^2, two fast reductions (the native kernel's
-            # Welford pass is several times slower); exact enough unless |mu| >> std
+        if centred:  # LayerNorm: var = E[x^2] - mu^2, two reductions faster than the native
+            # kernel's Welford pass; exact enough unless |mu| >> std
             scaled[:, K] = 1
             mean = x.sum(-1, keepdim=True, dtype=stats) / D  # [R, B, T, 1]
             var = (sq - mean.square()).clamp_min(0)
@@ -83,7 +84,7 @@ class _NormProject(torch.autograd.Function):
         else:
             out = torch.addcmul(bias[None, :, None, :], p, rstd.transpose(0, 1))  # [B, R, T, K]
         ctx.save_for_backward(x, rstd, p, scaled, mu, c)
-        ctx.grad_into = gradient_destination(x)
+        ctx.grad_into = grad_into
         return out
 
     @staticmethod
@@ -107,23 +108,30 @@ class _NormProject(torch.autograd.Function):
         g_x = ctx.grad_into() if ctx.grad_into is not None else torch.empty_like(x)  # [R, B, T, D]
         torch.bmm(a.transpose(1, 2), scaled, out=g_x.view(R, B * T, D))  # [R, B*T, D]
         g_x.addcmul_(x, coef)  # [R, B, T, D]
-        return g_x, None, None, None, None, None, None
+        return g_x, None, None, None, None, None, None, None
 
 
 def rms_norm_project(
-    x: torch.Tensor, norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None,
+    grad_into: GradInto | None = None,
 ) -> torch.Tensor:
     """``norm(x[r]) @ weight[r]^T + bias[r]`` for every reader r: x [R, B, T, D], weight [R, K, D],
     bias [R, K] or None -> [B, R, T, K].
 
     ``norm`` is one of STANDARD_RMS_NORMS (its ``weight`` and ``variance_epsilon`` are used).
+    ``grad_into``: where x's gradient may be written during the backward pass (see
+    ``Adapter.queries``).
     """
-    return _NormProject.apply(x, norm.weight, None, norm.variance_epsilon, weight, bias, False)
+    return _NormProject.apply(
+        x, norm.weight, None, norm.variance_epsilon, weight, bias, False, grad_into
+    )
 
 
 def layer_norm_project(
-    x: torch.Tensor, norm: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, norm: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor | None = None,
+    grad_into: GradInto | None = None,
 ) -> torch.Tensor:
     """``norm(x[r]) @ weight[r]^T + bias[r]`` for every reader r with a LayerNorm over the last
-    dimension: x [R, B, T, D], weight [R, K, D], bias [R, K] or None -> [B, R, T, K]."""
-    return _NormProject.apply(x, norm.weight, norm.bias, norm.eps, weight, bias, True)
+    dimension: x [R, B, T, D], weight [R, K, D], bias [R, K] or None -> [B, R, T, K]
+    (``grad_into``: as in :func:`rms_norm_project`)."""
+    return _NormProject.apply(x, norm.weight, norm.bias, norm.eps, weight, bias, True, grad_into)

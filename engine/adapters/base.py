@@ -13,9 +13,14 @@ Shapes: B batch, T tokens, D model width, H query heads, KV key/value heads, K h
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+# Where a reader input's gradient may be written during the backward pass (see
+# ``edgeprune.engine._buffer.GradInto``)
+GradInto = Callable[[], torch.Tensor]
 
 
 class Adapter(ABC):
@@ -41,16 +46,25 @@ class Adapter(ABC):
         """Embedding writers' outputs [n_embed, B, T, D] ("tok" then "pos" where there is one)."""
 
     @abstractmethod
-    def queries(self, layer: int, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def queries(
+        self, layer: int, x: torch.Tensor, position_ids: torch.Tensor,
+        grad_into: GradInto | None = None,
+    ) -> torch.Tensor:
         """Per-head queries from the query readers' inputs: x [H, B, T, D], position_ids [1|B, T]
-        -> q [B, H, T, K] (normalised, projected, rotary applied where the model has it)."""
+        -> q [B, H, T, K] (normalised, projected, rotary applied where the model has it).
+
+        ``grad_into``, when given, returns during the backward pass a tensor of x's shape where
+        x's gradient may be written (and returned), sparing the engine a copy; it may be
+        ignored."""
 
     @abstractmethod
     def keys_values(
-        self, layer: int, x: torch.Tensor, position_ids: torch.Tensor
+        self, layer: int, x: torch.Tensor, position_ids: torch.Tensor,
+        grad_into: GradInto | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys and values from the key readers' then the value readers' inputs:
-        x [2KV, B, T, D], position_ids [1|B, T] -> k, v [B, KV, T, K]."""
+        x [2KV, B, T, D], position_ids [1|B, T] -> k, v [B, KV, T, K] (``grad_into``: as in
+        :meth:`queries`)."""
 
     def attn_scale(self, layer: int) -> float:
         """Factor on q.k in attention logits."""

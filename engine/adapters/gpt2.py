@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from transformers.activations import NewGELUActivation
 
 from edgeprune.engine.adapters._norm_project import layer_norm_project
-from edgeprune.engine.adapters.base import Adapter
+from edgeprune.engine.adapters.base import Adapter, GradInto
 
 
 class GPT2Adapter(Adapter):
@@ -40,7 +40,9 @@ class GPT2Adapter(Adapter):
         pos = self.body.wpe(position_ids).expand_as(tok)  # [B, T, D]
         return torch.stack([tok, pos])  # [2, B, T, D]
 
-    def _heads(self, layer: int, x: torch.Tensor, part: slice) -> torch.Tensor:
+    def _heads(
+        self, layer: int, x: torch.Tensor, part: slice, grad_into: GradInto | None
+    ) -> torch.Tensor:
         """Per-reader LayerNorm and projection by heads ``part`` of c_attn (q heads 0..H, k heads
         H..2H, v heads 2H..3H): x [R, B, T, D] -> [B, R, T, K]."""
         block = self.body.h[layer]
@@ -50,14 +52,15 @@ class GPT2Adapter(Adapter):
         w = c_attn.weight.view(D, 3 * H, K).permute(1, 2, 0)[part]  # [R, K, D]
         b = c_attn.bias.view(3 * H, K)[part]  # [R, K]
         # the norm's scale applied after the projection
-        return layer_norm_project(x, block.ln_1, w, b)  # [B, R, T, K]
+        return layer_norm_project(x, block.ln_1, w, b, grad_into)  # [B, R, T, K]
 
-    def queries(self, layer, x, position_ids):
-        return self._heads(layer, x, slice(0, self.n_heads))  # [B, H, T, K]
+    def queries(self, layer, x, position_ids, grad_into=None):
+        return self._heads(layer, x, slice(0, self.n_heads), grad_into)  # [B, H, T, K]
 
-    def keys_values(self, layer, x, position_ids):
+    def keys_values(self, layer, x, position_ids, grad_into=None):
         H = self.n_heads
-        return self._heads(layer, x, slice(H, 3 * H)).split(H, dim=1)  # k, v [B, H, T, K]
+        kv = self._heads(layer, x, slice(H, 3 * H), grad_into)  # [B, 2H, T, K]
+        return kv.split(H, dim=1)  # k, v [B, H, T, K]
 
     def attn_scale(self, layer: int) -> float:
         scale = self.head_dim**-0.5 if self._scale_weights else 1.0

@@ -12,7 +12,13 @@ from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
 from edgeprune.engine.adapters._norm_project import STANDARD_RMS_NORMS, rms_norm_project
-from edgeprune.engine.adapters.base import Adapter, linear_heads, linear_out_heads, project_heads
+from edgeprune.engine.adapters.base import (
+    Adapter,
+    GradInto,
+    linear_heads,
+    linear_out_heads,
+    project_heads,
+)
 
 
 class LlamaAdapter(Adapter):
@@ -36,14 +42,17 @@ class LlamaAdapter(Adapter):
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.body.embed_tokens(input_ids)[None]  # [1, B, T, D]
 
-    def _heads(self, layer: int, x: torch.Tensor, projs: tuple[nn.Linear, ...]) -> torch.Tensor:
+    def _heads(
+        self, layer: int, x: torch.Tensor, projs: tuple[nn.Linear, ...],
+        grad_into: GradInto | None,
+    ) -> torch.Tensor:
         """Per-reader RMSNorm and projection by the heads of ``projs``: x [R, B, T, D] ->
         [B, R, T, K]."""
         block = self.body.layers[layer]
         w, b = linear_heads(projs, self.head_dim)  # [R, K, D] and [R, K] or None
         norm = block.input_layernorm
         if type(norm).__name__ in STANDARD_RMS_NORMS:
-            return rms_norm_project(x, norm, w, b)  # [B, R, T, K]
+            return rms_norm_project(x, norm, w, b, grad_into)  # [B, R, T, K]
         return project_heads(norm(x), w, b)  # [B, R, T, K]
 
     def _rotate(self, t: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -52,13 +61,15 @@ class LlamaAdapter(Adapter):
         cos, sin = cos[:, None], sin[:, None]  # [B|1, 1, T, K]
         return t * cos + rotate_half(t) * sin  # as the model's apply_rotary_pos_emb
 
-    def queries(self, layer, x, position_ids):
-        q = self._heads(layer, x, (self.body.layers[layer].self_attn.q_proj,))  # [B, H, T, K]
+    def queries(self, layer, x, position_ids, grad_into=None):
+        q_proj = self.body.layers[layer].self_attn.q_proj
+        q = self._heads(layer, x, (q_proj,), grad_into)  # [B, H, T, K]
         return self._rotate(q, position_ids)
 
-    def keys_values(self, layer, x, position_ids):
+    def keys_values(self, layer, x, position_ids, grad_into=None):
         attn = self.body.layers[layer].self_attn
-        k, v = self._heads(layer, x, (attn.k_proj, attn.v_proj)).split(self.n_kv_heads, dim=1)
+        kv = self._heads(layer, x, (attn.k_proj, attn.v_proj), grad_into)  # [B, 2KV, T, K]
+        k, v = kv.split(self.n_kv_heads, dim=1)
         return self._rotate(k, position_ids), v  # [B, KV, T, K] each
 
     def attn_scale(self, layer: int) -> float:

@@ -38,11 +38,11 @@ class TracrAdapter(Adapter):
         pos = self.module.pos_embed(position_ids).expand_as(tok)  # [B, T, D]
         return torch.stack([tok, pos])  # [2, B, T, D]
 
-    def queries(self, layer, x, position_ids):
+    def queries(self, layer, x, position_ids, grad_into=None):
         w, b = linear_heads((self.module.layers[layer].attn.q,), self.head_dim)  # [H, K, D]
         return project_heads(x, w, b)  # [B, H, T, K]
 
-    def keys_values(self, layer, x, position_ids):
+    def keys_values(self, layer, x, position_ids, grad_into=None):
         attn = self.module.layers[layer].attn
         w, b = linear_heads((attn.k, attn.v), self.head_dim)  # [2H, K, D], [2H, K] | None
         return project_heads(x, w, b).split(self.n_heads, dim=1)  # k, v [B, H, T, K]

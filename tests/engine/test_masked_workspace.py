@@ -1,4 +1,4 @@
-"""The workspace that keeps the masked forward's big buffers between steps (engine/_autograd.py).
+"""The workspace that keeps the masked forward's big buffers between steps (engine/workspace.py).
 
 Reusing memory must never change a result: a step on reused (and deliberately poisoned) buffers
 equals a step on fresh ones, a graph kept alive across later forwards still backpropagates
@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeprune.engine._autograd import Workspace, _grad_m, _Loan, _widened, row_stride
+from edgeprune.engine._kernels import mask_gradient, widened
 from edgeprune.engine.masked import CircuitModel, masked_forward
+from edgeprune.engine.workspace import Loan, Workspace, row_stride
 from tests.engine.masked_models import batch, tiny_models
 
 MODELS = tiny_models()
@@ -102,7 +103,7 @@ def test_no_grad_forwards_give_their_buffers_back_at_once(name: str) -> None:
 
 
 def test_lent_rows_are_padded_to_an_odd_number_of_cache_lines() -> None:
-    workspace, owner = Workspace(), _Loan()
+    workspace, owner = Workspace(), Loan()
     # SmolLM2 at 16 x 24 tokens: rows of 221,184 floats, 216 pages each
     t = workspace.lend(owner, (5, 16, 24, 576), torch.empty(()))
     assert t.shape == (5, 16, 24, 576) and t[1].is_contiguous()
@@ -142,11 +143,11 @@ def test_mask_gradient_widens_gradient_rows_only_within_their_memory() -> None:
     rows = torch.randn(16, 40, generator=gen)
     rows[11:] = float("nan")  # what follows the 11 rows read
     g = rows[:11]
-    wide = _widened(g, 16)
+    wide = widened(g, 16)
     assert wide.shape == (16, 40) and wide.data_ptr() == g.data_ptr()
-    torch.testing.assert_close(_grad_m(d, g), g @ d.T, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mask_gradient(d, g), g @ d.T, rtol=1e-6, atol=1e-6)
     # no memory past the rows (the end of the storage) or rows not contiguous: unchanged
     tail = rows[5:11].clone()
-    assert _widened(tail, 8) is tail
+    assert widened(tail, 8) is tail
     cols = rows.T[:9]  # [9, 16], rows strided by 1
-    assert _widened(cols, 16) is cols
+    assert widened(cols, 16) is cols

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig
 
 from bench.bench_memory import measure_in_subprocess
-from edgeprune.engine._autograd import GRAD_M_ROWS
+from edgeprune.engine._kernels import GRAD_M_ROWS
 from edgeprune.engine.errors import InvalidArgument, ResourceExhausted
 from edgeprune.engine.graph import Graph
 from edgeprune.engine.loading import load_model
