@@ -13,6 +13,12 @@ Measures (one JSON line each):
 * ``upload_peak_rss``: the API's peak RSS rise while it receives two maximum uploads at once
   (``max_dataset_bytes`` each, or ``EDGEPRUNE_BENCH_UPLOAD_MIB``; the ratio to the bytes
   uploaded is reported), on SQLite and PostgreSQL; written to bench/results/uploads.jsonl.
+* ``list_peak_rss``: the API's peak RSS rise for one ListJobs of LIST_JOBS jobs (page size 1000)
+  in BASIC, and for listing them all in FULL (pages end at the reply size), each job carrying
+  LIST_EXAMPLES inline examples; ``watch_get_latency``: GetJob p50/p99 from GET_CLIENTS clients
+  at a steady GET_RATE each and the API's CPU share with 0 and with WATCHED_JOBS watchers on as many jobs (an event a
+  job every few seconds; the server's default poll interval); target p99 < 50 ms. Both on
+  SQLite and PostgreSQL, written to bench/results/list-watch.jsonl.
 
 Run: ``python -m bench service`` (``make bench`` runs it with the others).
 """
@@ -20,10 +26,12 @@ Run: ``python -m bench service`` (``make bench`` runs it with the others).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +39,7 @@ from pathlib import Path
 import grpc
 
 from edgeprune.service.config import Limits
-from edgeprune.v1 import dataset_pb2, dataset_pb2_grpc, job_pb2, job_pb2_grpc
+from edgeprune.v1 import common_pb2, dataset_pb2, dataset_pb2_grpc, job_pb2, job_pb2_grpc
 from tests.service.harness import MODEL, Server, edge_pruning_spec
 from tests.tiny_models import tiny_gpt2
 
@@ -43,6 +51,13 @@ UPLOADS = 2  # the default max_concurrent_uploads
 UPLOAD_EXAMPLES = 40_000  # about this many examples an upload (under the default max_examples)
 MiB = 1024 * 1024
 UPLOAD_RESULTS = Path(__file__).parent / "results" / "uploads.jsonl"
+LIST_WATCH_RESULTS = Path(__file__).parent / "results" / "list-watch.jsonl"
+LIST_JOBS = 1000
+LIST_EXAMPLES = 1000  # short examples: about 30 kB of protobuf a job, 10x that as Python objects
+WATCHED_JOBS = 200
+GET_CLIENTS = 10
+GET_RATE = 10.0  # GetJob calls per second per client (open loop: latency, not saturation)
+GET_SECONDS = 20.0
 
 
 def emit(**values: object) -> None:
@@ -193,6 +208,183 @@ def uploads(root: Path, models: dict[str, str], pg_url: str) -> None:
     UPLOAD_RESULTS.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
+def _list_spec(i: int) -> job_pb2.JobSpec:
+    spec = edge_pruning_spec()
+    spec.data.examples.ClearField("examples")
+    for k in range(LIST_EXAMPLES):
+        spec.data.examples.examples.add(clean=f"c{i} {k}", corrupted=f"d{i} {k}", target=" a",
+                                        distractor=" b")
+    return spec
+
+
+async def _submit_all(target: str, specs: Iterator[job_pb2.JobSpec], prefix: str, *,
+                      parallel: int = 4) -> list[str]:
+    """Submit every spec, `parallel` at a time; the job names in order."""
+    queue = list(enumerate(specs))
+    names: dict[int, str] = {}
+    async with grpc.aio.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", 64 * MiB)]) as channel:
+        stub = job_pb2_grpc.JobServiceStub(channel)
+
+        async def worker() -> None:
+            while queue:
+                i, spec = queue.pop()
+                request = job_pb2.SubmitJobRequest(spec=spec, request_id=f"{prefix}-{i}")
+                for attempt in range(5):  # UNAVAILABLE (a busy SQLite writer) is retryable
+                    try:
+                        names[i] = (await stub.SubmitJob(request, timeout=120)).name
+                        break
+                    except grpc.aio.AioRpcError as err:
+                        if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == 4:
+                            raise
+                        await asyncio.sleep(0.5)
+
+        await asyncio.gather(*(worker() for _ in range(parallel)))
+    return [names[i] for i in sorted(names)]
+
+
+async def _list_rise(server: Server, view: int) -> tuple[float, int, float]:
+    """(peak RSS rise in MiB, pages, seconds) of listing every job in ``view``."""
+    assert server.proc is not None
+    pid = server.proc.pid
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=[
+            ("grpc.max_receive_message_length", 64 * MiB)]) as channel:
+        stub = job_pb2_grpc.JobServiceStub(channel)
+        await stub.ListJobs(job_pb2.ListJobsRequest(page_size=1))  # first-call costs
+        before = _status_kib(pid, "VmRSS")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM from here on
+        start, pages, token = time.perf_counter(), 0, ""
+        while True:
+            page = await stub.ListJobs(job_pb2.ListJobsRequest(
+                page_size=1000, page_token=token, view=view), timeout=600)
+            pages += 1
+            if not (token := page.next_page_token):
+                break
+        seconds = time.perf_counter() - start
+    return (_status_kib(pid, "VmHWM") - before) / 1024, pages, seconds
+
+
+def list_peak_rss(server: Server, backend: str) -> list[dict[str, object]]:
+    target = f"127.0.0.1:{server.port}"
+    asyncio.run(_submit_all(target, (_list_spec(i) for i in range(LIST_JOBS)), "bench-list"))
+    server.stop()  # a fresh process: the submits' freed heap would hide what a list costs
+    server.start()
+    lines = []
+    for name, view in (("BASIC", common_pb2.VIEW_BASIC), ("FULL", common_pb2.VIEW_FULL)):
+        rise, pages, seconds = asyncio.run(_list_rise(server, view))
+        lines.append({"bench": "service", "metric": "list_peak_rss", "backend": backend,
+                      "view": name, "jobs": LIST_JOBS, "inline_examples_each": LIST_EXAMPLES,
+                      "pages": pages, "peak_rise_mib": round(rise, 1),
+                      "seconds": round(seconds, 2)})
+    return lines
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _drive_events(url: str, job_ids: list[str], stop: threading.Event) -> int:
+    """Progress events round-robin over the jobs, 20 a second in all (as busy workers would
+    write them), until ``stop``; returns how many."""
+    from edgeprune.storage import Database, EventRepo
+
+    db = Database(url)
+    events, count = EventRepo(db), 0
+    try:
+        while not stop.is_set():
+            events.append(job_ids[count % len(job_ids)], "progress",
+                          {"phase": "prune", "step": count})
+            count += 1
+            stop.wait(0.05)
+    finally:
+        db.dispose()
+    return count
+
+
+async def _get_latency(server: Server, names: list[str], watchers: int) -> dict[str, object]:
+    """GetJob latency from GET_CLIENTS clients at GET_RATE for GET_SECONDS, with ``watchers``
+    WatchJob streams open (one per job) and events arriving."""
+    assert server.proc is not None
+    target = f"127.0.0.1:{server.port}"
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = job_pb2_grpc.JobServiceStub(channel)
+        streams = [stub.WatchJob(job_pb2.WatchJobRequest(name=name)) for name in names[:watchers]]
+        received = [0]
+
+        async def follow(stream: grpc.aio.UnaryStreamCall) -> None:
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                async for _ in stream:
+                    received[0] += 1
+
+        followers = [asyncio.create_task(follow(s)) for s in streams]
+        await asyncio.sleep(2.0)  # every stream registered and caught up
+        stop = threading.Event()
+        driver = asyncio.create_task(asyncio.to_thread(
+            _drive_events, server.database_url, [n.removeprefix("jobs/") for n in names], stop))
+        seconds: list[float] = []
+        cpu_start, wall_start = _cpu_seconds(server.proc.pid), time.perf_counter()
+
+        async def client(index: int) -> None:
+            begin = time.perf_counter() + index / GET_CLIENTS / GET_RATE
+            i = index
+            for call in range(int(GET_SECONDS * GET_RATE)):
+                await asyncio.sleep(max(0.0, begin + call / GET_RATE - time.perf_counter()))
+                start = time.perf_counter()
+                await stub.GetJob(job_pb2.GetJobRequest(name=names[i % len(names)]), timeout=30)
+                seconds.append(time.perf_counter() - start)
+                i += GET_CLIENTS
+
+        await asyncio.gather(*(client(i) for i in range(GET_CLIENTS)))
+        cpu = (_cpu_seconds(server.proc.pid) - cpu_start) / (time.perf_counter() - wall_start)
+        stop.set()
+        events = await driver
+        for stream in streams:
+            stream.cancel()
+        await asyncio.gather(*followers)
+    ms = [s * 1000 for s in seconds]
+    return {"watchers": watchers, "jobs": len(names), "get_calls": len(ms),
+            "p50_ms": round(percentile(ms, 50), 2), "p99_ms": round(percentile(ms, 99), 2),
+            "api_cpu_percent": round(100 * cpu, 1), "events_written": events,
+            "events_streamed": received[0], "target_p99_ms": 50}
+
+
+def watch_get_latency(server: Server, backend: str) -> list[dict[str, object]]:
+    target = f"127.0.0.1:{server.port}"
+    names = asyncio.run(_submit_all(target, (edge_pruning_spec() for _ in range(WATCHED_JOBS)),
+                                    "bench-watch"))
+    return [{"bench": "service", "metric": "watch_get_latency", "backend": backend,
+             **asyncio.run(_get_latency(server, names, watchers))}
+            for watchers in (0, WATCHED_JOBS)]
+
+
+def list_and_watch(root: Path, models: dict[str, str]) -> None:
+    from tests.storage.databases import fresh_postgres_database
+
+    lines = []
+    with fresh_postgres_database() as pg_url:  # only this case's jobs
+        for backend, url in (("sqlite", f"sqlite:///{root / 'list-watch.db'}"),
+                             ("postgresql", pg_url)):
+            lines += _list_and_watch(root, models, backend, url)
+    LIST_WATCH_RESULTS.parent.mkdir(exist_ok=True)
+    LIST_WATCH_RESULTS.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def _list_and_watch(root: Path, models: dict[str, str], backend: str,
+                    url: str) -> list[dict[str, object]]:
+    # The server's default poll interval (the tests' harness polls faster).
+    api = Server(root / f"list-watch-{backend}", url, models, workers=0,
+                 max_inline_examples=LIST_EXAMPLES, max_pending_jobs=100_000,
+                 max_watches_per_client=WATCHED_JOBS, poll_s=0.2).start()
+    try:
+        lines = [*list_peak_rss(api, backend), *watch_get_latency(api, backend)]
+    finally:
+        api.stop()
+    for line in lines:
+        print(json.dumps(line), flush=True)
+    return lines
+
+
 def main() -> None:
     from tests.storage.databases import fresh_postgres_database
 
@@ -210,6 +402,7 @@ def main() -> None:
                 finally:
                     api.stop()
             uploads(root, models, pg_url)
+        list_and_watch(root, models)
         url = f"sqlite:///{root / 'worker.db'}"
         server = Server(root / "worker", url, models, progress_interval_s=0.05).start()
         try:
