@@ -158,6 +158,7 @@ def test_api_writes_fail_fast_behind_a_stalled_sqlite_writer_and_workers_wait(
         tmp_path: Path, tiny_gpt2_dir: Path) -> None:
     url = f"sqlite:///{tmp_path / 'edgeprune.db'}"
     with running(tmp_path, url, tiny_gpt2_dir, workers=0) as server:
+        submit(server, edge_pruning_spec(), timeout=60)  # tokenizer and model shape cached
         stalled = sqlite3.connect(sqlite_path(url), isolation_level=None,
                                   check_same_thread=False)  # a timer thread releases it below
         stalled.execute("BEGIN IMMEDIATE")  # another process's writer, stalled with the lock
@@ -240,6 +241,7 @@ def test_a_full_sqlite_database_is_unavailable_and_the_worker_survives_it(
                      what="the worker to meet the full disk")
             with pytest.raises(grpc.RpcError) as caught:
                 submit(server, big_spec(), timeout=30)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, server.log()
             assert_unavailable(caught.value, str(tmp_path))
         finally:
             free(str(path), filler)
@@ -295,7 +297,8 @@ def test_a_corrupt_checkpoint_restarts_the_attempt_from_step_0(
         second = max(i for i, e in enumerate(events)
                      if e.state_change.state == job_pb2.JOB_STATE_RUNNING)
         steps = [e.progress.step for e in events[second:] if e.progress.phase == "prune"]
-        assert steps[0] == 1 and steps[-1] == 60  # every step again, not resumed at 10
+        # every step again, not resumed at 10 (progress is throttled: step 1 may go unreported)
+        assert steps[0] < 5 and steps[-1] == 60
 
 
 # --------------------------------------------------------------------------- health follows DB
@@ -337,6 +340,7 @@ def test_health_is_not_serving_while_the_database_refuses_connections(
             assert healthcheck.main(["--port", str(server.port)]) == 1
             with pytest.raises(grpc.RpcError) as caught:
                 submit(server, edge_pruning_spec(), timeout=30)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, server.log()
             assert_unavailable(caught.value, name, "127.0.0.1", "5432", "postgres")
         finally:
             with psycopg.connect(admin, autocommit=True) as conn:
