@@ -94,7 +94,7 @@ class _NormProject(torch.autograd.Function):
         rstd_b = rstd.transpose(0, 1)  # [B, R, T, 1]
         # through rstd: d rstd / dx = -rstd^3 (x - mu) / D   (mu = 0 for RMSNorm)
         coef = (g * p).sum(-1, keepdim=True).transpose(0, 1) * rstd.pow(3) / -D  # [R, B, T, 1]
-        # g * rstd laid out [R, K, B*T] and read transposed (MKL's fastest form of this small-K
+        # g * rstd laid out [R, K, B*T] and read transposed (BLAS's fastest form of this small-K
         # product); for LayerNorm one more row: the per-row constant from mu (d mu / dx = 1 / D)
         # and from the -mu of (x - mu) in the rstd term, multiplied by scaled's row of ones
         K = p.shape[-1]
