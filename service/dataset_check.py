@@ -13,9 +13,11 @@ Datasets never change, so each (dataset, model, answer layout) is checked once.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import threading
+import time
 from typing import Any
 
 from edgeprune.engine import errors as engine_errors
@@ -29,18 +31,49 @@ log = logging.getLogger(__name__)
 MAX_REPORTED = 20  # bad examples listed in one error
 BATCH = 1000  # examples tokenised at once
 MAX_CACHED = 256  # (dataset, model, layout) results kept
+RETRY_S = 60.0  # how long a model whose tokenizer the API cannot read is left to the workers
 
 
 @functools.lru_cache(maxsize=16)
-def model_tokenizer(ref: str) -> Any | None:
-    """The tokenizer of an allow-listed model reference, or None when the API cannot read it."""
+def _loaded_tokenizer(ref: str) -> Any:
+    """Raises when the API cannot read it (not cached: a worker may cache the model later)."""
     from edgeprune.engine.loading import load_tokenizer  # torch: only once a dataset job comes
 
-    try:
-        return load_tokenizer(ref)
-    except (engine_errors.EngineError, OSError) as err:  # the worker reports the real problem
-        log.warning("datasets for %s are checked by the workers only: %s", ref, err)
+    tokenizer = load_tokenizer(ref)
+    if tokenizer is None:
+        raise FileNotFoundError(f"no tokenizer of {ref} here yet")
+    return tokenizer
+
+
+_unreadable: dict[str, float] = {}  # ref -> when it was last found unreadable (time.monotonic)
+
+
+def _shared_tokenizer(ref: str) -> Any | None:
+    if time.monotonic() - _unreadable.get(ref, -RETRY_S) < RETRY_S:
         return None
+    try:
+        return _loaded_tokenizer(ref)
+    except (engine_errors.EngineError, OSError) as err:  # the worker reports the real problem
+        log.warning("datasets for %s are checked by the workers only for now: %s", ref, err)
+        _unreadable[ref] = time.monotonic()
+        return None
+
+
+_per_thread = threading.local()
+
+
+def model_tokenizer(ref: str) -> Any | None:
+    """The tokenizer of an allow-listed model reference for this thread, or None when the API
+    cannot read it. Request threads each get their own copy: a fast tokenizer used by two
+    threads at once can fail ("Already borrowed")."""
+    mine: dict[str, Any] = getattr(_per_thread, "tokenizers", None) or {}
+    _per_thread.tokenizers = mine
+    if ref not in mine:
+        shared = _shared_tokenizer(ref)
+        if shared is None:
+            return None
+        mine[ref] = copy.deepcopy(shared)
+    return mine[ref]
 
 
 class DatasetChecks:

@@ -47,7 +47,10 @@ def test_a_token_to_another_host_needs_tls_or_insecure(monkeypatch: pytest.Monke
     Client(REMOTE, tls=True).close()
     monkeypatch.setenv("EDGEPRUNE_INSECURE", "1")
     Client(REMOTE).close()
-    asyncio.run(AsyncClient(REMOTE).close())
+    async def async_client() -> None:  # an aio channel is made inside a running loop
+        await AsyncClient(REMOTE).close()
+
+    asyncio.run(async_client())
     with pytest.raises(InsecureTransport):  # the argument overrides the environment
         Client(REMOTE, insecure=False)
     monkeypatch.delenv("EDGEPRUNE_TOKEN")

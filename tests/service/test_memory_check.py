@@ -261,3 +261,23 @@ def test_the_estimate_loads_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip() == "False"
+
+
+def test_concurrent_submits_share_the_tokenizer_safely(small_server: Server) -> None:
+    """The API counts tokens on its request threads with one tokenizer per model; fast
+    tokenizers refuse concurrent use ("Already borrowed"), so 48 submits at once must each be
+    answered, never INTERNAL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def submit(i: int) -> str:
+        spec = edge_pruning_spec(inline_examples(200))
+        spec.seed = i + 1
+        try:
+            small_server.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=spec), timeout=120)
+            return "OK"
+        except grpc.RpcError as err:
+            return err.code().name
+
+    with ThreadPoolExecutor(48) as pool:
+        codes = list(pool.map(submit, range(48)))
+    assert set(codes) == {"OK"}, codes
