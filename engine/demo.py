@@ -1,4 +1,5 @@
-"""Engine demo (``python -m edgeprune.engine.demo``, run by ``make demo``).
+"""Engine demo (``python -m edgeprune.engine.demo``; ``make demo`` runs the service's demo,
+``edgeprune demo`` in client/demo.py).
 
 Loads the default model (SmolLM2-135M-Instruct), prints the size of its edge graph, and answers an
 indirect-object-identification (IOI) prompt three ways: with the full model, with every edge

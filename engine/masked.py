@@ -398,7 +398,7 @@ class CircuitModel(nn.Module):
 
     ``CircuitModel(module, tokenizer)`` takes a Hugging Face causal LM (gpt2, llama, qwen2, mistral)
     or an ``edgeprune.engine.tracr_model.TracrModel``. The module's weights are frozen and used in
-    place. See the README for the mask and ablation conventions.
+    place. docs/architecture.md gives the graph's names and the mask and ablation conventions.
 
     ``checkpoint_layers`` (also settable, or on for a ``with model.checkpointing():`` block) trades
     compute for memory: every layer's attention and MLP intermediates are recomputed during the

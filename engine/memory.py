@@ -243,7 +243,7 @@ class ModelShape:
         return cls.from_config(config, name=name or file.parent.name)
 
 
-# Published configs of the models documented in the README (no download needed).
+# Published configs of the models in docs/memory.md's table (no download needed).
 PRESETS: dict[str, ModelShape] = {
     "gpt2-small": ModelShape(12, 12, 12, 768, 3072, 50257, has_pos=True, n_positions=1024,
                              gated_mlp=False, attn_bias=True, name="gpt2-small"),

@@ -114,7 +114,7 @@ def test_dataset_cache_counts_only_when_it_fits_its_budget() -> None:
 
 
 def test_80gb_gpu_table() -> None:
-    """The README's table: bf16, batch 8 x 64, on an 80 GB GPU."""
+    """docs/memory.md's table: bf16, batch 8 x 64, on an 80 GB GPU."""
     gpu = 80 * 10**9
 
     def fits(name: str, ckpt: bool, batch: int = 8, gpus: int = 1) -> bool:

@@ -1,6 +1,6 @@
 """Edge Pruning recovers minimal, exact circuits of compiled Tracr programs.
 
-The recipe (``RECIPE``, as the README gives it): zero ablation, masks warm-started from EAP-IG,
+The recipe (``RECIPE``, as docs/engine.md gives it): zero ablation, masks warm-started from EAP-IG,
 a short run, and no size asked but ``kl_tolerance``: the smallest top-ranked circuit within the
 tolerance, which the minimal-circuit pass (engine/refine.py) then strips of every edge the loss
 does not need. The programs: ``reverse`` (length and a reversal head), ``xproportion``
