@@ -23,7 +23,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from edgeprune.engine import defaults
+from edgeprune.engine import contract, defaults
 from edgeprune.engine.examples import MAX_EXAMPLES
 from edgeprune.service.principals import Principals
 
@@ -51,6 +51,8 @@ class Limits:
     max_batch_size: int = 1024
     max_page_size: int = 1000
     max_pending_jobs: int = 10_000
+    max_pending_jobs_per_principal: int = 1_000  # a non-admin principal's share of the queue
+    max_datasets_per_principal: int = 1_000  # datasets a non-admin principal may keep
     max_watches_per_client: int = 100  # WatchJob streams one principal (or host) holds at once
     max_labels: int = 64
     max_data_parallel: int = 1  # processes of one data-parallel Edge Pruning job (GPUs of a worker)
@@ -89,9 +91,9 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     # Job defaults for fields a request leaves at zero.
     default_steps: int = defaults.STEPS  # Edge Pruning steps (the engine's default recipe)
-    default_batch_size: int = 16
-    default_examples: int = 128
-    default_edge_sparsity: float = 0.95
+    default_batch_size: int = defaults.JOB_BATCH_SIZE
+    default_examples: int = defaults.JOB_EXAMPLES
+    default_edge_sparsity: float = defaults.JOB_EDGE_SPARSITY
     default_page_size: int = 50
     # Worker behaviour.
     lease_s: float = 30.0
@@ -359,9 +361,10 @@ def validate(config: Config) -> None:
     for name, value in dataclasses.asdict(config.limits).items():
         if value <= 0:
             raise ConfigError(f"{name}: must be positive, got {value}")
-    if config.limits.max_examples > MAX_EXAMPLES:
-        # Workers could not build a larger dataset: such jobs would pass SubmitJob and fail there.
-        raise ConfigError(f"max_examples: at most the engine's limit of {MAX_EXAMPLES}, "
-                          f"got {config.limits.max_examples}")
-    if not 0 < config.default_edge_sparsity <= 1.2:
-        raise ConfigError("default_edge_sparsity must be in (0, 1.2]")
+    for name, engine_limit in contract.LIMITS.items():
+        value = getattr(config.limits, name, None)
+        if value is not None and value > engine_limit:
+            # Workers could not run such a job: it would pass SubmitJob and fail there.
+            raise ConfigError(f"{name}: at most the engine's limit of {engine_limit}, got {value}")
+    if not 0 < config.default_edge_sparsity <= contract.MAX_EDGE_SPARSITY:
+        raise ConfigError(f"default_edge_sparsity must be in (0, {contract.MAX_EDGE_SPARSITY}]")

@@ -74,7 +74,8 @@ class DatasetServicer(_Servicer, dataset_pb2_grpc.DatasetServiceServicer):
         if first.WhichOneof("part") != "metadata":
             raise InvalidArgument("metadata", "the first message must carry the metadata")
         with self.handler.upload_slots.hold():
-            upload = self.handler.begin_upload(first.metadata)
+            upload = await asyncio.to_thread(self.handler.begin_upload, first.metadata,
+                                             self.who(context))
             try:
                 async for part in parts:
                     if part.WhichOneof("part") != "chunk":

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exc, select, tuple_
+from sqlalchemy import exc, func, select, tuple_
 from sqlalchemy.orm import Session
 
 from edgeprune.storage.db import Database
@@ -83,7 +83,8 @@ class DatasetRepo:
                 return dataset_record(row)
         except exc.IntegrityError as err:
             # The id, or this owner's request_id, is taken (perhaps by a concurrent create).
-            earlier = self._by_request(new) if new.request_id is not None else None
+            earlier = (self.find_request(new.owner, new.request_id)
+                       if new.request_id is not None else None)
             if earlier is None:
                 raise AlreadyExists("dataset", dataset_id) from err
             for example in examples:  # the rest of the content, to compare with the first
@@ -96,11 +97,6 @@ class DatasetRepo:
                     f"content ({earlier.id})") from err
             return earlier
 
-    def _by_request(self, new: NewDataset) -> DatasetRecord | None:
-        with self.db.session(write=False) as session:
-            row = session.scalars(select(Dataset).where(
-                Dataset.owner == new.owner, Dataset.request_id == new.request_id)).one_or_none()
-            return dataset_record(row) if row is not None else None
 
     def get(self, dataset_id: str) -> DatasetRecord:
         """Raises NotFound."""
@@ -133,6 +129,21 @@ class DatasetRepo:
         if len(rows) > size:
             token = encode_token([items[-1].created_at.isoformat(), items[-1].id], filters)
         return Page(items, token)
+
+    def count(self, *, owner: str | None = None) -> int:
+        """How many datasets there are (of `owner`)."""
+        query = select(func.count()).select_from(Dataset)
+        if owner is not None:
+            query = query.where(Dataset.owner == owner)
+        with self.db.session(write=False) as session:
+            return session.scalar(query) or 0
+
+    def find_request(self, owner: str, request_id: str) -> DatasetRecord | None:
+        """The dataset `owner` uploaded with `request_id`, if any."""
+        with self.db.session(write=False) as session:
+            row = session.scalars(select(Dataset).where(
+                Dataset.owner == owner, Dataset.request_id == request_id)).one_or_none()
+            return dataset_record(row) if row is not None else None
 
     def examples(self, dataset_id: str, *, offset: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         """Examples [offset, offset + limit) in order (limit <= 10,000). Raises NotFound."""

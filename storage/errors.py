@@ -69,11 +69,13 @@ FencingError = LeaseLost
 
 
 class QueueFull(Conflict):
-    """A new job was refused: `limit` jobs are PENDING already."""
+    """A new job was refused: `limit` jobs are PENDING already (`caller`: that caller's)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the queue holds {limit} pending jobs; retry later")
+    def __init__(self, limit: int, caller: str | None = None) -> None:
+        whose = f"{caller}'s pending jobs are" if caller is not None else "pending jobs are"
+        super().__init__(f"{limit} of {whose} queued already; retry later")
         self.limit = limit
+        self.caller = caller
 
 
 class InvalidArgument(StorageError, ValueError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 from edgeprune.service.config import Config
+from edgeprune.service.errors import ResourceExhausted
 from edgeprune.service.principals import Principal
 from edgeprune.service.uploads import StreamedUpload, UploadSlots
 from edgeprune.service.validation import (
@@ -27,10 +28,12 @@ class DatasetHandler:
         # and on SQLite a second large insert would outwait the busy timeout for the write lock.
         self._storing = threading.Lock()
 
-    def begin_upload(self, metadata: dataset_pb2.DatasetMetadata) -> StreamedUpload:
-        """Check the metadata and start parsing an upload (the caller holds an upload slot
-        and closes it)."""
+    def begin_upload(self, metadata: dataset_pb2.DatasetMetadata,
+                     who: Principal) -> StreamedUpload:
+        """Check the metadata and the caller's quota and start parsing an upload (the caller
+        holds an upload slot and closes it)."""
         self.check_metadata(metadata)
+        self._check_quota(metadata, who)
         return StreamedUpload(max_bytes=self.config.limits.max_dataset_bytes,
                               max_examples=self.config.limits.max_examples)
 
@@ -52,8 +55,20 @@ class DatasetHandler:
         new = NewDataset(owner=who.name, request_id=metadata.request_id or None,
                          display_name=metadata.display_name, source=f"upload:{upload.size}",
                          labels=dict(metadata.labels))
-        with self._storing:
+        with self._storing:  # counted again where uploads are stored one at a time
+            self._check_quota(metadata, who)
             return self.datasets.create(new, upload.examples())
+
+    def _check_quota(self, metadata: dataset_pb2.DatasetMetadata, who: Principal) -> None:
+        """RESOURCE_EXHAUSTED when a non-admin principal already keeps its share of datasets
+        (a repeated upload of one it has is still answered)."""
+        limit = self.config.limits.max_datasets_per_principal
+        if who.admin or self.datasets.count(owner=who.name) < limit:
+            return
+        if metadata.request_id and self.datasets.find_request(who.name, metadata.request_id):
+            return
+        raise ResourceExhausted(f"{who.name} keeps {limit} datasets already; delete some first",
+                                reason="DATASET_QUOTA")
 
     def get(self, dataset_id: str, who: Principal) -> DatasetRecord:
         """Another principal's dataset is NOT_FOUND exactly as a missing one is."""

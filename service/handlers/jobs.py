@@ -73,7 +73,7 @@ class JobHandler:
         ref = self.config.models[spec.model]
         check_job_memory(spec, ref, self.config, lambda d: self._dataset_shape(d, ref))
         return self._create(spec, KIND_DISCOVERY, request.priority, request.labels,
-                            request.request_id, who.name)
+                            request.request_id, who)
 
     def evaluate(self, request: circuit_pb2.EvaluateCircuitRequest, who: Principal) -> JobRecord:
         """Queue an evaluation of a stored circuit."""
@@ -101,7 +101,7 @@ class JobHandler:
         ref = self.config.models[circuit.model]
         check_job_memory(spec, ref, self.config, lambda d: self._dataset_shape(d, ref))
         return self._create(spec, KIND_EVALUATION, request.priority, request.labels,
-                            request.request_id, who.name)
+                            request.request_id, who)
 
     def _check_priority(self, priority: int, who: Principal) -> None:
         if who.admin:
@@ -144,20 +144,26 @@ class JobHandler:
         return self._dataset_shapes[key]
 
     def _create(self, spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, kind: str, priority: int,
-                labels: dict[str, str], request_id: str, caller: str) -> JobRecord:
+                labels: dict[str, str], request_id: str, who: Principal) -> JobRecord:
         new = NewJob(
             spec=spec.SerializeToString(deterministic=True),
             spec_json=json_format.MessageToDict(spec, preserving_proto_field_name=True),
             kind=kind,
             priority=priority,
             labels=dict(labels),
-            caller=caller,
+            caller=who.name,
             request_id=request_id or None,
         )
-        try:  # counted in the create transaction: concurrent submits cannot overshoot the cap
-            return self.jobs.create(new, max_pending=self.config.limits.max_pending_jobs)
+        # Counted in the create transaction: concurrent submits cannot overshoot a cap. Admins
+        # (and everyone on a server without tokens) share only the queue's cap.
+        limits = self.config.limits
+        try:
+            return self.jobs.create(new, max_pending=limits.max_pending_jobs,
+                                    max_pending_per_caller=None if who.admin
+                                    else limits.max_pending_jobs_per_principal)
         except QueueFull as err:
-            raise ResourceExhausted(str(err), reason="QUEUE_FULL") from err
+            reason = "QUEUE_FULL" if err.caller is None else "PRINCIPAL_QUEUE_FULL"
+            raise ResourceExhausted(str(err), reason=reason) from err
 
     # ------------------------------------------------------------------------------ read
 

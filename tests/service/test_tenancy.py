@@ -154,3 +154,44 @@ def test_request_ids_are_scoped_per_principal_and_bound_to_the_content(server: S
                                   metadata=auth(ALICE), timeout=30)
     again = upload(server, ALICE, [EXAMPLE] * 4, request_id="upload-1")
     assert again.name != first.name and again.example_count == 4
+
+
+def test_each_principal_has_its_share_of_the_queue(backend: str, tmp_path: Path,
+                                                   tiny_gpt2_dir: Path) -> None:
+    """One principal filling its share (3 pending jobs here) leaves the queue open to others;
+    admins share only the queue's own cap; a repeated request_id still gets its job."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice={ALICE}\nbob={BOB}\nops:admin={OPS}\n")
+    with database_url(backend, tmp_path) as url, running(
+            tmp_path, url, tiny_gpt2_dir, workers=0, auth_token_file=str(tokens),
+            insecure="true", max_pending_jobs_per_principal=3,
+            max_datasets_per_principal=2) as srv:
+        spec = edge_pruning_spec(steps=4)
+        first = srv.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=spec, request_id="a-0"),
+                                   metadata=auth(ALICE), timeout=60)
+        for _ in range(2):
+            submit(srv, ALICE, spec)
+        code, reason, _ = fails(submit, srv, ALICE, spec)
+        assert (code, reason) == ("RESOURCE_EXHAUSTED", "PRINCIPAL_QUEUE_FULL")
+        again = srv.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=spec, request_id="a-0"),
+                                   metadata=auth(ALICE), timeout=60)
+        assert again.name == first.name
+        submit(srv, BOB, spec)  # bob's share is his own
+        for _ in range(4):
+            submit(srv, OPS, spec)
+        srv.jobs.CancelJob(job_pb2.CancelJobRequest(name=first.name), metadata=auth(ALICE),
+                           timeout=30)
+        submit(srv, ALICE, spec)  # a cancelled job frees its place
+
+        # Datasets: two each; the same upload again is still answered; a delete frees a place.
+        kept = upload(srv, ALICE, [EXAMPLE], request_id="d-0")
+        upload(srv, ALICE, [EXAMPLE] * 2)
+        code, reason, _ = fails(upload, srv, ALICE, [EXAMPLE] * 3)
+        assert (code, reason) == ("RESOURCE_EXHAUSTED", "DATASET_QUOTA")
+        assert upload(srv, ALICE, [EXAMPLE], request_id="d-0").name == kept.name
+        upload(srv, BOB, [EXAMPLE])
+        for n in range(3):
+            upload(srv, OPS, [EXAMPLE] * (n + 1))
+        srv.datasets.DeleteDataset(dataset_pb2.DeleteDatasetRequest(name=kept.name),
+                                   metadata=auth(ALICE), timeout=30)
+        upload(srv, ALICE, [EXAMPLE] * 3)
