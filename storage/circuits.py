@@ -60,13 +60,15 @@ class CircuitRepo:
         with self.db.session() as session:
             return insert_circuits(session, news)
 
-    def get(self, circuit_id: str, *, full: bool = True) -> CircuitRecord:
-        """full=True loads edges, edge scores and nodes. Raises NotFound."""
+    def get(self, circuit_id: str, *, full: bool = True,
+            max_bytes: int | None = None) -> CircuitRecord:
+        """full=True loads edges, edge scores and nodes, unless they would take more than
+        `max_bytes` (then the summary comes, edges None). Raises NotFound."""
         with self.db.session(write=False) as session:
             row = session.get(Circuit, _parse_id(circuit_id))
             if row is None:
                 raise NotFound("circuit", circuit_id)
-            return _load_full(session, row) if full else circuit_record(row)
+            return _load_page(session, [row], max_bytes)[0] if full else circuit_record(row)
 
     def list(
         self,

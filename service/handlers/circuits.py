@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from edgeprune.service.config import Config
-from edgeprune.service.converters import METHOD_NAMES
 from edgeprune.service.errors import FailedPrecondition, InvalidArgument
 from edgeprune.service.principals import Principal
+from edgeprune.service.translate import METHODS, circuit_from_record
 from edgeprune.service.validation import Violations, check_page, parse_circuit_name, parse_name
 from edgeprune.storage import (
     BlobStore,
@@ -32,14 +32,9 @@ def render(record: CircuitRecord, fmt: str) -> str:
     """A stored circuit through the engine's exporter (the same files the library writes)."""
     from edgeprune.engine.export import export_circuit  # imports torch: only on first export
 
-    return export_circuit({
-        "model": record.model, "method": record.method, "edges": record.edges or [],
-        "edge_scores": record.edge_scores or {}, "nodes": record.nodes or [],
-        "n_edges_total": record.n_edges_total, "target": record.target,
-        "settings": record.settings, "provenance": {**record.provenance, "circuit": record.id,
-                                                    "job": record.job_id},
-        "metrics": record.metrics,
-    }, fmt)
+    circuit = circuit_from_record(record)
+    circuit.provenance.update(circuit=record.id, job=record.job_id)
+    return export_circuit(circuit, fmt)
 
 
 class CircuitHandler:
@@ -49,8 +44,15 @@ class CircuitHandler:
         self.config = config
 
     def get(self, circuit_id: str, who: Principal, *, full: bool) -> CircuitRecord:
+        """GetCircuit: a FULL circuit too large for one reply comes without its edges and
+        nodes (Circuit.edges_omitted; ExportCircuit streams any size)."""
+        return self._owned(circuit_id, who, full=full,
+                           max_bytes=self.config.limits.reply_bytes if full else None)
+
+    def _owned(self, circuit_id: str, who: Principal, *, full: bool,
+               max_bytes: int | None = None) -> CircuitRecord:
         """Another principal's circuit is NOT_FOUND exactly as a missing one is."""
-        record = self.circuits.get(circuit_id, full=full)
+        record = self.circuits.get(circuit_id, full=full, max_bytes=max_bytes)
         if not who.may_see(record.owner):
             raise NotFound("circuit", circuit_id)
         return record
@@ -58,7 +60,7 @@ class CircuitHandler:
     def delete(self, circuit_id: str, who: Principal) -> None:
         """Delete a circuit with its edges and nodes; FAILED_PRECONDITION while a job is to
         evaluate it. Its mask blob goes with the scheduled cleanup (blobs are shared)."""
-        self.get(circuit_id, who, full=False)
+        self._owned(circuit_id, who, full=False)
         try:
             self.circuits.delete(circuit_id)
         except Conflict as err:
@@ -90,7 +92,7 @@ class CircuitHandler:
             model=request.model or None,
             task=request.task or None,
             dataset_id=dataset_id,
-            method=METHOD_NAMES.get(request.method),
+            method=METHODS.get(request.method),
             job_id=job_id,
             min_edges=request.min_edge_count or None,
             max_edges=request.max_edge_count or None,
@@ -107,7 +109,7 @@ class CircuitHandler:
         """(content type, file name, bytes) of a circuit in an export format."""
         if fmt == circuit_pb2.EXPORT_FORMAT_UNSPECIFIED or fmt not in circuit_pb2.ExportFormat.values():
             raise InvalidArgument("format", "one of JSON, DOT, SVG or SAFETENSORS is required")
-        record = self.get(circuit_id, who, full=True)
+        record = self._owned(circuit_id, who, full=True)
         stem = f"circuit-{record.id}"
         if fmt == circuit_pb2.EXPORT_FORMAT_SAFETENSORS:
             if record.mask_blob is None:
@@ -119,8 +121,8 @@ class CircuitHandler:
 
     def compare(self, request: circuit_pb2.CompareCircuitsRequest,
                 who: Principal) -> circuit_pb2.CompareCircuitsResponse:
-        first = self.get(parse_circuit_name(request.first, field="first"), who, full=True)
-        second = self.get(parse_circuit_name(request.second, field="second"), who, full=True)
+        first = self._owned(parse_circuit_name(request.first, field="first"), who, full=True)
+        second = self._owned(parse_circuit_name(request.second, field="second"), who, full=True)
         if first.model != second.model:
             raise FailedPrecondition(f"the circuits belong to different models ({first.model!r}, "
                                      f"{second.model!r})", reason="MODEL_MISMATCH")

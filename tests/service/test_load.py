@@ -6,6 +6,7 @@ and a pending-job cap that concurrent submits cannot overshoot."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -176,6 +177,27 @@ def test_full_circuit_pages_stop_at_the_reply_size(load_server: Server) -> None:
     assert len(circuits) == 10 and all(len(c.edges) == 20_000 for c in circuits)
     assert not any(c.edges_omitted for c in circuits)
     assert len(pages) > 1 and all(page.ByteSize() < REPLY_LIMIT for page in pages)
+
+
+def test_a_circuit_too_large_for_a_reply_is_summarised_and_still_exported(
+        load_server: Server) -> None:
+    """GetCircuit FULL of a circuit past the reply limit answers without its edges
+    (edges_omitted) instead of failing; ExportCircuit streams all of them."""
+    edges = [f"a{i // 200}.h{i % 200}->m{i % 9}.in" for i in range(160_000)]  # ~5 MB
+    db = Database(load_server.database_url)
+    try:
+        record = CircuitRepo(db).create(NewCircuit(model="huge", method="eap", edges=edges,
+                                                   n_edges_total=400_000))
+    finally:
+        db.dispose()
+    name = f"circuits/{record.id}"
+    got = load_server.circuits.GetCircuit(circuit_pb2.GetCircuitRequest(
+        name=name, view=common_pb2.VIEW_FULL), timeout=120)
+    assert got.edges_omitted and not got.edges and got.edge_count == len(edges)
+    exported = b"".join(part.data for part in load_server.circuits.ExportCircuit(
+        circuit_pb2.ExportCircuitRequest(name=name, format=circuit_pb2.EXPORT_FORMAT_JSON),
+        timeout=300))
+    assert len(json.loads(exported)["edges"]) == len(edges)
 
 
 # ------------------------------------------------------------------------------------- watch
