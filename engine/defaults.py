@@ -1,8 +1,9 @@
-"""Edge Pruning's default settings, importable without torch.
+"""The default of every method option, importable without torch.
 
-Both the engine's ``PruneConfig`` and the API server's request validation (which must not load
-torch) fill in unset fields from here, so a job submitted without them runs exactly as a library
-call without them would.
+Both the engine (``PruneConfig``, the attribution methods, data splits) and the API server's request
+validation (which must not load torch) fill in unset fields from here, so a job submitted without
+them runs exactly as a library call without them would. The names and limits these values are
+checked against are in ``edgeprune.engine.contract``.
 
 The defaults are a recipe that reaches the requested circuit size without hand-tuning (measured
 by ``python -m bench methods``, whose results page compares it with tuned and paper settings):
@@ -47,6 +48,27 @@ WARM_START_FLOOR: float | None = None
 # +-MAX_SEED stay in range for runs of up to 2**40 steps or epochs.
 SEED_STRIDE = 1_000_003
 MAX_SEED = (2**63 - 2**40) // SEED_STRIDE
+NODE_MASKS = True
+NODE_TARGET = 0.5  # the node sparsity target when a node loss is asked for without one
+LOSS = "kl"
+ABLATION = "corrupted"
+
+# Attribution methods (EAP-IG's integration steps, ACDC's KL threshold).
+IG_STEPS = 5
+ACDC_THRESHOLD = 0.01
+
+# A job of the service, where a request leaves these unset (the server's `default_*` settings
+# start from them; an operator may change those).
+JOB_BATCH_SIZE = 16
+JOB_EXAMPLES = 128  # examples generated of a built-in task
+JOB_EDGE_SPARSITY = 0.95
+EVAL_FRACTION = 0.2  # of uploaded or inline examples held out to evaluate the circuits
+
+
+def dtype_for(device: str) -> str:
+    """The weights' dtype when a job does not name one: bfloat16 halves a GPU's memory and
+    runs on its tensor cores; CPUs lack fast bfloat16 matmuls, so float32 there."""
+    return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 def target_warmup_steps(steps: int) -> int:

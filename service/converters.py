@@ -1,36 +1,36 @@
-"""Storage records <-> protobuf messages. Pure functions; nothing here touches gRPC or the DB."""
+"""API responses built from storage records. Pure functions; nothing here touches gRPC or the DB.
+
+What a stored value means to the engine (enum names, sizes, progress) is `translate`'s.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from edgeprune.service.errors import status_of_job_error
+from edgeprune.service.translate import (  # the kinds and STATES_BY_PROTO: for the handlers
+    KIND_DISCOVERY,  # noqa: F401
+    KIND_EVALUATION,  # noqa: F401
+    METHODS_BY_NAME,
+    STATES,
+    STATES_BY_PROTO,  # noqa: F401
+    float_map,
+    jsonable,
+    parse_spec,
+    progress_from_payload,
+    size_to_proto,
+)
 from edgeprune.storage import CircuitRecord, DatasetRecord, EventRecord, JobRecord, JobState
 from edgeprune.v1 import circuit_pb2, common_pb2, dataset_pb2, job_pb2
 
-KIND_DISCOVERY = "discovery"
-KIND_EVALUATION = "evaluation"
 EVENT_STATE = "state"
 EVENT_PROGRESS = "progress"
 EVENT_WARNING = "warning"
 EVENT_CANCEL_REQUESTED = "cancel_requested"
-
-# Engine method names <-> the Method enum.
-METHOD_NAMES = {
-    common_pb2.METHOD_EDGE_PRUNING: "edge_pruning",
-    common_pb2.METHOD_EAP: "eap",
-    common_pb2.METHOD_EAP_IG: "eap_ig",  # over the input embeddings, as MIB's EAP-IG
-    common_pb2.METHOD_ACDC: "acdc",
-    common_pb2.METHOD_EAP_IG_EDGES: "eap_ig_edges",  # over the edge masks
-}
-METHODS_BY_NAME = {name: method for method, name in METHOD_NAMES.items()}
-STATES = {state: job_pb2.JobState.Value(f"JOB_STATE_{state.value}") for state in JobState}
-STATES_BY_PROTO = {proto: state for state, proto in STATES.items()}
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -43,25 +43,8 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 def struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
     out = struct_pb2.Struct()
-    out.update(_jsonable(value))
+    out.update(jsonable(value))
     return out
-
-
-def _jsonable(value: Any) -> Any:
-    """A JSON-safe copy (Struct cannot hold NaN keys or non-str keys)."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
-def float_map(value: Mapping[str, Any]) -> dict[str, float]:
-    """The numeric entries of a metrics dict."""
-    return {k: float(v) for k, v in value.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 # ------------------------------------------------------------------------------------ datasets
@@ -88,17 +71,6 @@ def _size(record: DatasetRecord) -> int:
 # ---------------------------------------------------------------------------------------- jobs
 
 
-def parse_spec(record: JobRecord) -> job_pb2.JobSpec | job_pb2.EvaluationSpec:
-    """The spec message of a job (JobSpec or EvaluationSpec by the job's kind): the stored
-    bytes, or, for a record read without them, its JSON summary (no inline examples)."""
-    message = job_pb2.EvaluationSpec() if record.kind == KIND_EVALUATION else job_pb2.JobSpec()
-    if record.spec:
-        message.ParseFromString(record.spec)
-    else:
-        json_format.ParseDict(_jsonable(record.spec_json), message, ignore_unknown_fields=True)
-    return message
-
-
 def _summarise_data(data: job_pb2.DataSpec, *, keep_examples: bool) -> None:
     """Count inline examples (every view) and drop them unless kept; other sources stay as
     they are."""
@@ -108,11 +80,6 @@ def _summarise_data(data: job_pb2.DataSpec, *, keep_examples: bool) -> None:
         data.examples.example_count = len(data.examples.examples)
     if not keep_examples:
         data.examples.ClearField("examples")
-
-
-def progress_to_proto(payload: Mapping[str, Any]) -> job_pb2.JobProgress:
-    return json_format.ParseDict(_jsonable(payload), job_pb2.JobProgress(),
-                                 ignore_unknown_fields=True)
 
 
 def warning_to_proto(payload: Mapping[str, Any],
@@ -158,7 +125,7 @@ def job_to_proto(record: JobRecord, *, full: bool = False) -> job_pb2.Job:
         job.type = job_pb2.JOB_TYPE_DISCOVERY
         job.spec.CopyFrom(spec)
     if record.progress:
-        job.progress.CopyFrom(progress_to_proto(record.progress))
+        job.progress.CopyFrom(progress_from_payload(record.progress))
     if record.state == JobState.SUCCEEDED:
         job.result.CopyFrom(result_to_proto(record.result))
     if record.error is not None and record.state in (JobState.FAILED, JobState.CANCELLED):
@@ -172,7 +139,7 @@ def event_to_proto(event: EventRecord, job: JobRecord | None = None) -> job_pb2.
     out = job_pb2.JobEvent(job=f"jobs/{event.job_id}", sequence=event.seq,
                            time=timestamp(event.created_at))
     if event.kind == EVENT_PROGRESS:
-        out.progress.CopyFrom(progress_to_proto(event.payload))
+        out.progress.CopyFrom(progress_from_payload(event.payload))
         return out
     if event.kind == EVENT_WARNING:
         out.warning.CopyFrom(warning_to_proto(event.payload))
@@ -200,20 +167,6 @@ def is_final_event(event: EventRecord) -> bool:
 
 
 # ------------------------------------------------------------------------------------ circuits
-
-
-def size_to_proto(target: Mapping[str, Any]) -> common_pb2.CircuitSize:
-    size = common_pb2.CircuitSize()
-    for key in ("edge_sparsity", "edge_count", "edge_fraction"):
-        if key in target:
-            setattr(size, key, target[key])
-            break
-    return size
-
-
-def size_to_dict(size: common_pb2.CircuitSize) -> dict[str, Any]:
-    kind = size.WhichOneof("size")
-    return {kind: getattr(size, kind)} if kind else {}
 
 
 def circuit_to_proto(record: CircuitRecord, *, full: bool = False) -> circuit_pb2.Circuit:

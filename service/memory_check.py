@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeprune.engine import errors as engine_errors
+from edgeprune.engine.contract import TASK_MIN_TOKENS, TRACR_MIN_TOKENS
 from edgeprune.engine.memory import (
     PRESETS,
     MemoryEstimate,
@@ -41,21 +42,16 @@ from edgeprune.engine.memory import estimate_job_memory as engine_estimate
 from edgeprune.service.config import Config
 from edgeprune.service.dataset_check import model_tokenizer
 from edgeprune.service.errors import ResourceExhausted
+from edgeprune.service.translate import dtype_name
 from edgeprune.v1 import common_pb2, job_pb2
 
 log = logging.getLogger(__name__)
 
 CPU_MEMORY_FRACTION = 0.5  # of physical memory, when worker_memory_bytes is 0 on CPU workers
-# Fewest tokens of the longest prompt a built-in task generates (words of its shortest template;
-# tests/service/test_memory_check.py checks them against the engine's generators).
-TASK_MIN_TOKENS = {"ioi": 12, "gendered_pronoun": 5, "greater_than": 10}
-TRACR_MIN_TOKENS = 2  # BOS and one input token
 # Longer than any token of the vocabularies we serve (SmolLM2's longest, a newline and 80 spaces,
 # is 81 bytes): the token bound of a text when the API cannot read the model's tokenizer.
 MAX_TOKEN_BYTES = 128
 TOKENIZE_BATCH = 1000
-DTYPE_NAMES = {common_pb2.DTYPE_FLOAT32: "float32", common_pb2.DTYPE_BFLOAT16: "bfloat16",
-               common_pb2.DTYPE_FLOAT16: "float16"}
 
 
 def host_memory_budget() -> int:
@@ -125,7 +121,7 @@ def min_tokens(prompts: Iterable[str | list[int]], tokenizer: Any | None = None)
 def data_shape(data: job_pb2.DataSpec, dataset_shape: Callable[[str], tuple[int, int]], *,
                evaluation: bool = False, tokenizer: Any | None = None) -> tuple[int, int]:
     """(sequence length lower bound, number of training examples) of a normalised job's data, or
-    with ``evaluation`` of every example (an evaluation job's data, see runner.build_eval_data).
+    with ``evaluation`` of every example (an evaluation job's data, see job_data.build_eval_data).
     ``dataset_shape(id)`` gives (length bound, example count) of an uploaded dataset; inline
     examples are counted with ``tokenizer`` when the API has the model's."""
     source = data.WhichOneof("source")
@@ -138,7 +134,7 @@ def data_shape(data: job_pb2.DataSpec, dataset_shape: Callable[[str], tuple[int,
         tokens, count = min_tokens((e.clean for e in examples), tokenizer), len(examples)
     if evaluation:
         return tokens, count
-    held_out = round(count * data.eval_fraction) if count >= 2 else 0  # as runner.build_data
+    held_out = round(count * data.eval_fraction) if count >= 2 else 0  # as job_data.build_data
     return tokens, count - held_out
 
 
@@ -181,7 +177,7 @@ def check_job_memory(spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, ref: str, c
         not evaluation and spec.positions == common_pb2.POSITION_MODE_ALL)
     est = estimate(spec, shape, seq_len=seq_len, n_examples=n_examples,
                    answer_positions=seq_len if all_positions else 1,
-                   dtype=DTYPE_NAMES.get(spec.dtype, "bfloat16" if on_gpu else "float32"),
+                   dtype=dtype_name(spec.dtype, config.device),
                    on_gpu=on_gpu)
     try:
         check_fits(est, budget)

@@ -2,8 +2,9 @@
 
 A `Violations` collector gathers every problem of a request (field path + description) so one
 call reports them all: INVALID_ARGUMENT when any field is malformed, else RESOURCE_EXHAUSTED when
-a value is well-formed but over a configured limit. `normalize_job_spec` also fills the server's
-defaults in, so the stored spec is exactly what the worker runs.
+a value is well-formed but over a configured limit. `normalize_job_spec` also fills every default
+in (the server's `default_*` settings and the engine's defaults), so the stored spec is exactly
+what the worker runs. Names, tasks and the engine's limits come from ``edgeprune.engine.contract``.
 """
 
 from __future__ import annotations
@@ -17,24 +18,35 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from edgeprune.engine import defaults
+from edgeprune.engine.contract import (
+    BUILTIN_TASKS,
+    IG_METHODS,
+    MAX_ACDC_THRESHOLD,
+    MAX_EDGE_SPARSITY,
+    MAX_EVAL_FRACTION,
+    MAX_IG_STEPS,
+    MAX_LEARNING_RATE,
+    MAX_SEED,
+    TRACR_TASK_PREFIX,
+)
 from edgeprune.service.config import Config
 from edgeprune.service.errors import InvalidArgument, ResourceExhausted
+from edgeprune.service.translate import (
+    ABLATIONS_BY_NAME,
+    LOSSES_BY_NAME,
+    METHODS,
+    WARM_STARTS_BY_NAME,
+)
 from edgeprune.storage.limits import MAX_INTEGER, MAX_NAME_LENGTH, text_problem
 from edgeprune.v1 import common_pb2, job_pb2
 
-BUILTIN_TASKS = ("ioi", "gendered_pronoun", "greater_than")
-TRACR_TASK_PREFIX = "tracr_"
 RESOURCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 MAX_LABEL_VALUE = 63
 MAX_REQUEST_ID = 128
 MAX_PRIORITY = 100
-MAX_IG_STEPS = 1000
 MAX_TEXT = 4096
 MAX_DISPLAY_NAME = MAX_NAME_LENGTH  # the column's width
-MAX_EDGE_SPARSITY = 1.2  # Edge Pruning's target may overshoot 1 (runs settle slightly below it)
-MAX_EVAL_FRACTION = 0.9
-DEFAULT_EVAL_FRACTION = 0.2
 
 
 class Violations:
@@ -206,7 +218,7 @@ def check_data(v: Violations, field: str, data: job_pb2.DataSpec, config: Config
             check_example(v, f"{field}.examples.examples[{i}]", ex)
     v.number(f"{field}.eval_fraction", data.eval_fraction, 0.0, MAX_EVAL_FRACTION)
     if data.eval_fraction == 0:
-        data.eval_fraction = DEFAULT_EVAL_FRACTION
+        data.eval_fraction = defaults.EVAL_FRACTION
 
 
 def check_sizes(v: Violations, spec: job_pb2.JobSpec, config: Config) -> None:
@@ -248,20 +260,22 @@ def check_edge_pruning(v: Violations, spec: job_pb2.JobSpec, config: Config) -> 
     for name, default in (("mask_learning_rate", defaults.MASK_LEARNING_RATE),
                           ("lambda_learning_rate", defaults.LAMBDA_LEARNING_RATE)):
         value = getattr(ep, name)
-        v.number(f"spec.edge_pruning.{name}", value, 0.0, 100.0)
+        v.number(f"spec.edge_pruning.{name}", value, 0.0, MAX_LEARNING_RATE)
         if value == 0:
             setattr(ep, name, default)
     if ep.HasField("node_sparsity"):
         v.number("spec.edge_pruning.node_sparsity", ep.node_sparsity, 0.0, MAX_EDGE_SPARSITY)
     if not ep.HasField("node_masks"):
-        ep.node_masks = True
+        ep.node_masks = defaults.NODE_MASKS
     v.enum("spec.edge_pruning.warm_start", ep.warm_start, job_pb2.WarmStart)
     if ep.warm_start == job_pb2.WARM_START_UNSPECIFIED:
-        ep.warm_start = job_pb2.WARM_START_EAP_IG
+        ep.warm_start = WARM_STARTS_BY_NAME[defaults.WARM_START]
     if not 0 <= ep.warm_start_ig_steps <= MAX_IG_STEPS:
         v.bad("spec.edge_pruning.warm_start_ig_steps",
               f"must be in [0, {MAX_IG_STEPS}], got {ep.warm_start_ig_steps}")
     if ep.warm_start_ig_steps == 0 and ep.warm_start == job_pb2.WARM_START_EAP_IG:
+        ep.warm_start_ig_steps = defaults.WARM_START_IG_STEPS
+    if ep.warm_start_ig_steps == 0:  # unused without a warm start, but the engine wants one
         ep.warm_start_ig_steps = defaults.WARM_START_IG_STEPS
 
 
@@ -285,7 +299,12 @@ def check_attribution(v: Violations, spec: job_pb2.JobSpec) -> None:
         v.bad("spec.attribution", "does not apply to METHOD_EDGE_PRUNING")
     if not 0 <= att.ig_steps <= MAX_IG_STEPS:
         v.bad("spec.attribution.ig_steps", f"must be in [0, {MAX_IG_STEPS}], got {att.ig_steps}")
-    v.number("spec.attribution.acdc_threshold", att.acdc_threshold, 0.0, 1e6)
+    v.number("spec.attribution.acdc_threshold", att.acdc_threshold, 0.0, MAX_ACDC_THRESHOLD)
+    # Zero is "unset" in proto3: a threshold of exactly 0 cannot be asked for.
+    if spec.method == common_pb2.METHOD_ACDC and att.acdc_threshold == 0:
+        att.acdc_threshold = defaults.ACDC_THRESHOLD
+    if METHODS.get(spec.method) in IG_METHODS and not att.ig_steps:
+        att.ig_steps = defaults.IG_STEPS
 
 
 def normalize_job_spec(spec: job_pb2.JobSpec, config: Config, v: Violations) -> None:
@@ -309,14 +328,14 @@ def normalize_job_spec(spec: job_pb2.JobSpec, config: Config, v: Violations) -> 
     if spec.batch_size == 0:
         spec.batch_size = config.default_batch_size
     # The engine derives torch seeds from it: a larger one would fail the job on the worker.
-    v.number("spec.seed", spec.seed, -defaults.MAX_SEED, defaults.MAX_SEED)
+    v.number("spec.seed", spec.seed, -MAX_SEED, MAX_SEED)
     if spec.ablation == common_pb2.ABLATION_UNSPECIFIED:
-        spec.ablation = common_pb2.ABLATION_CORRUPTED
+        spec.ablation = ABLATIONS_BY_NAME[defaults.ABLATION]
     check_edge_pruning(v, spec, config)
     check_data_parallel(v, spec, config)
     check_attribution(v, spec)
     if spec.loss == common_pb2.LOSS_UNSPECIFIED and spec.method == common_pb2.METHOD_EDGE_PRUNING:
-        spec.loss = common_pb2.LOSS_KL
+        spec.loss = LOSSES_BY_NAME[defaults.LOSS]
 
 
 def normalize_evaluation(spec: job_pb2.EvaluationSpec, config: Config, v: Violations) -> str:

@@ -27,17 +27,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edgeprune.service import metrics, runner
+from edgeprune.service import metrics, runner, translate
 from edgeprune.service.config import Config
-from edgeprune.service.converters import (
-    EVENT_PROGRESS,
-    EVENT_WARNING,
-    KIND_EVALUATION,
-    METHOD_NAMES,
-    parse_spec,
-)
+from edgeprune.service.converters import EVENT_PROGRESS, EVENT_WARNING
 from edgeprune.service.errors import FailedPrecondition, classify
+from edgeprune.service.job_checkpoint import load_checkpoint
 from edgeprune.service.memory_check import worker_memory_budget
+from edgeprune.service.model_cache import ModelCache, resolve_device
 from edgeprune.storage import (
     BlobStore,
     CircuitRepo,
@@ -46,7 +42,6 @@ from edgeprune.storage import (
     DatasetRepo,
     JobState,
     LeaseLost,
-    NewCircuit,
     Queue,
     StorageError,
     Unavailable,
@@ -105,9 +100,9 @@ class Worker:
         self.circuits = CircuitRepo(db)
         self.datasets = DatasetRepo(db)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
-        self.device = runner.resolve_device(config.device)
+        self.device = resolve_device(config.device)
         self.memory_budget = worker_memory_budget(config, self.device)
-        self.models = runner.ModelCache(on_load=self._model_loaded)
+        self.models = ModelCache(on_load=self._model_loaded)
         self.draining = threading.Event()
         self.parent_pid = int(os.environ.get("EDGEPRUNE_PARENT_PID", "0"))
 
@@ -158,7 +153,7 @@ class Worker:
                 checkpoint=lambda data: self.queue.checkpoint(claim, data),
                 should_stop=lambda: (self.draining.is_set() or beat.cancelled.is_set()
                                      or beat.lost.is_set() or self.parent_gone()),
-                resume=runner.load_checkpoint(
+                resume=load_checkpoint(
                     lambda: self.blobs.get(job.checkpoint_blob), reporter.warning,
                 ) if job.checkpoint_blob else None,
                 checkpoint_every=self.config.checkpoint_every,
@@ -190,8 +185,8 @@ class Worker:
 
     def _execute(self, claim: Claim, hooks: runner.Hooks) -> runner.Outcome:
         job = claim.job
-        spec = parse_spec(job)
-        if job.kind == KIND_EVALUATION:
+        spec = translate.parse_spec(job)
+        if job.kind == translate.KIND_EVALUATION:
             assert isinstance(spec, job_pb2.EvaluationSpec)
             record = self.circuits.get(spec.circuit.removeprefix("circuits/"), full=True)
             return runner.run_evaluation(spec, record, self._ref(record.model), self.models,
@@ -214,23 +209,17 @@ class Worker:
 
     def _complete(self, claim: Claim, outcome: runner.Outcome) -> None:
         job = claim.job
-        spec = parse_spec(job)
+        spec = translate.parse_spec(job)
         news = []
         for circuit, target in zip(outcome.circuits, outcome.targets, strict=True):
             assert outcome.model is not None and isinstance(spec, job_pb2.JobSpec)
             mask = self.blobs.put(runner.masks_blob(outcome.model, circuit),
                                   media_type="application/x-safetensors")
-            dataset = spec.data.dataset.removeprefix("datasets/") or None
-            news.append(NewCircuit(
-                owner=job.caller,  # a circuit belongs to its job's owner
-                model=spec.model, method=METHOD_NAMES[spec.method], edges=circuit.edges,
-                n_edges_total=circuit.n_edges_total, nodes=circuit.nodes,
+            news.append(translate.new_circuit(
+                circuit, spec=spec, owner=job.caller,  # a circuit belongs to its job's owner
+                job_id=job.id, task=outcome.task, target=target,
                 n_nodes_total=outcome.model.graph.n_writers + 1,  # writers and "logits"
-                edge_scores=circuit.edge_scores,
-                task=outcome.task, dataset_id=dataset, job_id=job.id, target=target,
-                settings=circuit.settings, provenance=circuit.provenance, metrics=circuit.metrics,
-                mask_blob=mask,
-            ))
+                mask_blob=mask))
         # Storage adds the ids of the circuits it stores; an evaluation names the one it read.
         result: dict[str, Any] = {"metrics": outcome.metrics}
         if outcome.warnings:
@@ -293,24 +282,24 @@ class _Reporter:
     def __init__(self, queue: Queue, claim: Claim, interval_s: float, device: str) -> None:
         self.queue, self.claim, self.interval_s, self.device = queue, claim, interval_s, device
         self.last_sent = 0.0
-        self.pending: dict[str, Any] | None = None
+        self.pending: job_pb2.JobProgress | None = None
 
-    def progress(self, fields: dict[str, Any]) -> None:
-        if "steps_per_second" in fields and fields["steps_per_second"] > 0:
-            metrics.STEP_SECONDS.observe(1.0 / fields["steps_per_second"])
-            metrics.STEPS_PER_SECOND.set(fields["steps_per_second"])
+    def progress(self, progress: job_pb2.JobProgress) -> None:
+        if progress.steps_per_second > 0:
+            metrics.STEP_SECONDS.observe(1.0 / progress.steps_per_second)
+            metrics.STEPS_PER_SECOND.set(progress.steps_per_second)
         now = time.monotonic()
-        phase_end = fields.get("step") == fields.get("total_steps")
+        phase_end = progress.step == progress.total_steps
         if now - self.last_sent < self.interval_s and not phase_end:
-            self.pending = fields
+            self.pending = progress
             return
-        self.send(fields, now)
+        self.send(progress, now)
 
-    def send(self, fields: dict[str, Any], now: float) -> None:
+    def send(self, progress: job_pb2.JobProgress, now: float) -> None:
         self.pending = None
         self.last_sent = now
         metrics.DEVICE_MEMORY.labels(self.device).set(metrics.device_memory(self.device))
-        self.queue.report(self.claim, EVENT_PROGRESS, fields)
+        self.queue.report(self.claim, EVENT_PROGRESS, translate.progress_payload(progress))
 
     def flush(self) -> None:
         if self.pending is not None:

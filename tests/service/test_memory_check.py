@@ -14,11 +14,12 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from edgeprune.engine.contract import TASK_MIN_TOKENS
 from edgeprune.engine.loading import load_model
 from edgeprune.engine.memory import estimate_evaluation_memory, estimate_job_memory
 from edgeprune.engine.tasks import Example, build_task, from_examples
 from edgeprune.service import memory_check
-from edgeprune.service.memory_check import TASK_MIN_TOKENS, min_tokens
+from edgeprune.service.memory_check import min_tokens
 from edgeprune.storage import CircuitRepo, Database, NewCircuit
 from edgeprune.v1 import circuit_pb2, common_pb2, dataset_pb2, job_pb2, server_pb2
 from tests.service.conftest import running

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from edgeprune.engine.errors import ResourceExhausted
-from edgeprune.service import runner
+from edgeprune.service import runner, translate
+from edgeprune.service.model_cache import ModelCache
 from edgeprune.storage import CircuitRecord
 from edgeprune.v1 import job_pb2
 from tests.service.harness import MODEL, inline_examples
@@ -25,16 +26,16 @@ def _record(n_edges_total: int) -> CircuitRecord:
 
 
 def _hooks(phases: list[str]) -> runner.Hooks:
-    return runner.Hooks(progress=lambda p: phases.append(p["phase"]),
+    return runner.Hooks(progress=lambda p: phases.append(p.phase),
                         checkpoint=lambda _: None, should_stop=lambda: False)
 
 
 @pytest.mark.parametrize("budget", [None, 1 << 40, 1 << 10])
 def test_an_evaluation_releases_the_models_buffers(tiny_gpt2_dir: Path,
                                                    budget: int | None) -> None:
-    models = runner.ModelCache()
+    models = ModelCache()
     ref = f"hf:{tiny_gpt2_dir}"
-    model = models.get(ref, "cpu", runner.resolve_dtype(0, "cpu"))
+    model = models.get(ref, "cpu", translate.dtype_name(0, "cpu"))
     spec = job_pb2.EvaluationSpec(circuit="circuits/c1", data=inline_examples(6), batch_size=4)
     phases: list[str] = []
     record = _record(model.graph.n_edges)
