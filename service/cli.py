@@ -37,10 +37,10 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+def _setup_logging(level: str, log_format: str) -> None:
+    from edgeprune.service import logs
+
+    logs.setup(level, log_format)
 
 
 def _config(prog: str, args: argparse.Namespace, *, api: bool = False) -> Config | None:
@@ -94,7 +94,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     config = _config(prog, args, api=True)
     if config is None:
         return 2
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     own_metrics_dir = not os.environ.get(MULTIPROC_ENV)  # else the operator's: leave it
     metrics_dir = prepare_metrics_dir(fresh=True)
     from edgeprune.service.server import serve
@@ -130,7 +130,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         config = _config(prog, args)
         if config is None:
             return 2
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     prepare_metrics_dir(fresh=not child)
     from edgeprune.service import metrics
     from edgeprune.service.worker import run_worker
@@ -160,7 +160,7 @@ def migrate_main(argv: list[str] | None = None) -> int:
     config = _config(prog, args)
     if config is None:
         return 2
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     from sqlalchemy.exc import SQLAlchemyError
 
     from edgeprune.storage import Database, StorageError

@@ -109,6 +109,7 @@ class Config:
     blob_grace_s: float = 3600.0  # an unreferenced blob younger than this is kept (a worker may
     # have stored it for the circuit it is about to store)
     log_level: str = "INFO"
+    log_format: str = "text"  # "json": one JSON object a line, for log collectors
 
     @property
     def effective_database_url(self) -> str:
@@ -134,6 +135,9 @@ class Config:
         config = cls(limits=limits, **data)
         validate(config)
         return config
+
+
+LOG_FORMATS = ("text", "json")
 
 
 def _fields(cls: type) -> dict[str, Any]:
@@ -248,6 +252,7 @@ HELP = {
     "job_retention_days": "delete finished jobs (with their events) this many days after they "
                           "ended (0: keep them forever); their circuits stay",
     "blob_grace_s": "the cleanup keeps an unreferenced blob until it is this old",
+    "log_format": "text (human-readable lines) or json (one JSON object a line)",
 }
 
 
@@ -356,6 +361,8 @@ def validate(config: Config) -> None:
         value = getattr(config, name)
         if not value >= 0 or value == float("inf"):
             raise ConfigError(f"{name}: must be a finite number >= 0, got {value}")
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log_format: {config.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
     if config.heartbeat_s >= config.lease_s:
         raise ConfigError("heartbeat_s must be shorter than lease_s")
     for name, value in dataclasses.asdict(config.limits).items():
