@@ -55,17 +55,11 @@ def dataset_to_proto(record: DatasetRecord) -> dataset_pb2.Dataset:
         name=f"datasets/{record.id}",
         display_name=record.display_name,
         example_count=record.example_count,
-        size_bytes=_size(record),
+        size_bytes=record.size_bytes,
         content_sha256=record.content_hash,
         create_time=timestamp(record.created_at),
         labels={k: str(v) for k, v in record.labels.items()},
     )
-
-
-def _size(record: DatasetRecord) -> int:
-    """Upload size, kept in the record's `source` as ``upload:<bytes>``."""
-    kind, _, size = record.source.partition(":")
-    return int(size) if kind == "upload" and size.isdigit() else 0
 
 
 # ---------------------------------------------------------------------------------------- jobs

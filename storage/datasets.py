@@ -8,98 +8,126 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import exc, func, select, tuple_
 from sqlalchemy.orm import Session
 
 from edgeprune.storage.db import Database
-from edgeprune.storage.errors import AlreadyExists, InvalidArgument, NotFound
+from edgeprune.storage.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    StorageError,
+)
 from edgeprune.storage.models import Dataset, DatasetExample, utcnow
 from edgeprune.storage.paging import decode_token, encode_token, page_size_or_default
 from edgeprune.storage.records import DatasetRecord, NewDataset, Page
 from edgeprune.storage.sqlutil import bulk_insert
 
+log = logging.getLogger(__name__)
+
 _ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62})$")
 MAX_BATCH = 10_000
+EXAMPLES_PER_TRANSACTION = 2_000  # short write transactions: other writers get the lock between
 
 
 class DatasetRepo:
-    """Create, read, list and delete datasets; each method is one transaction."""
+    """Create, read, list and delete datasets; each method but `create` is one transaction."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
 
     def create(self, new: NewDataset, examples: Iterable[Mapping[str, Any]]) -> DatasetRecord:
-        """Store a dataset and its examples (JSON objects, kept in order), in one transaction.
+        """Store a dataset and its examples (JSON objects, kept in order).
+
+        The examples go in transactions of EXAMPLES_PER_TRANSACTION, so a large upload never
+        holds the write lock for long; readers see the dataset once the last one commits, and a
+        failed create deletes what it stored (one an interrupted process left is deleted by
+        `delete_unfinished`).
 
         `new.id` must be 1-63 lowercase letters, digits or hyphens (None: generated).
-        Raises AlreadyExists if the id is taken; InvalidArgument for a bad id or examples
-        that are not JSON objects.
+        Raises AlreadyExists if the id is taken, or the owner's request_id names a dataset of
+        other content; InvalidArgument for a bad id or examples that are not JSON objects;
+        Conflict while an upload with the same request_id is still being stored.
         """
         dataset_id = new.id if new.id is not None else uuid.uuid4().hex
         if not _ID.match(dataset_id):
             raise InvalidArgument("dataset_id", "use 1-63 lowercase letters, digits or hyphens")
         digest = hashlib.sha256()
-        count = 0
-
-        def rows() -> Iterator[tuple[str, int, Any]]:
-            nonlocal count
-            for example in examples:
-                line = _json_line(example, count)
-                digest.update(line.encode() + b"\n")
-                yield dataset_id, count, line  # JSON text, as bulk_insert wants it
-                count += 1
-
+        lines = _Lines(examples, digest)
         try:
             with self.db.session() as session:
                 if session.get(Dataset, dataset_id) is not None:
                     raise AlreadyExists("dataset", dataset_id)
-                row = Dataset(
-                    id=dataset_id,
-                    owner=new.owner,
-                    request_id=new.request_id,
-                    display_name=new.display_name,
-                    source=new.source,
-                    task=new.task,
-                    model=new.model,
-                    tokenizer=new.tokenizer,
-                    description=new.description,
-                    labels=dict(new.labels),
-                    example_count=0,
-                    content_hash="",
-                    created_at=utcnow(),
-                )
-                session.add(row)
-                session.flush()
-                bulk_insert(session, DatasetExample, ["dataset_id", "idx", "data"], rows())
-                row.example_count = count
-                row.content_hash = digest.hexdigest()
-                session.flush()
-                return dataset_record(row)
+                session.add(Dataset(
+                    id=dataset_id, owner=new.owner, request_id=new.request_id,
+                    display_name=new.display_name, source=new.source, task=new.task,
+                    model=new.model, tokenizer=new.tokenizer, description=new.description,
+                    labels=dict(new.labels), example_count=0, content_hash="",
+                    size_bytes=new.size_bytes, ready=False, created_at=utcnow()))
         except exc.IntegrityError as err:
             # The id, or this owner's request_id, is taken (perhaps by a concurrent create).
             earlier = (self.find_request(new.owner, new.request_id)
                        if new.request_id is not None else None)
             if earlier is None:
                 raise AlreadyExists("dataset", dataset_id) from err
-            for example in examples:  # the rest of the content, to compare with the first
-                digest.update(_json_line(example, count).encode() + b"\n")
-                count += 1
+            if not earlier.ready:
+                raise Conflict(f"request_id {new.request_id!r}: that upload is still being "
+                               "stored; retry") from err
+            for _ in lines:  # the content, to compare with the first upload's
+                pass
             if digest.hexdigest() != earlier.content_hash:
                 raise AlreadyExists(
                     "dataset", new.request_id,
                     f"request_id {new.request_id!r} was already used for a dataset with other "
                     f"content ({earlier.id})") from err
             return earlier
+        try:
+            for batch in _batches(lines, EXAMPLES_PER_TRANSACTION):
+                with self.db.session() as session:
+                    bulk_insert(session, DatasetExample, ["dataset_id", "idx", "data"],
+                                ((dataset_id, i, line) for i, line in batch))
+            with self.db.session() as session:
+                row = _get(session, dataset_id, ready=False)
+                row.example_count = lines.count
+                row.content_hash = digest.hexdigest()
+                row.ready = True
+                session.flush()
+                return dataset_record(row)
+        except BaseException:
+            self._delete_quietly(dataset_id)
+            raise
 
+    def _delete_quietly(self, dataset_id: str) -> None:
+        """Undo a failed create (best effort: `delete_unfinished` catches what this misses)."""
+        try:
+            with self.db.session() as session:
+                row = session.get(Dataset, dataset_id)
+                if row is not None and not row.ready:
+                    session.delete(row)
+        except StorageError as err:
+            log.warning("dataset %s: cannot delete a failed upload now: %s", dataset_id, err)
+
+    def delete_unfinished(self, *, older_than_s: float) -> int:
+        """Delete datasets whose upload never finished (its process died) once they are
+        `older_than_s` old; returns how many."""
+        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        with self.db.session() as session:
+            rows = list(session.scalars(select(Dataset).where(
+                Dataset.ready.is_(False), Dataset.created_at < cutoff)))
+            for row in rows:
+                session.delete(row)
+            return len(rows)
 
     def get(self, dataset_id: str) -> DatasetRecord:
-        """Raises NotFound."""
+        """Raises NotFound (also while its upload is being stored)."""
         with self.db.session(write=False) as session:
             return dataset_record(_get(session, dataset_id))
 
@@ -111,7 +139,8 @@ class DatasetRepo:
         size = page_size_or_default(page_size)
         filters = {"task": task, "owner": owner}
         after = decode_token(page_token, filters)
-        query = select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(size + 1)
+        query = (select(Dataset).where(Dataset.ready.is_(True))
+                 .order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(size + 1))
         if task is not None:
             query = query.where(Dataset.task == task)
         if owner is not None:
@@ -131,7 +160,7 @@ class DatasetRepo:
         return Page(items, token)
 
     def count(self, *, owner: str | None = None) -> int:
-        """How many datasets there are (of `owner`)."""
+        """How many datasets there are (of `owner`), uploads being stored included."""
         query = select(func.count()).select_from(Dataset)
         if owner is not None:
             query = query.where(Dataset.owner == owner)
@@ -186,6 +215,8 @@ def dataset_record(row: Dataset) -> DatasetRecord:
         id=row.id,
         owner=row.owner,
         request_id=row.request_id,
+        size_bytes=row.size_bytes,
+        ready=row.ready,
         display_name=row.display_name,
         source=row.source,
         task=row.task,
@@ -209,8 +240,36 @@ def _json_line(example: Any, index: int) -> str:
         raise InvalidArgument(f"examples[{index}]", f"not JSON: {err}") from err
 
 
-def _get(session: Session, dataset_id: str) -> Dataset:
+def _get(session: Session, dataset_id: str, *, ready: bool = True) -> Dataset:
+    """The dataset's row; NotFound if missing (or, with `ready`, still being uploaded)."""
     row = session.get(Dataset, dataset_id)
-    if row is None:
+    if row is None or (ready and not row.ready):
         raise NotFound("dataset", dataset_id)
     return row
+
+
+class _Lines:
+    """Examples as (index, canonical JSON text), hashed as they pass."""
+
+    def __init__(self, examples: Iterable[Mapping[str, Any]], digest: Any) -> None:
+        self.examples = examples
+        self.digest = digest
+        self.count = 0
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        for example in self.examples:
+            line = _json_line(example, self.count)
+            self.digest.update(line.encode() + b"\n")
+            yield self.count, line
+            self.count += 1
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

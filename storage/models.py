@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -108,6 +109,9 @@ class Dataset(Base):
     labels: Mapped[dict[str, Any]]
     example_count: Mapped[int]
     content_hash: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # False while an upload's examples are being stored (several short transactions).
+    ready: Mapped[bool] = mapped_column(Boolean, server_default=true())
     created_at: Mapped[datetime]
 
     __table_args__ = (

@@ -58,6 +58,7 @@ class NewDataset:
 
     owner: str = ""
     request_id: str | None = None
+    size_bytes: int = 0  # of the uploaded content
     display_name: str = ""
     source: str = ""
     task: str = ""
@@ -78,6 +79,8 @@ class DatasetRecord:
     id: str
     owner: str
     request_id: str | None
+    size_bytes: int
+    ready: bool  # False while its upload is being stored
     display_name: str
     source: str
     task: str

@@ -53,7 +53,7 @@ class DatasetHandler:
         answers ALREADY_EXISTS."""
         upload.finish()
         new = NewDataset(owner=who.name, request_id=metadata.request_id or None,
-                         display_name=metadata.display_name, source=f"upload:{upload.size}",
+                         display_name=metadata.display_name, source="upload", size_bytes=upload.size,
                          labels=dict(metadata.labels))
         with self._storing:  # counted again where uploads are stored one at a time
             self._check_quota(metadata, who)

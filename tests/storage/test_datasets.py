@@ -94,3 +94,50 @@ def test_list_by_owner(db: Database) -> None:
     assert {d.id for d in page.items + rest.items} == mine and rest.next_page_token is None
     with pytest.raises(InvalidArgument):  # a token is bound to its filters
         repo.list(owner="bob", page_token=page.next_page_token)
+
+
+def test_a_failed_create_leaves_nothing_and_readers_never_see_a_partial_dataset(
+        db: Database) -> None:
+    """Examples go in several transactions; until the last one commits the dataset is not
+    there for readers, and a create that fails half-way deletes what it stored."""
+    from edgeprune.storage import datasets as datasets_module
+
+    repo = DatasetRepo(db)
+    seen: list[int] = []
+
+    def examples_then_fail():
+        for i, example in enumerate(examples(3 * datasets_module.EXAMPLES_PER_TRANSACTION)):
+            if i == 2 * datasets_module.EXAMPLES_PER_TRANSACTION + 5:
+                # Two batches are committed: readers (another transaction) see no dataset.
+                seen.append(repo.count())
+                seen.append(len(repo.list().items))
+                raise ValueError("the upload broke off")
+            yield example
+
+    with pytest.raises(ValueError, match="broke off"):
+        repo.create(NewDataset(owner="alice", request_id="r"), examples_then_fail())
+    assert seen == [1, 0]  # counted against the quota, listed nowhere
+    assert repo.count() == 0 and repo.list().items == []
+    with db.session() as session:
+        from sqlalchemy import func, select
+
+        from edgeprune.storage.models import DatasetExample
+        assert session.scalar(select(func.count()).select_from(DatasetExample)) == 0
+    # the request_id is free again
+    assert repo.create(NewDataset(owner="alice", request_id="r"), examples(2)).example_count == 2
+
+
+def test_an_upload_a_dead_process_left_is_deleted_by_the_cleanup(db: Database) -> None:
+    from sqlalchemy import update
+
+    from edgeprune.storage.models import Dataset
+
+    repo = DatasetRepo(db)
+    record = repo.create(NewDataset(owner="alice"), examples(3))
+    with db.session() as session:  # as a process killed between its batches leaves it
+        session.execute(update(Dataset).where(Dataset.id == record.id).values(ready=False))
+    with pytest.raises(NotFound):
+        repo.get(record.id)
+    assert repo.delete_unfinished(older_than_s=3600) == 0  # it may still be uploading
+    assert repo.delete_unfinished(older_than_s=0) == 1
+    assert repo.count() == 0

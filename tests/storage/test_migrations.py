@@ -53,3 +53,27 @@ def test_migrate_is_idempotent_and_downgrade_removes_everything(empty_db: Databa
     assert empty_db.current_revision() is None
     empty_db.migrate()
     assert _diff(empty_db) == []
+
+
+def test_upload_sizes_move_from_source_to_size_bytes(empty_db: Database) -> None:
+    """0003 reads the size the service used to keep in `source` ("upload:<bytes>") into
+    size_bytes, marks earlier datasets ready, and its downgrade puts the size back."""
+    from sqlalchemy import text
+
+    empty_db.migrate("0002")
+    with empty_db.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO datasets (id, owner, display_name, source, task, model, tokenizer, "
+            "description, labels, example_count, content_hash, created_at) VALUES "
+            "('d1', 'alice', '', 'upload:1234', '', '', '', '', '{}', 0, '', CURRENT_TIMESTAMP), "
+            "('d2', 'alice', '', 'api', '', '', '', '', '{}', 0, '', CURRENT_TIMESTAMP)"))
+    empty_db.migrate()
+    with empty_db.engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT id, source, size_bytes, ready FROM datasets ORDER BY id")).all()
+    assert [(r[0], r[1], r[2], bool(r[3])) for r in rows] == [
+        ("d1", "upload", 1234, True), ("d2", "api", 0, True)]
+    empty_db.downgrade("0002")
+    with empty_db.engine.connect() as conn:
+        assert conn.execute(text("SELECT source FROM datasets WHERE id = 'd1'")).scalar() == \
+            "upload:1234"
