@@ -73,10 +73,11 @@ class AsyncClient:
         stream_timeout: float | None = 600.0,
         retry: RetryPolicy | None = None,
         insecure: bool | None = None,
+        load_balancing: str | None = None,
     ) -> None:
         self.settings = ClientSettings.create(
             target, token=token, tls=tls, timeout=timeout, stream_timeout=stream_timeout, retry=retry,
-            insecure=insecure,
+            insecure=insecure, load_balancing=load_balancing,
         )
         credentials = self.settings.credentials()
         options = self.settings.channel_options()

@@ -39,6 +39,7 @@ from .errors import (
 __all__ = [
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
+    "LB_POLICIES",
     "Attempt",
     "ClientSettings",
     "ExportFile",
@@ -68,6 +69,10 @@ TlsOption = bool | str | os.PathLike[str] | grpc.ChannelCredentials | None
 
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
+#: gRPC's client-side load-balancing policies: ``pick_first`` (gRPC's default) sends every call
+#: over one connection; ``round_robin`` connects to every address the target resolves to (e.g.
+#: ``dns:///edgeprune-api-headless:50051``, one A record per API pod) and spreads calls over them.
+LB_POLICIES = ("pick_first", "round_robin")
 
 
 def is_local_target(target: str) -> bool:
@@ -121,6 +126,9 @@ class ClientSettings:
     ``unix:`` sockets, where nobody else can read the traffic), unless ``insecure`` (default
     ``$EDGEPRUNE_INSECURE``) says the network is trusted; otherwise `create` raises
     `InsecureTransport` before anything is sent.
+
+    ``load_balancing`` (default ``$EDGEPRUNE_LOAD_BALANCING``): ``round_robin`` spreads calls
+    over every address of the target, ``pick_first`` (gRPC's default) uses one.
     """
 
     target: str = ""
@@ -131,6 +139,7 @@ class ClientSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     user_agent: str = "edgeprune-python"
     insecure: bool = False
+    load_balancing: str | None = None
 
     @classmethod
     def create(
@@ -143,17 +152,22 @@ class ClientSettings:
         stream_timeout: float | None = 600.0,
         retry: RetryPolicy | None = None,
         insecure: bool | None = None,
+        load_balancing: str | None = None,
     ) -> ClientSettings:
         """Settings with environment defaults filled in and checked."""
         target = target or os.environ.get("EDGEPRUNE_TARGET") or DEFAULT_TARGET
         token = token if token is not None else os.environ.get("EDGEPRUNE_TOKEN") or None
         if insecure is None:
             insecure = os.environ.get("EDGEPRUNE_INSECURE", "").strip().lower() in _TRUE
+        load_balancing = load_balancing or os.environ.get("EDGEPRUNE_LOAD_BALANCING") or None
+        if load_balancing is not None and load_balancing not in LB_POLICIES:
+            raise InvalidArgument(f"load_balancing must be one of {', '.join(LB_POLICIES)}, "
+                                  f"got {load_balancing!r}", field="load_balancing")
         for name, value in (("timeout", timeout), ("stream_timeout", stream_timeout)):
             if value is not None and value <= 0:
                 raise InvalidArgument(f"{name} must be positive or None", field=name)
         settings = cls(target, token, tls, timeout, stream_timeout, retry or RetryPolicy(),
-                       insecure=insecure)
+                       insecure=insecure, load_balancing=load_balancing)
         if token and tls in (None, False) and not insecure and not is_local_target(target):
             raise InsecureTransport(
                 f"refusing to send the bearer token in plaintext to {target}: use TLS "
@@ -178,13 +192,17 @@ class ClientSettings:
             raise InvalidArgument(f"cannot read CA bundle {path}: {error.strerror}", field="tls") from None
 
     def channel_options(self) -> list[tuple[str, Any]]:
-        """gRPC channel arguments: message sizes and user agent (no keepalive pings: servers
-        answer pings more often than every 5 minutes with GOAWAY too_many_pings)."""
-        return [
+        """gRPC channel arguments: message sizes, user agent and the load-balancing policy (no
+        keepalive pings: servers answer pings more often than every 5 minutes with GOAWAY
+        too_many_pings)."""
+        options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.primary_user_agent", self.user_agent),
         ]
+        if self.load_balancing:
+            options.append(("grpc.lb_policy_name", self.load_balancing))
+        return options
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Per-call metadata: the bearer token when one is set."""

@@ -27,7 +27,7 @@ from typing import Any
 
 from edgeprune.v1 import common_pb2
 
-from ._core import DEFAULT_TARGET, DEFAULT_TIMEOUT, check_finished
+from ._core import DEFAULT_TARGET, DEFAULT_TIMEOUT, LB_POLICIES, check_finished
 from ._output import (
     CIRCUIT_COLUMNS,
     DATASET_COLUMNS,
@@ -67,7 +67,7 @@ def _labels(pairs: Sequence[str] | None) -> dict[str, str]:
 def _client(args: argparse.Namespace) -> Client:
     tls: Any = args.ca_file or (True if args.tls else None)
     return Client(args.target, token=args.token, tls=tls, timeout=args.timeout,
-                  insecure=True if args.insecure else None)
+                  insecure=True if args.insecure else None, load_balancing=args.load_balancing)
 
 
 def _follow(client: Client, name: str, args: argparse.Namespace, *, after: int = 0) -> int:
@@ -361,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--insecure", action="store_true",
                        help="send the token without TLS to another host ($EDGEPRUNE_INSECURE=1; "
                        "only on a network you trust)")
+    group.add_argument("--load-balancing", choices=LB_POLICIES, default=None,
+                       help="round_robin: spread calls over every address of the target, e.g. "
+                       "dns:///edgeprune-api-headless:50051 ($EDGEPRUNE_LOAD_BALANCING; "
+                       "default pick_first)")
     group.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline of each call in seconds")
     group.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
