@@ -1,8 +1,9 @@
 """The default of every method option, importable without torch.
 
-Both the engine (``PruneConfig``, the attribution methods, data splits) and the API server's request
-validation (which must not load torch) fill in unset fields from here, so a job submitted without
-them runs exactly as a library call without them would. The names and limits these values are
+The engine's ``PruneConfig`` and the API server's request validation (which must not load torch)
+fill in unset fields from here, and the attribution methods' signatures default to the same values,
+so a job submitted without them runs exactly as a library call without them would (but for the
+service's own job defaults at the end). The names and limits these values are
 checked against are in ``edgeprune.engine.contract``.
 
 The defaults are a recipe that reaches the requested circuit size without hand-tuning (measured
