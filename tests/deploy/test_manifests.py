@@ -2,7 +2,8 @@
 
 Rendering uses ``kubectl kustomize`` (offline). Built-in kinds are validated against the
 Kubernetes JSON schemas shipped with ``kubernetes-validate`` (strict: unknown fields fail); the
-ServiceMonitor CRD against a small schema of the fields we use (tests/deploy/schemas/).
+custom resources (ServiceMonitor, PrometheusRule, KEDA's ScaledObject) against small structural
+schemas of the fields we use (tests/deploy/schemas/<kind>-<group>-<version>.json).
 """
 
 from __future__ import annotations
@@ -109,17 +110,34 @@ def setting(docs: list[Doc], container: Doc, name: str) -> Any:
 
 
 def validate(doc: Doc) -> None:
-    if doc["apiVersion"] == "monitoring.coreos.com/v1":
-        schema = json.loads((SCHEMAS / f"{doc['kind'].lower()}-monitoring-v1.json").read_text())
-        jsonschema.Draft202012Validator(schema).validate(doc)
+    group, _, version = doc["apiVersion"].rpartition("/")
+    if "." in group and not group.endswith(".k8s.io"):  # a CRD's group, e.g. keda.sh
+        path = SCHEMAS / f"{doc['kind'].lower()}-{group.split('.')[0]}-{version}.json"
+        jsonschema.Draft202012Validator(json.loads(path.read_text())).validate(doc)
     else:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def render_with_components(tmp_path: Path, overlay: str, *components: str) -> list[Doc]:
+    """An overlay plus optional components (deploy/components/), as a user's overlay adds them."""
+    namespace = yaml.safe_load((DEPLOY / "overlays" / overlay / "kustomization.yaml").read_text())[
+        "namespace"
+    ]
+    here = tmp_path / "overlay"
+    here.mkdir()
+    kustomization = {
+        "namespace": namespace,
+        "resources": [os.path.relpath(DEPLOY / "overlays" / overlay, here)],
+        "components": [os.path.relpath(DEPLOY / "components" / c, here) for c in components],
+    }
+    (here / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return render(here)
 
 
 def test_base_renders() -> None:
     kinds = {d["kind"] for d in render(DEPLOY / "base")}
     assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "Job"} <= kinds
-    assert {"ServiceMonitor", "ServiceAccount"} <= kinds
+    assert {"ServiceMonitor", "ServiceAccount", "PrometheusRule"} <= kinds
 
 
 def test_every_resource_validates_against_its_schema(overlay: tuple[str, list[Doc]]) -> None:
@@ -140,6 +158,15 @@ def test_validation_rejects_a_misspelt_field(overlay: tuple[str, list[Doc]]) -> 
     monitor["spec"]["endpoints"][0]["intervall"] = "30s"
     with pytest.raises(jsonschema.ValidationError):
         validate(monitor)
+    rule = copy.deepcopy(one(docs, "PrometheusRule", "edgeprune"))
+    rule["spec"]["groups"][0]["rules"][0]["fro"] = "5m"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(rule)
+    for scaler in find(docs, "ScaledObject"):
+        scaler = copy.deepcopy(scaler)
+        scaler["spec"]["minReplicas"] = 0
+        with pytest.raises(jsonschema.ValidationError):
+            validate(scaler)
 
 
 def test_api_has_native_grpc_probes_on_its_serving_port(overlay: tuple[str, list[Doc]]) -> None:
@@ -288,7 +315,8 @@ def test_settings_are_ones_the_service_reads(
         config = config_module.load_config(None, environ=env)
         assert config.device == setting(docs, container, "device")
         assert config.data_dir == "/var/lib/edgeprune/data"
-    assert env["EDGEPRUNE_CACHE_DIR"] == "/var/lib/edgeprune/models"
+        if workload["kind"] == "Deployment":  # the migration Job loads no model
+            assert env["EDGEPRUNE_CACHE_DIR"] == "/var/lib/edgeprune/models"
 
 
 def test_config_maps_referenced_by_pods_exist(overlay: tuple[str, list[Doc]]) -> None:
@@ -362,11 +390,15 @@ def test_services_expose_grpc_and_metrics_and_are_scraped(overlay: tuple[str, li
     api_pods = one(docs, "Deployment", "edgeprune-api")["spec"]["template"]["metadata"]["labels"]
     assert selects({"matchLabels": api["spec"]["selector"]}, api_pods)
     monitor = one(docs, "ServiceMonitor", "edgeprune")
-    scraped = [
+    # kube-prometheus-stack's Prometheus selects ServiceMonitors by its release label
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    selected = [
         s
         for s in find(docs, "Service")
         if selects(monitor["spec"]["selector"], s["metadata"]["labels"])
     ]
+    # a Service without the metrics port gives the operator no target: each pod is scraped once
+    scraped = [s for s in selected if "metrics" in {p["name"] for p in s["spec"]["ports"]}]
     assert {s["metadata"]["name"] for s in scraped} == {"edgeprune-api", "edgeprune-worker"}
     for service in scraped:
         ports = {p["name"] for p in service["spec"]["ports"]}
@@ -376,7 +408,7 @@ def test_services_expose_grpc_and_metrics_and_are_scraped(overlay: tuple[str, li
 def test_migration_job_migrates_a_database(overlay: tuple[str, list[Doc]], tmp_path: Path) -> None:
     """Run the Job's own command against a fresh SQLite database."""
     _, docs = overlay
-    job = one(docs, "Job", "edgeprune-migrate")
+    (job,) = find(docs, "Job")
     spec = job["spec"]["template"]["spec"]
     assert spec["restartPolicy"] in ("OnFailure", "Never") and job["spec"]["backoffLimit"] >= 1
     command = spec["containers"][0]["command"]
@@ -394,3 +426,99 @@ def test_migration_job_migrates_a_database(overlay: tuple[str, list[Doc]], tmp_p
     with sqlite3.connect(tmp_path / "edgeprune.db") as db:
         (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
     assert revision
+
+
+def test_headless_api_service_lists_every_api_pod_for_client_round_robin(
+    overlay: tuple[str, list[Doc]],
+) -> None:
+    _, docs = overlay
+    headless = one(docs, "Service", "edgeprune-api-headless")["spec"]
+    assert headless["clusterIP"] == "None"
+    assert not headless.get("publishNotReadyAddresses"), "DNS must only list ready pods"
+    api = one(docs, "Deployment", "edgeprune-api")["spec"]["template"]
+    assert selects({"matchLabels": headless["selector"]}, api["metadata"]["labels"])
+    grpc_port = next(p for p in api["spec"]["containers"][0]["ports"] if p["name"] == "grpc")
+    assert [(p["name"], p["targetPort"]) for p in headless["ports"]] == [("grpc", "grpc")]
+    assert headless["ports"][0]["port"] == grpc_port["containerPort"]
+    assert one(docs, "Service", "edgeprune-api")["spec"]["type"] == "ClusterIP"
+
+
+def test_migration_job_is_a_hook_named_after_its_image(overlay: tuple[str, list[Doc]]) -> None:
+    """A new image is a new Job (a Job's template is immutable); Argo CD and Helm run it first."""
+    _, docs = overlay
+    (job,) = find(docs, "Job")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["argocd.argoproj.io/hook"] == "PreSync"
+    assert annotations["argocd.argoproj.io/hook-delete-policy"] == "BeforeHookCreation"
+    assert set(annotations["helm.sh/hook"].split(",")) == {"pre-install", "pre-upgrade"}
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    assert 0 < job["spec"]["ttlSecondsAfterFinished"] <= 7 * 86400
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    tag = container["image"].rpartition(":")[2]
+    name = job["metadata"]["name"]
+    assert name == f"edgeprune-migrate-{tag}"
+    # the pods' job-name label holds the name: a label value is at most 63 characters
+    assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name), name
+    # a hook runs before the sync creates the ConfigMaps and the ServiceAccount: it needs none
+    spec = job["spec"]["template"]["spec"]
+    assert "serviceAccountName" not in spec
+    assert not container.get("envFrom") and not any("configMap" in v for v in spec["volumes"])
+
+
+def test_overlay_images_apply(overlay: tuple[str, list[Doc]]) -> None:
+    """An overlay's `images` entry must match the name the base left, or it silently does nothing."""
+    name, docs = overlay
+    kustomization = yaml.safe_load((DEPLOY / "overlays" / name / "kustomization.yaml").read_text())
+    images = {c["image"] for _, c in containers(docs)}
+    for entry in kustomization.get("images", []):
+        wanted = f"{entry.get('newName', entry['name'])}:{entry['newTag']}"
+        assert images == {wanted}, (entry, images)
+
+
+def autoscaled_worker(docs: list[Doc], kind: str) -> Doc:
+    """The one autoscaler of the worker Deployment, which then leaves its replicas alone."""
+    scalers = find(docs, "ScaledObject") + find(docs, "HorizontalPodAutoscaler")
+    assert [s["kind"] for s in scalers] == [kind], "one autoscaler per Deployment"
+    worker = one(docs, "Deployment", "edgeprune-worker")
+    assert "replicas" not in worker["spec"], "an applied replica count fights the autoscaler"
+    assert scalers[0]["spec"]["scaleTargetRef"]["name"] == "edgeprune-worker"
+    return scalers[0]
+
+
+def test_gpu_workers_scale_to_zero_with_keda_on_the_queue() -> None:
+    docs = render(DEPLOY / "overlays" / "gpu")
+    for doc in docs:
+        validate(doc)
+    spec = autoscaled_worker(docs, "ScaledObject")["spec"]
+    assert spec["minReplicaCount"] == 0 and spec["maxReplicaCount"] >= 1
+    # idle for minutes before the last GPU goes; a running job keeps its worker
+    assert spec["cooldownPeriod"] >= 300
+    assert spec["fallback"]["replicas"] >= 1
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    query = trigger["metadata"]["query"]
+    assert "edgeprune_queue_pending_jobs" in query and "edgeprune_workers_busy" in query
+    namespace = one(docs, "Deployment", "edgeprune-worker")["metadata"]["namespace"]
+    assert query.count(f'namespace="{namespace}"') == 2
+    assert trigger["metadata"]["ignoreNullValues"] == "false"
+    assert float(trigger["metadata"]["threshold"]) == 1  # one job per worker (workers: 1)
+    assert server_config(docs)["workers"] == 1
+    budget = one(docs, "PodDisruptionBudget", "edgeprune-worker")["spec"]
+    assert "minAvailable" not in budget, "a minAvailable budget blocks scaling to zero"
+
+
+def test_hpa_component_scales_on_the_adapters_external_metric(tmp_path: Path) -> None:
+    docs = render_with_components(tmp_path, "dev", "hpa")
+    for doc in docs:
+        validate(doc)
+    hpa = autoscaled_worker(docs, "HorizontalPodAutoscaler")
+    assert hpa["metadata"]["namespace"] == "edgeprune-dev"
+    spec = hpa["spec"]
+    assert spec["minReplicas"] >= 1 and spec["maxReplicas"] >= spec["minReplicas"]
+    (metric,) = spec["metrics"]
+    assert metric["type"] == "External"
+    assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "1"}
+    values = yaml.safe_load((DEPLOY / "components" / "hpa" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["external"]
+    assert rule["name"]["as"] == metric["external"]["metric"]["name"]
+    assert rule["resources"]["overrides"]["namespace"] == {"resource": "namespace"}
