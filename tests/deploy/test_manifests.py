@@ -297,7 +297,7 @@ def test_settings_are_ones_the_service_reads(
 ) -> None:
     """config.yaml and every EDGEPRUNE_* variable load through service/config.py unchanged."""
     config_module = pytest.importorskip("edgeprune.service.config")
-    _, docs = overlay
+    name, docs = overlay
     config_file = tmp_path / "config.yaml"
     config_file.write_text(generated(docs, "edgeprune-config")["data"]["config.yaml"])
     known = {
@@ -315,6 +315,7 @@ def test_settings_are_ones_the_service_reads(
         config = config_module.load_config(None, environ=env)
         assert config.device == setting(docs, container, "device")
         assert config.data_dir == "/var/lib/edgeprune/data"
+        assert config.log_format == ("json" if name == "gpu" else "text")
         if workload["kind"] == "Deployment":  # the migration Job loads no model
             assert env["EDGEPRUNE_CACHE_DIR"] == "/var/lib/edgeprune/models"
 
