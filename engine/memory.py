@@ -84,6 +84,11 @@ _GATED_HIDDEN_COPIES = 3.0  # gate, act(gate), up [B, T, F]
 _PLAIN_HIDDEN_COPIES = 4.0  # the tanh-GELU's input, tanh, halves [B, T, F]
 _BACKWARD_COPIES = 2.0  # one layer's input and hidden gradients alive during its backward
 _LOGIT_COPIES = 6.0  # clean and masked logits, their log-softmaxes, KL terms, gradient [B, P, V]
+# An EAP-IG warm start's passes run the masked model at full masks with gradients while holding
+# the writers' clean-minus-ablated differences [W, B, T, D] and the gradient against them: its
+# peak is above a step's by a few [W, B, T, D], with or without checkpointing (the constant is
+# calibrated by `python -m bench memory`, which measures runs with and without a warm start).
+_WARM_START_COPIES = 3.5
 _MASK_BYTES_PER_ENTRY = 4 * 12  # fp32: log_alpha, grad, 2 AdamW moments, ~8 sampling temporaries
 _EVAL_MASK_COPIES = 4  # an evaluation's dense masks: the circuit's, the empty one's, their weights
 
@@ -311,9 +316,8 @@ def estimate_job_memory(
     """Peak memory of one pruning step on one device (one rank of a data-parallel job).
 
     With ``warm_start`` the run starts with EAP-IG over the input embeddings, whose passes hold
-    the batch's clean writer outputs and their difference from the ablation values besides a
-    step's buffers. With activation checkpointing that adds to the peak; without it the step's
-    own activations are the larger (as measured by ``python -m bench memory``).
+    the batch's clean writer outputs' difference from the ablation values and its gradient
+    besides a step's buffers: the ``warm_start`` term is what that adds to the peak.
 
     ``model`` is a :class:`ModelShape`, a Hugging Face config (object or config.json dict) or a
     loaded ``CircuitModel``. ``batch_size`` is the job's whole batch; with ``world_size`` ranks each
@@ -353,7 +357,7 @@ def estimate_job_memory(
         masks=(shape.n_edges + W) * _MASK_BYTES_PER_ENTRY,
         logits=int(_LOGIT_COPIES * B * answer_positions * shape.vocab_size * 4) + clean_logits,
         workspace=int(_BACKWARD_COPIES * (readers + hidden)),
-        warm_start=2 * W * per_writer if warm_start and activation_checkpointing else 0,
+        warm_start=int(_WARM_START_COPIES * W * per_writer) if warm_start else 0,
         settings={
             "model": shape.name,
             "batch_size": batch_size,

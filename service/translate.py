@@ -66,7 +66,25 @@ def parse_spec(record: JobRecord) -> job_pb2.JobSpec | job_pb2.EvaluationSpec:
         message.ParseFromString(record.spec)
     else:
         json_format.ParseDict(jsonable(record.spec_json), message, ignore_unknown_fields=True)
+    if isinstance(message, job_pb2.JobSpec):
+        _fill_older_defaults(message)
     return message
+
+
+def _fill_older_defaults(spec: job_pb2.JobSpec) -> None:
+    """Defaults an older API left at 0 in the stored spec (the worker filled them in then), so
+    a job queued before an upgrade runs as it would have. Validation fills them for new jobs."""
+    if spec.ablation == common_pb2.ABLATION_UNSPECIFIED:
+        spec.ablation = ABLATIONS_BY_NAME[defaults.ABLATION]
+    if spec.method == common_pb2.METHOD_EDGE_PRUNING:
+        if spec.loss == common_pb2.LOSS_UNSPECIFIED:
+            spec.loss = LOSSES_BY_NAME[defaults.LOSS]
+        if not spec.edge_pruning.warm_start_ig_steps:
+            spec.edge_pruning.warm_start_ig_steps = defaults.WARM_START_IG_STEPS
+    elif spec.method == common_pb2.METHOD_ACDC and not spec.attribution.acdc_threshold:
+        spec.attribution.acdc_threshold = defaults.ACDC_THRESHOLD
+    elif METHODS.get(spec.method) in contract.IG_METHODS and not spec.attribution.ig_steps:
+        spec.attribution.ig_steps = defaults.IG_STEPS
 
 
 def jsonable(value: Any) -> Any:

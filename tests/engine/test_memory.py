@@ -91,14 +91,16 @@ def test_estimate_scales_with_dtype_checkpointing_batch_and_ranks() -> None:
     assert double.deltas == 2 * base.deltas and double.weights == base.weights
     split = estimate_job_memory("llama-2-7b", batch_size=16, seq_len=64, world_size=2)
     assert split.total == base.total, "each of 2 ranks holds half of the batch"
-    # an EAP-IG warm start's clean outputs and their differences: [W, B, T, D] twice, counted
-    # where checkpointing has made the step's own activations the smaller
+    # an EAP-IG warm start adds a few [W, B, T, D] to the peak, with or without checkpointing
     warm = estimate_job_memory("llama-2-7b", batch_size=8, seq_len=64, dtype="bf16",
                                activation_checkpointing=True, warm_start=True)
-    assert warm.warm_start == 2 * bf16.deltas and warm.total == ckpt.total + warm.warm_start
-    assert warm.total < bf16.total  # checkpointing still pays on a real model
+    assert warm.warm_start == int(3.5 * bf16.deltas)
+    assert warm.total == ckpt.total + warm.warm_start
+    unsaved = estimate_job_memory("llama-2-7b", batch_size=8, seq_len=64, dtype="bf16",
+                                  warm_start=True)
+    assert warm.total < unsaved.total  # checkpointing still pays on a real model
     plain = estimate_job_memory("llama-2-7b", batch_size=8, seq_len=64, warm_start=True)
-    assert plain.total == base.total
+    assert plain.total == base.total + int(3.5 * base.deltas)
 
 
 def test_dataset_cache_counts_only_when_it_fits_its_budget() -> None:

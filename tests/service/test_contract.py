@@ -21,7 +21,7 @@ from edgeprune.engine.tasks import TASKS
 from edgeprune.service import translate
 from edgeprune.service.config import Config, ConfigError, Limits, load_config
 from edgeprune.service.validation import Violations, normalize_job_spec
-from edgeprune.storage import CircuitRepo, Database
+from edgeprune.storage import CircuitRepo, Database, JobRecord, JobState
 from edgeprune.v1 import common_pb2, job_pb2
 from tests.service.conftest import database_url
 
@@ -37,6 +37,16 @@ def normalized(method: int, **fields: object) -> job_pb2.JobSpec:
     normalize_job_spec(spec, CONFIG, v)
     v.raise_if_any()
     return spec
+
+
+EMPTY_RECORD = {
+    "id": "j", "kind": translate.KIND_DISCOVERY, "display_name": "", "spec": b"",
+    "spec_json": {}, "state": JobState.PENDING, "priority": 0, "labels": {}, "caller": "",
+    "request_id": None, "attempt": 0, "cancel_requested": False, "lease_owner": None,
+    "lease_expires_at": None, "heartbeat_at": None, "created_at": None, "updated_at": None,
+    "started_at": None, "finished_at": None, "progress": {}, "checkpoint_blob": None,
+    "result": {}, "error": None, "error_reason": None, "last_event_seq": 0,
+}
 
 
 # ---- names -------------------------------------------------------------------------------------
@@ -153,6 +163,25 @@ def test_set_values_are_kept() -> None:
                                                   "threshold": 0.5}
     ig = normalized(common_pb2.METHOD_EAP_IG, attribution=job_pb2.AttributionOptions(ig_steps=9))
     assert translate.attribution_kwargs(ig)["ig_steps"] == 9
+
+
+@pytest.mark.parametrize("method", [common_pb2.METHOD_EDGE_PRUNING, common_pb2.METHOD_ACDC,
+                                    common_pb2.METHOD_EAP_IG, common_pb2.METHOD_EAP])
+def test_a_spec_an_older_api_stored_runs_as_a_new_one(method: int) -> None:
+    """Specs stored before validation filled every default (those fields at 0) read back with
+    the defaults the new API would have stored, so queued jobs survive an upgrade."""
+    new = normalized(method)
+    old = job_pb2.JobSpec()
+    old.CopyFrom(new)
+    old.ClearField("ablation")
+    old.ClearField("loss")
+    if old.HasField("edge_pruning"):
+        old.edge_pruning.warm_start_ig_steps = 0
+    if old.HasField("attribution"):
+        old.attribution.acdc_threshold = 0
+        old.attribution.ig_steps = 0
+    record = JobRecord(**{**EMPTY_RECORD, "spec": old.SerializeToString()})
+    assert translate.parse_spec(record) == new
 
 
 @pytest.mark.parametrize(("dtype", "device", "name"), [
