@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edgeprune.service import metrics, runner, translate
+from edgeprune.service import logs, metrics, runner, translate
 from edgeprune.service.config import Config
 from edgeprune.service.converters import EVENT_PROGRESS, EVENT_WARNING
 from edgeprune.service.errors import FailedPrecondition, classify
@@ -125,7 +125,8 @@ class Worker:
                 try:
                     claim = self.queue.claim(self.worker_id, self.config.lease_s)
                     if claim is not None:
-                        self.run_job(claim)
+                        with logs.job_context(claim.job_id, claim.attempt):
+                            self.run_job(claim)
                 except Exception as err:  # the worker outlives any database fault
                     delay = backoff.next()
                     log.warning("the job queue failed (%s); trying again in %.1f s",

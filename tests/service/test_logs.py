@@ -36,6 +36,9 @@ def test_a_json_server_and_its_worker_write_only_json_lines(
     job_id = job.name.removeprefix("jobs/")
     worker_lines = [r for r in records if r["logger"] == "edgeprune.service.worker"]
     assert any(f"job {job_id} attempt 1 started" in r["message"] for r in worker_lines), records
+    # every line the worker logs while it runs the job names the job and the attempt
+    started = next(r for r in worker_lines if "started" in r["message"])
+    assert (started.get("job_id"), started.get("attempt")) == (job_id, 1), started
     # the worker is a process of its own, logging through the same setup
     assert {r["pid"] for r in worker_lines} - {pid}, records
 
