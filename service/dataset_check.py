@@ -122,7 +122,7 @@ class DatasetChecks:
 
 
 def _error(field: str, listed: list[str], total: int) -> InvalidArgument:
-    error = InvalidArgument(field, f"the model's tokenizer rejects {listed[0]}",
+    error = InvalidArgument(f"the model's tokenizer rejects {listed[0]}", field=field,
                             reason="DATASET_DOES_NOT_FIT_MODEL")
     error.violations = [(field, message) for message in listed]
     if total > 1:

@@ -59,9 +59,9 @@ def _undecodable(data: bytes, descriptor: Descriptor | None, err: Exception) -> 
     name = descriptor.full_name if isinstance(descriptor, Descriptor) else "request message"
     field = _bad_utf8_field(data, descriptor) if isinstance(descriptor, Descriptor) else None
     if field is not None:
-        return InvalidArgument(field, "is not valid UTF-8 (strings must be; a lone surrogate "
-                                      "cannot be encoded)")
-    return InvalidArgument(WHOLE_REQUEST, f"the bytes are not a valid {name} ({err})")
+        return InvalidArgument("is not valid UTF-8 (strings must be; a lone surrogate "
+                               "cannot be encoded)", field=field)
+    return InvalidArgument(f"the bytes are not a valid {name} ({err})", field=WHOLE_REQUEST)
 
 
 def _bad_utf8_field(data: bytes, descriptor: Descriptor, prefix: str = "") -> str | None:

@@ -7,7 +7,7 @@ field violations name the request field at fault as a proto path (``spec.sizes[0
 Anything unexpected becomes INTERNAL with a generic message (the traceback goes to the log only).
 
     ServiceError                      code
-    ├── InvalidArgument(field, msg)   INVALID_ARGUMENT  (+ BadRequest; several via `violations`)
+    ├── InvalidArgument(msg, field=)  INVALID_ARGUMENT  (+ BadRequest; several via `violations`)
     ├── NotFound                      NOT_FOUND
     ├── AlreadyExists                 ALREADY_EXISTS
     ├── FailedPrecondition            FAILED_PRECONDITION
@@ -57,7 +57,7 @@ class InvalidArgument(ServiceError):
 
     code = "INVALID_ARGUMENT"
 
-    def __init__(self, field: str, message: str, *, reason: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str, reason: str | None = None) -> None:
         full = message if message.startswith(f"{field}:") else f"{field}: {message}"
         super().__init__(full, reason=reason, violations=[(field, message)])
         self.field = field
@@ -106,7 +106,7 @@ def classify(exc: BaseException) -> ServiceError:
         case storage_errors.Conflict():
             return FailedPrecondition(message)
         case storage_errors.InvalidArgument() | engine_errors.InvalidArgument():
-            return InvalidArgument(getattr(exc, "field", None) or "request", message)
+            return InvalidArgument(message, field=getattr(exc, "field", None) or "request")
         case storage_errors.IntegrityError():
             return _coded("DATA_LOSS", message, "INTEGRITY_CHECK_FAILED")
         case storage_errors.Unavailable():

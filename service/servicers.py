@@ -55,7 +55,7 @@ def _peer_host(context: Context) -> str:
 
 def _full(view: int) -> bool:
     if view not in common_pb2.View.values():
-        raise InvalidArgument("view", f"unknown value {view}")
+        raise InvalidArgument(f"unknown value {view}", field="view")
     return view == common_pb2.VIEW_FULL
 
 
@@ -70,16 +70,17 @@ class DatasetServicer(_Servicer, dataset_pb2_grpc.DatasetServiceServicer):
         parts = aiter(request_iterator)
         first = await anext(parts, None)
         if first is None:
-            raise InvalidArgument("metadata", "the upload is empty")
+            raise InvalidArgument("the upload is empty", field="metadata")
         if first.WhichOneof("part") != "metadata":
-            raise InvalidArgument("metadata", "the first message must carry the metadata")
+            raise InvalidArgument("the first message must carry the metadata", field="metadata")
         with self.handler.upload_slots.hold():
             upload = await asyncio.to_thread(self.handler.begin_upload, first.metadata,
                                              self.who(context))
             try:
                 async for part in parts:
                     if part.WhichOneof("part") != "chunk":
-                        raise InvalidArgument("metadata", "only the first message may carry metadata")
+                        raise InvalidArgument("only the first message may carry metadata",
+                                              field="metadata")
                     # Parsed as it arrives (in a thread: parsing a chunk takes milliseconds).
                     await asyncio.to_thread(upload.feed, part.chunk)
                 record = await asyncio.to_thread(self.handler.upload, first.metadata, upload,
@@ -161,7 +162,7 @@ class JobServicer(_Servicer, job_pb2_grpc.JobServiceServicer):
                        context: Context) -> AsyncIterator[job_pb2.JobEvent]:
         job_id = parse_name(request.name, "jobs")
         if not 0 <= request.after_sequence <= MAX_INTEGER:  # sequence numbers are INTEGERs
-            raise InvalidArgument("after_sequence", f"must be in [0, {MAX_INTEGER}]")
+            raise InvalidArgument(f"must be in [0, {MAX_INTEGER}]", field="after_sequence")
         who = self.who(context)
         job = await asyncio.to_thread(self.handler.get, job_id, who)  # NOT_FOUND before streaming
         async for event, final in self.hub.watch(job, request.after_sequence,

@@ -98,7 +98,7 @@ class StreamedUpload:
             self._bad("chunk", "the dataset has no examples")
         if self.violations:
             first_field, first = self.violations[0]
-            error = InvalidArgument(first_field, first)
+            error = InvalidArgument(first, field=first_field)
             # "chunk line 3: not valid JSON ...", not the line number twice
             error.message = f"chunk {first}" if first.startswith("line ") else error.message
             error.violations = list(self.violations)

@@ -65,7 +65,7 @@ class Violations:
     def raise_if_any(self) -> None:
         if self.invalid:
             field, description = self.invalid[0]
-            error = InvalidArgument(field, description)
+            error = InvalidArgument(description, field=field)
             error.violations = list(self.invalid)
             if len(self.invalid) > 1:
                 error.message += f" (and {len(self.invalid) - 1} more)"
@@ -100,9 +100,9 @@ def parse_name(name: str, collection: str, *, field: str = "name") -> str:
     """``"jobs/abc"`` -> ``"abc"``; INVALID_ARGUMENT naming ``field`` otherwise."""
     prefix = f"{collection}/"
     if not name:
-        raise InvalidArgument(field, f"is required (`{collection}/{{id}}`)")
+        raise InvalidArgument(f"is required (`{collection}/{{id}}`)", field=field)
     if not name.startswith(prefix) or not RESOURCE_ID.fullmatch(name[len(prefix):]):
-        raise InvalidArgument(field, f"{name!r} is not a `{collection}/{{id}}` name")
+        raise InvalidArgument(f"{name!r} is not a `{collection}/{{id}}` name", field=field)
     return name[len(prefix):]
 
 
@@ -111,7 +111,8 @@ def parse_circuit_name(name: str, *, field: str = "name") -> str:
     (INVALID_ARGUMENT); any other unknown id is left to the lookup (NOT_FOUND)."""
     circuit_id = parse_name(name, "circuits", field=field)
     if circuit_id.isdecimal() and int(circuit_id) > MAX_INTEGER:
-        raise InvalidArgument(field, f"circuit ids are at most {MAX_INTEGER}, got {circuit_id}")
+        raise InvalidArgument(f"circuit ids are at most {MAX_INTEGER}, got {circuit_id}",
+                              field=field)
     return circuit_id
 
 

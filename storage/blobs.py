@@ -82,7 +82,7 @@ def put_blob(session: Session, data: bytes, media_type: str = DEFAULT_MEDIA_TYPE
     than its grace period, and one put again is about to be referenced again.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise InvalidArgument("data", f"blob data must be bytes, got {type(data).__name__}")
+        raise InvalidArgument(f"blob data must be bytes, got {type(data).__name__}", field="data")
     data = bytes(data)
     sha256 = hashlib.sha256(data).hexdigest()
     stored = session.execute(select(Blob.data).where(Blob.sha256 == sha256)).scalar_one_or_none()
@@ -124,4 +124,4 @@ def _delete_unreferenced(session: Session, condition: Any) -> int:
 
 def _check_key(sha256: str) -> None:
     if not isinstance(sha256, str) or not _SHA256.match(sha256):
-        raise InvalidArgument("sha256", f"not a SHA-256 hex digest: {sha256!r}")
+        raise InvalidArgument(f"not a SHA-256 hex digest: {sha256!r}", field="sha256")

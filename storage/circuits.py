@@ -328,7 +328,7 @@ def _check_filter(f: CircuitFilter) -> None:
         else:  # min_sparsity / max_sparsity
             problem = None if math.isfinite(value) else f"must be finite, got {value}"
         if problem is not None:
-            raise InvalidArgument(field.name, problem)
+            raise InvalidArgument(problem, field=field.name)
 
 
 def _circuit_row(new: NewCircuit, now: Any) -> dict[str, Any]:
@@ -359,22 +359,22 @@ def _validate(new: NewCircuit) -> None:
     for field_name in ("model", "method"):
         value = getattr(new, field_name)
         if not value or len(value) > MAX_NAME_LENGTH:
-            raise InvalidArgument(field_name, f"must be 1-{MAX_NAME_LENGTH} characters")
+            raise InvalidArgument(f"must be 1-{MAX_NAME_LENGTH} characters", field=field_name)
     for field_name in ("edges", "nodes"):
         names = getattr(new, field_name)
         if isinstance(names, str):
-            raise InvalidArgument(field_name, "must be a sequence of names, not one string")
+            raise InvalidArgument("must be a sequence of names, not one string", field=field_name)
         if len(set(names)) != len(names):
-            raise InvalidArgument(field_name, "names must be unique")
+            raise InvalidArgument("names must be unique", field=field_name)
         bad = next((n for n in names if not isinstance(n, str) or not 0 < len(n) <= MAX_NAME_LENGTH), None)
         if bad is not None:
-            raise InvalidArgument(field_name, f"invalid name {bad!r}")
+            raise InvalidArgument(f"invalid name {bad!r}", field=field_name)
     if new.n_edges_total <= 0 or new.n_edges_total < len(new.edges):
         raise InvalidArgument(
-            "n_edges_total", f"must be >= the {len(new.edges)} kept edges and positive"
+            f"must be >= the {len(new.edges)} kept edges and positive", field="n_edges_total"
         )
     if new.n_nodes_total and new.n_nodes_total < len(new.nodes):
-        raise InvalidArgument("n_nodes_total", f"must be >= the {len(new.nodes)} kept nodes")
+        raise InvalidArgument(f"must be >= the {len(new.nodes)} kept nodes", field="n_nodes_total")
 
 
 def _check_references(session: Session, news: Sequence[NewCircuit]) -> None:
@@ -414,5 +414,5 @@ def _parse_id(circuit_id: str) -> int:
 
 def _parse_key(key: list[Any]) -> int:
     if len(key) != 1 or not isinstance(key[0], int) or not MIN_INTEGER <= key[0] <= MAX_INTEGER:
-        raise InvalidArgument("page_token", "malformed page token")
+        raise InvalidArgument("malformed page token", field="page_token")
     return key[0]

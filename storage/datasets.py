@@ -59,7 +59,8 @@ class DatasetRepo:
         """
         dataset_id = new.id if new.id is not None else uuid.uuid4().hex
         if not _ID.match(dataset_id):
-            raise InvalidArgument("dataset_id", "use 1-63 lowercase letters, digits or hyphens")
+            raise InvalidArgument("use 1-63 lowercase letters, digits or hyphens",
+                                  field="dataset_id")
         digest = hashlib.sha256()
         lines = _Lines(examples, digest)
         try:
@@ -149,7 +150,7 @@ class DatasetRepo:
             try:
                 created, last_id = datetime.fromisoformat(after[0]), str(after[1])
             except (IndexError, TypeError, ValueError) as err:
-                raise InvalidArgument("page_token", "malformed page token") from err
+                raise InvalidArgument("malformed page token", field="page_token") from err
             query = query.where(tuple_(Dataset.created_at, Dataset.id) < tuple_(created, last_id))
         with self.db.session(write=False) as session:
             rows = list(session.scalars(query))
@@ -177,9 +178,9 @@ class DatasetRepo:
     def examples(self, dataset_id: str, *, offset: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         """Examples [offset, offset + limit) in order (limit <= 10,000). Raises NotFound."""
         if offset < 0:
-            raise InvalidArgument("offset", "must not be negative")
+            raise InvalidArgument("must not be negative", field="offset")
         if not 0 < limit <= MAX_BATCH:
-            raise InvalidArgument("limit", f"must be between 1 and {MAX_BATCH}")
+            raise InvalidArgument(f"must be between 1 and {MAX_BATCH}", field="limit")
         with self.db.session(write=False) as session:
             _get(session, dataset_id)
             rows = session.scalars(
@@ -233,11 +234,11 @@ def dataset_record(row: Dataset) -> DatasetRecord:
 def _json_line(example: Any, index: int) -> str:
     """An example as canonical JSON text (what is stored and hashed)."""
     if not isinstance(example, Mapping):
-        raise InvalidArgument(f"examples[{index}]", "must be a JSON object")
+        raise InvalidArgument("must be a JSON object", field=f"examples[{index}]")
     try:
         return json.dumps(dict(example), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     except (TypeError, ValueError) as err:
-        raise InvalidArgument(f"examples[{index}]", f"not JSON: {err}") from err
+        raise InvalidArgument(f"not JSON: {err}", field=f"examples[{index}]") from err
 
 
 def _get(session: Session, dataset_id: str, *, ready: bool = True) -> Dataset:

@@ -64,19 +64,22 @@ def normalize_url(url: str) -> URL:
     try:
         parsed = make_url(url)
     except exc.ArgumentError as err:
-        raise InvalidArgument("database_url", f"cannot parse {url!r}") from err
+        raise InvalidArgument(f"cannot parse {url!r}", field="database_url") from err
     backend, _, driver = parsed.drivername.partition("+")
     if backend == "postgres":
         backend = "postgresql"
     if backend == "postgresql":
         if driver not in ("", "psycopg"):
-            raise InvalidArgument("database_url", f"use postgresql+psycopg://, not {parsed.drivername}")
+            raise InvalidArgument(f"use postgresql+psycopg://, not {parsed.drivername}",
+                                  field="database_url")
         return parsed.set(drivername="postgresql+psycopg")
     if backend == "sqlite":
         if parsed.database in (None, "", ":memory:"):
-            raise InvalidArgument("database_url", "SQLite needs a file path (sqlite:///path/x.db)")
+            raise InvalidArgument("SQLite needs a file path (sqlite:///path/x.db)",
+                                  field="database_url")
         return parsed
-    raise InvalidArgument("database_url", f"unsupported backend {backend!r}: use sqlite or postgresql")
+    raise InvalidArgument(f"unsupported backend {backend!r}: use sqlite or postgresql",
+                          field="database_url")
 
 
 class Database:
@@ -256,14 +259,14 @@ def _max_page_count(url: URL) -> int | None:
     if raw is None:
         return None
     if url.get_backend_name() != "sqlite":
-        raise InvalidArgument("database_url", f"{MAX_PAGE_COUNT_PARAM} is a SQLite setting")
+        raise InvalidArgument(f"{MAX_PAGE_COUNT_PARAM} is a SQLite setting", field="database_url")
     try:
         value = int(raw if isinstance(raw, str) else raw[-1])
     except ValueError:
         value = 0
     if value < 1:
-        raise InvalidArgument("database_url", f"{MAX_PAGE_COUNT_PARAM} must be a positive "
-                                              f"number of pages, got {raw!r}")
+        raise InvalidArgument(f"{MAX_PAGE_COUNT_PARAM} must be a positive "
+                              f"number of pages, got {raw!r}", field="database_url")
     return value
 
 

@@ -81,7 +81,7 @@ class QueueFull(Conflict):
 class InvalidArgument(StorageError, ValueError):
     """A request parameter is malformed; `field` names it."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, message: str, *, field: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
 

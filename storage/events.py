@@ -39,7 +39,7 @@ class EventRepo:
         """Events with sequence number > seq, in order, at most `limit` (<= 1000).
         after(job, 0) replays from the start. Raises NotFound for an unknown job."""
         if not 0 < limit <= MAX_EVENTS_PER_READ:
-            raise InvalidArgument("limit", f"must be between 1 and {MAX_EVENTS_PER_READ}")
+            raise InvalidArgument(f"must be between 1 and {MAX_EVENTS_PER_READ}", field="limit")
         with self.db.session(write=False) as session:
             rows = session.scalars(
                 select(JobEvent)
@@ -67,7 +67,7 @@ class EventRepo:
         """`after(job, seq, limit=limit)` for every (job, seq) of `cursors`, in one
         transaction; jobs without such events map to []."""
         if not 0 < limit <= MAX_EVENTS_PER_READ:
-            raise InvalidArgument("limit", f"must be between 1 and {MAX_EVENTS_PER_READ}")
+            raise InvalidArgument(f"must be between 1 and {MAX_EVENTS_PER_READ}", field="limit")
         with self.db.session(write=False) as session:
             return {job_id: [event_record(row) for row in session.scalars(
                 select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > seq)
@@ -89,9 +89,9 @@ def append_event(
 ) -> EventRecord:
     """Append an event inside the caller's transaction. `attempt` None = the job's current."""
     if not kind or len(kind) > MAX_KIND_LENGTH:
-        raise InvalidArgument("kind", f"event kind must be 1-{MAX_KIND_LENGTH} characters")
+        raise InvalidArgument(f"event kind must be 1-{MAX_KIND_LENGTH} characters", field="kind")
     if not isinstance(payload, Mapping):
-        raise InvalidArgument("payload", "event payload must be a JSON object")
+        raise InvalidArgument("event payload must be a JSON object", field="payload")
     row = session.execute(
         update(Job)
         .where(Job.id == job_id)

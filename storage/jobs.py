@@ -334,22 +334,22 @@ def _find_request(session: Session, new: NewJob) -> JobRecord | None:
 
 def _validate(new: NewJob) -> None:
     if not isinstance(new.spec, (bytes, bytearray)):
-        raise InvalidArgument("spec", "must be the serialized protobuf (bytes)")
+        raise InvalidArgument("must be the serialized protobuf (bytes)", field="spec")
     if not isinstance(new.spec_json, Mapping):
-        raise InvalidArgument("spec_json", "must be a JSON object")
+        raise InvalidArgument("must be a JSON object", field="spec_json")
     if not isinstance(new.labels, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in new.labels.items()
     ):
-        raise InvalidArgument("labels", "must map strings to strings")
+        raise InvalidArgument("must map strings to strings", field="labels")
     if isinstance(new.priority, bool) or not isinstance(new.priority, int):
-        raise InvalidArgument("priority", "must be an integer")
+        raise InvalidArgument("must be an integer", field="priority")
     if new.request_id is not None and not 0 < len(new.request_id) <= MAX_NAME_LENGTH:
-        raise InvalidArgument("request_id", f"must be 1-{MAX_NAME_LENGTH} characters")
+        raise InvalidArgument(f"must be 1-{MAX_NAME_LENGTH} characters", field="request_id")
     for field_name in ("caller", "display_name"):
         if len(getattr(new, field_name)) > MAX_NAME_LENGTH:
-            raise InvalidArgument(field_name, f"longer than {MAX_NAME_LENGTH} characters")
+            raise InvalidArgument(f"longer than {MAX_NAME_LENGTH} characters", field=field_name)
     if len(new.kind) > 64:
-        raise InvalidArgument("kind", "longer than 64 characters")
+        raise InvalidArgument("longer than 64 characters", field="kind")
 
 
 def _parse_job_key(key: list[Any]) -> tuple[Any, str]:
@@ -359,4 +359,4 @@ def _parse_job_key(key: list[Any]) -> tuple[Any, str]:
         created, job_id = key
         return datetime.fromisoformat(created), str(job_id)
     except (TypeError, ValueError) as err:
-        raise InvalidArgument("page_token", "malformed page token") from err
+        raise InvalidArgument("malformed page token", field="page_token") from err

@@ -25,7 +25,8 @@ def page_size_or_default(page_size: int) -> int:
     if page_size == 0:
         return DEFAULT_PAGE_SIZE
     if not 0 < page_size <= MAX_PAGE_SIZE:
-        raise InvalidArgument("page_size", f"must be between 1 and {MAX_PAGE_SIZE}, got {page_size}")
+        raise InvalidArgument(f"must be between 1 and {MAX_PAGE_SIZE}, got {page_size}",
+                              field="page_size")
     return page_size
 
 
@@ -49,13 +50,14 @@ def decode_token(token: str | None, filters: Any) -> list[Any] | None:
         data = json.loads(raw)
         key, fingerprint = data["k"], data["f"]
     except (binascii.Error, ValueError, KeyError, TypeError, RecursionError) as err:
-        raise InvalidArgument("page_token", "malformed page token") from err
+        raise InvalidArgument("malformed page token", field="page_token") from err
     if not isinstance(key, list) or fingerprint != _fingerprint(filters):
-        raise InvalidArgument("page_token", "page token does not match this request's filters")
+        raise InvalidArgument("page token does not match this request's filters",
+                              field="page_token")
     # Tokens are not signed: a forged one may carry any JSON, and a value the database cannot
     # bind must be a bad token rather than a driver error.
     if not all(_storable(part) for part in key):
-        raise InvalidArgument("page_token", "malformed page token")
+        raise InvalidArgument("malformed page token", field="page_token")
     return key
 
 

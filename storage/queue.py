@@ -60,7 +60,7 @@ class Queue:
         """max_attempts: claims a job may use before an expired lease fails it.
         reclaim_interval_s: claim() looks for expired leases at most this often."""
         if max_attempts < 1:
-            raise InvalidArgument("max_attempts", "must be at least 1")
+            raise InvalidArgument("must be at least 1", field="max_attempts")
         self.db = db
         self.max_attempts = max_attempts
         self.reclaim_interval_s = reclaim_interval_s
@@ -72,7 +72,7 @@ class Queue:
         """Reclaim expired leases (every reclaim_interval_s), then take the next PENDING
         job (optionally only of these kinds). Returns None when there is none."""
         if not worker_id:
-            raise InvalidArgument("worker_id", "must not be empty")
+            raise InvalidArgument("must not be empty", field="worker_id")
         _check_lease(lease_s)
         if time.monotonic() >= self._next_reclaim:
             self._next_reclaim = time.monotonic() + self.reclaim_interval_s
@@ -287,4 +287,5 @@ def _fenced(session: Session, claim: Claim, now: datetime, **values: Any) -> Job
 
 def _check_lease(lease_s: float) -> None:
     if not (isinstance(lease_s, (int, float)) and math.isfinite(lease_s) and lease_s > 0):
-        raise InvalidArgument("lease_s", f"must be a positive number of seconds, got {lease_s!r}")
+        raise InvalidArgument(f"must be a positive number of seconds, got {lease_s!r}",
+                              field="lease_s")

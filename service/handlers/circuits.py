@@ -108,7 +108,8 @@ class CircuitHandler:
     def export(self, circuit_id: str, fmt: int, who: Principal) -> tuple[str, str, bytes]:
         """(content type, file name, bytes) of a circuit in an export format."""
         if fmt == circuit_pb2.EXPORT_FORMAT_UNSPECIFIED or fmt not in circuit_pb2.ExportFormat.values():
-            raise InvalidArgument("format", "one of JSON, DOT, SVG or SAFETENSORS is required")
+            raise InvalidArgument("one of JSON, DOT, SVG or SAFETENSORS is required",
+                                  field="format")
         record = self._owned(circuit_id, who, full=True)
         stem = f"circuit-{record.id}"
         if fmt == circuit_pb2.EXPORT_FORMAT_SAFETENSORS:
