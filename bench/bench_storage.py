@@ -144,7 +144,7 @@ def bench_circuits(name: str, db: Database) -> None:
             kept = rng.sample(edges, EDGES_PER_CIRCUIT)
             nodes = sorted({e.split("->")[0] for e in kept})
             batch.append(NewCircuit(model=MODEL, method="edge_pruning", task="ioi", edges=kept,
-                                    n_edges_total=len(edges), nodes=nodes))
+                                    total_edge_count=len(edges), nodes=nodes))
         repo.create_many(batch)
     load_s = time.perf_counter() - start
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:

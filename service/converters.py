@@ -108,7 +108,7 @@ def job_to_proto(record: JobRecord, *, full: bool = False) -> job_pb2.Job:
         end_time=timestamp(record.finished_at),
         attempt=record.attempt,
         cancel_requested=record.cancel_requested,
-        last_event_sequence=record.last_event_seq,
+        last_event_sequence=record.last_event_sequence,
     )
     spec = parse_spec(record)
     _summarise_data(spec.data, keep_examples=full)
@@ -130,7 +130,7 @@ def job_to_proto(record: JobRecord, *, full: bool = False) -> job_pb2.Job:
 def event_to_proto(event: EventRecord, job: JobRecord | None = None) -> job_pb2.JobEvent:
     """A JobEvent. ``job`` (the job as stored now) fills in the result or error of a final
     state change."""
-    out = job_pb2.JobEvent(job=f"jobs/{event.job_id}", sequence=event.seq,
+    out = job_pb2.JobEvent(job=f"jobs/{event.job_id}", sequence=event.sequence,
                            time=timestamp(event.created_at))
     if event.kind == EVENT_PROGRESS:
         out.progress.CopyFrom(progress_from_payload(event.payload))
@@ -171,9 +171,9 @@ def circuit_to_proto(record: CircuitRecord, *, full: bool = False) -> circuit_pb
         method=METHODS_BY_NAME.get(record.method, common_pb2.METHOD_UNSPECIFIED),
         task=record.task,
         dataset=f"datasets/{record.dataset_id}" if record.dataset_id else "",
-        edge_count=record.n_edges,
-        node_count=record.n_nodes,
-        total_edge_count=record.n_edges_total,
+        edge_count=record.edge_count,
+        node_count=record.node_count,
+        total_edge_count=record.total_edge_count,
         edge_sparsity=record.sparsity,
         target=size_to_proto(record.target),
         metrics=float_map(record.metrics),

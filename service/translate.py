@@ -177,19 +177,20 @@ def circuit_from_record(record: CircuitRecord) -> Circuit:
 
     return Circuit(model=record.model, method=record.method, edges=list(record.edges or []),
                    edge_scores=dict(record.edge_scores or {}), nodes=list(record.nodes or []),
-                   n_edges_total=record.n_edges_total, target=dict(record.target),
+                   n_edges_total=record.total_edge_count, target=dict(record.target),
                    settings=dict(record.settings), provenance=dict(record.provenance),
                    metrics=dict(record.metrics))
 
 
 def new_circuit(circuit: Circuit, *, spec: job_pb2.JobSpec, owner: str, job_id: str | None,
-                task: str, target: Mapping[str, Any], n_nodes_total: int,
+                task: str, target: Mapping[str, Any], total_node_count: int,
                 mask_blob: str | None) -> NewCircuit:
     """An engine Circuit found by the job ``job_id`` (of ``spec``, submitted by ``owner``) as
     storage's NewCircuit; ``target`` is the requested size in its stored form."""
     return NewCircuit(
         owner=owner, model=spec.model, method=METHODS[spec.method], edges=circuit.edges,
-        n_edges_total=circuit.n_edges_total, nodes=circuit.nodes, n_nodes_total=n_nodes_total,
+        total_edge_count=circuit.n_edges_total, nodes=circuit.nodes,
+        total_node_count=total_node_count,
         edge_scores=circuit.edge_scores, task=task,
         dataset_id=spec.data.dataset.removeprefix("datasets/") or None, job_id=job_id,
         target=dict(target), settings=circuit.settings, provenance=circuit.provenance,

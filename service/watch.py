@@ -2,7 +2,7 @@
 
 Workers run in other processes and write events to the database, so the API process learns
 of them by polling. One task polls for all watched jobs: each interval it reads the
-``last_event_seq`` of every watched job that has not ended (one query per 500 jobs), then
+``last_event_sequence`` of every watched job that has not ended (one query per 500 jobs), then
 fetches the new events of the jobs with news only (one transaction for all of them). The
 events of the latest fetch are each job's shared *tail*: watchers that are caught up take
 their events from it. A watcher that is behind (it joined late or reconnected with
@@ -46,8 +46,8 @@ class _Job:
 
     def cached(self, cursor: int) -> list[EventRecord] | None:
         """The tail's events after `cursor`, if the tail holds the next one."""
-        if self.tail and self.tail[0].seq <= cursor + 1 <= self.tail[-1].seq:
-            return self.tail[cursor + 1 - self.tail[0].seq:]
+        if self.tail and self.tail[0].sequence <= cursor + 1 <= self.tail[-1].sequence:
+            return self.tail[cursor + 1 - self.tail[0].sequence:]
         return None
 
 
@@ -78,7 +78,7 @@ class EventHub:
         self.clients[client] += 1
         entry = self.watched.get(job.id)
         if entry is None or entry.error is not None:
-            entry = self.watched[job.id] = _Job(job.id, job.last_event_seq, job.state.final)
+            entry = self.watched[job.id] = _Job(job.id, job.last_event_sequence, job.state.final)
         entry.watchers += 1
         if self.poller is None or self.poller.done():
             self.poller = asyncio.create_task(self._poll(), name="watch-poller")
@@ -111,7 +111,7 @@ class EventHub:
                     yield event, await self._final_job(job)
                     return
                 yield event, None
-                cursor = event.seq
+                cursor = event.sequence
 
     async def _final_job(self, job: _Job) -> JobRecord:
         if job.final_job is None:
@@ -138,7 +138,7 @@ class EventHub:
                 if not job.ended and job.error is None}
         if not live:
             return False
-        seqs = await asyncio.to_thread(self.events.last_seqs, list(live))
+        seqs = await asyncio.to_thread(self.events.last_sequences, list(live))
         news = {job_id: job.last_seq for job_id, job in live.items()
                 if seqs.get(job_id, 0) > job.last_seq}
         fetched = await asyncio.to_thread(self.events.after_many, news, limit=BATCH) if news else {}
@@ -147,7 +147,7 @@ class EventHub:
             async with job.changed:
                 if events:
                     job.tail = events
-                    job.last_seq = events[-1].seq
+                    job.last_seq = events[-1].sequence
                     job.ended = any(is_final_event(e) for e in events)
                 job.changed.notify_all()
         return any(len(events) == BATCH for events in fetched.values())

@@ -217,9 +217,9 @@ class Worker:
             mask = self.blobs.put(runner.masks_blob(outcome.model, circuit),
                                   media_type="application/x-safetensors")
             news.append(translate.new_circuit(
-                circuit, spec=spec, owner=job.caller,  # a circuit belongs to its job's owner
+                circuit, spec=spec, owner=job.owner,  # a circuit belongs to its job's owner
                 job_id=job.id, task=outcome.task, target=target,
-                n_nodes_total=outcome.model.graph.n_writers + 1,  # writers and "logits"
+                total_node_count=outcome.model.graph.n_writers + 1,  # writers and "logits"
                 mask_blob=mask))
         # Storage adds the ids of the circuits it stores; an evaluation names the one it read.
         result: dict[str, Any] = {"metrics": outcome.metrics}

@@ -1,4 +1,4 @@
-"""Content-addressed blobs (safetensors masks, log_alphas, checkpoints).
+"""Content-addressed blobs (safetensors masks, checkpoints).
 
 A blob's key is the SHA-256 of its bytes: storing the same bytes twice keeps one copy, and
 every read recomputes the hash; a mismatch raises IntegrityError, never returns the bytes.
@@ -112,7 +112,6 @@ def _delete_unreferenced(session: Session, condition: Any) -> int:
     referenced = union(
         select(Job.checkpoint_blob).where(Job.checkpoint_blob.is_not(None)),
         select(Circuit.mask_blob).where(Circuit.mask_blob.is_not(None)),
-        select(Circuit.log_alpha_blob).where(Circuit.log_alpha_blob.is_not(None)),
     )
     result = session.execute(
         delete(Blob)

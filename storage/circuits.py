@@ -182,18 +182,16 @@ def circuit_record(
         task=row.task,
         dataset_id=row.dataset_id,
         job_id=row.job_id,
-        display_name=row.display_name,
-        n_edges=row.n_edges,
-        n_edges_total=row.n_edges_total,
-        n_nodes=row.n_nodes,
-        n_nodes_total=row.n_nodes_total,
+        edge_count=row.edge_count,
+        total_edge_count=row.total_edge_count,
+        node_count=row.node_count,
+        total_node_count=row.total_node_count,
         sparsity=row.sparsity,
         target=dict(row.target),
         settings=dict(row.settings),
         provenance=dict(row.provenance),
         metrics=dict(row.metrics),
         mask_blob=row.mask_blob,
-        log_alpha_blob=row.log_alpha_blob,
         created_at=row.created_at,
         edges=edges,
         edge_scores=edge_scores,
@@ -301,7 +299,7 @@ def _column_conditions(f: CircuitFilter) -> list[Any]:
     }
     conditions = [column == value for column, value in equal.items() if value is not None]
     bounds = [
-        (Circuit.n_edges, f.min_edges, f.max_edges),
+        (Circuit.edge_count, f.min_edge_count, f.max_edge_count),
         (Circuit.sparsity, f.min_sparsity, f.max_sparsity),
     ]
     for column, low, high in bounds:
@@ -322,7 +320,7 @@ def _check_filter(f: CircuitFilter) -> None:
             problem = text_problem(value)
         elif field.name in ("contains_edges", "contains_nodes"):
             problem = next((p for p in map(text_problem, value) if p), None)
-        elif field.name in ("min_edges", "max_edges"):
+        elif field.name in ("min_edge_count", "max_edge_count"):
             problem = (None if MIN_INTEGER <= value <= MAX_INTEGER
                        else f"must be in [{MIN_INTEGER}, {MAX_INTEGER}], got {value}")
         else:  # min_sparsity / max_sparsity
@@ -339,18 +337,16 @@ def _circuit_row(new: NewCircuit, now: Any) -> dict[str, Any]:
         "task": new.task,
         "dataset_id": new.dataset_id,
         "job_id": new.job_id,
-        "display_name": new.display_name,
-        "n_edges": len(new.edges),
-        "n_edges_total": new.n_edges_total,
-        "n_nodes": len(new.nodes),
-        "n_nodes_total": new.n_nodes_total,
-        "sparsity": 1.0 - len(new.edges) / new.n_edges_total,
+        "edge_count": len(new.edges),
+        "total_edge_count": new.total_edge_count,
+        "node_count": len(new.nodes),
+        "total_node_count": new.total_node_count,
+        "sparsity": 1.0 - len(new.edges) / new.total_edge_count,
         "target": dict(new.target),
         "settings": dict(new.settings),
         "provenance": dict(new.provenance),
         "metrics": dict(new.metrics),
         "mask_blob": new.mask_blob,
-        "log_alpha_blob": new.log_alpha_blob,
         "created_at": now,
     }
 
@@ -369,12 +365,12 @@ def _validate(new: NewCircuit) -> None:
         bad = next((n for n in names if not isinstance(n, str) or not 0 < len(n) <= MAX_NAME_LENGTH), None)
         if bad is not None:
             raise InvalidArgument(f"invalid name {bad!r}", field=field_name)
-    if new.n_edges_total <= 0 or new.n_edges_total < len(new.edges):
-        raise InvalidArgument(
-            f"must be >= the {len(new.edges)} kept edges and positive", field="n_edges_total"
-        )
-    if new.n_nodes_total and new.n_nodes_total < len(new.nodes):
-        raise InvalidArgument(f"must be >= the {len(new.nodes)} kept nodes", field="n_nodes_total")
+    if new.total_edge_count <= 0 or new.total_edge_count < len(new.edges):
+        raise InvalidArgument(f"must be >= the {len(new.edges)} kept edges and positive",
+                              field="total_edge_count")
+    if new.total_node_count and new.total_node_count < len(new.nodes):
+        raise InvalidArgument(f"must be >= the {len(new.nodes)} kept nodes",
+                              field="total_node_count")
 
 
 def _check_references(session: Session, news: Sequence[NewCircuit]) -> None:
@@ -382,7 +378,7 @@ def _check_references(session: Session, news: Sequence[NewCircuit]) -> None:
     wanted = {
         ("job", Job, Job.id): {n.job_id for n in news},
         ("dataset", Dataset, Dataset.id): {n.dataset_id for n in news},
-        ("blob", Blob, Blob.sha256): {b for n in news for b in (n.mask_blob, n.log_alpha_blob)},
+        ("blob", Blob, Blob.sha256): {n.mask_blob for n in news},
     }
     for (kind, _model, column), keys in wanted.items():
         keys.discard(None)

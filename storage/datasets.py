@@ -69,8 +69,7 @@ class DatasetRepo:
                     raise AlreadyExists("dataset", dataset_id)
                 session.add(Dataset(
                     id=dataset_id, owner=new.owner, request_id=new.request_id,
-                    display_name=new.display_name, source=new.source, task=new.task,
-                    model=new.model, tokenizer=new.tokenizer, description=new.description,
+                    display_name=new.display_name, source=new.source,
                     labels=dict(new.labels), example_count=0, content_hash="",
                     size_bytes=new.size_bytes, ready=False, created_at=utcnow()))
         except exc.IntegrityError as err:
@@ -133,17 +132,14 @@ class DatasetRepo:
             return dataset_record(_get(session, dataset_id))
 
     def list(
-        self, *, page_size: int = 50, page_token: str | None = None, task: str | None = None,
-        owner: str | None = None,
+        self, *, page_size: int = 50, page_token: str | None = None, owner: str | None = None,
     ) -> Page[DatasetRecord]:
         """Newest first; keyset pagination (the token is opaque and bound to the filters)."""
         size = page_size_or_default(page_size)
-        filters = {"task": task, "owner": owner}
+        filters = {"owner": owner}
         after = decode_token(page_token, filters)
         query = (select(Dataset).where(Dataset.ready.is_(True))
                  .order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(size + 1))
-        if task is not None:
-            query = query.where(Dataset.task == task)
         if owner is not None:
             query = query.where(Dataset.owner == owner)
         if after is not None:
@@ -220,10 +216,6 @@ def dataset_record(row: Dataset) -> DatasetRecord:
         ready=row.ready,
         display_name=row.display_name,
         source=row.source,
-        task=row.task,
-        model=row.model,
-        tokenizer=row.tokenizer,
-        description=row.description,
         labels=dict(row.labels),
         example_count=row.example_count,
         content_hash=row.content_hash,

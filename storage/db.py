@@ -202,6 +202,7 @@ class Database:
         with self._write_engine.connect() as conn:
             if self.is_sqlite:  # another process migrating is worth the long wait
                 _set_busy_timeout(conn, SQLITE_BUSY_TIMEOUT_S)
+                _set_foreign_keys(conn, on=False)
             try:
                 with conn.begin():
                     if self.dialect == "postgresql":
@@ -212,6 +213,7 @@ class Database:
             finally:
                 if self.is_sqlite:
                     _set_busy_timeout(conn, self.busy_timeout_s)
+                    _set_foreign_keys(conn, on=True)
         log.info("database %r at revision %s", self, self.current_revision())
 
     def downgrade(self, revision: str = "base") -> None:
@@ -219,9 +221,16 @@ class Database:
         from alembic import command
 
         config = self.alembic_config()
-        with self._write_engine.begin() as conn:
-            config.attributes["connection"] = conn
-            command.downgrade(config, revision)
+        with self._write_engine.connect() as conn:
+            if self.is_sqlite:
+                _set_foreign_keys(conn, on=False)
+            try:
+                with conn.begin():
+                    config.attributes["connection"] = conn
+                    command.downgrade(config, revision)
+            finally:
+                if self.is_sqlite:
+                    _set_foreign_keys(conn, on=True)
 
     def current_revision(self) -> str | None:
         """The schema revision stored in the database, or None when it was never migrated."""
@@ -273,6 +282,13 @@ def _max_page_count(url: URL) -> int | None:
 def _set_busy_timeout(conn: Any, seconds: float) -> None:
     """Set a SQLite connection's busy timeout without starting a transaction."""
     conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
+
+
+def _set_foreign_keys(conn: Any, *, on: bool) -> None:
+    """Turn a SQLite connection's foreign key enforcement on or off (outside a transaction,
+    where SQLite ignores it). Migrations that copy a table into a new one need it off: dropping
+    the old table would otherwise delete or null every row that refers to it."""
+    conn.connection.driver_connection.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_s: float, max_page_count: int | None) -> None:

@@ -1,8 +1,8 @@
 """Job events: the durable source of every progress stream.
 
 Sequence numbers are dense per job (1, 2, 3 ...) even under concurrent appends: each append
-takes the next number by incrementing `jobs.last_event_seq` in its own transaction, which
-locks the job row (PostgreSQL) or the database (SQLite) until it commits.
+takes the next number by incrementing `jobs.last_event_sequence` in its own transaction,
+which locks the job row (PostgreSQL) or the database (SQLite) until it commits.
 """
 
 from __future__ import annotations
@@ -43,15 +43,15 @@ class EventRepo:
         with self.db.session(write=False) as session:
             rows = session.scalars(
                 select(JobEvent)
-                .where(JobEvent.job_id == job_id, JobEvent.seq > seq)
-                .order_by(JobEvent.seq)
+                .where(JobEvent.job_id == job_id, JobEvent.sequence > seq)
+                .order_by(JobEvent.sequence)
                 .limit(limit)
             ).all()
             if not rows and session.get(Job, job_id) is None:
                 raise NotFound("job", job_id)
             return [event_record(row) for row in rows]
 
-    def last_seqs(self, job_ids: Collection[str]) -> dict[str, int]:
+    def last_sequences(self, job_ids: Collection[str]) -> dict[str, int]:
         """The highest sequence number of each of these jobs (in as few queries as the
         number of ids allows); unknown ids are left out."""
         ids = sorted(set(job_ids))
@@ -59,7 +59,8 @@ class EventRepo:
         with self.db.session(write=False) as session:
             for start in range(0, len(ids), MAX_IDS_PER_QUERY):
                 chunk = ids[start:start + MAX_IDS_PER_QUERY]
-                rows = session.execute(select(Job.id, Job.last_event_seq).where(Job.id.in_(chunk)))
+                rows = session.execute(
+                    select(Job.id, Job.last_event_sequence).where(Job.id.in_(chunk)))
                 out.update({job_id: seq for job_id, seq in rows})
         return out
 
@@ -70,14 +71,14 @@ class EventRepo:
             raise InvalidArgument(f"must be between 1 and {MAX_EVENTS_PER_READ}", field="limit")
         with self.db.session(write=False) as session:
             return {job_id: [event_record(row) for row in session.scalars(
-                select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > seq)
-                .order_by(JobEvent.seq).limit(limit))] for job_id, seq in cursors.items()}
+                select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.sequence > seq)
+                .order_by(JobEvent.sequence).limit(limit))] for job_id, seq in cursors.items()}
 
-    def last_seq(self, job_id: str) -> int:
+    def last_sequence(self, job_id: str) -> int:
         """The highest sequence number so far (0 when none). Raises NotFound."""
         with self.db.session(write=False) as session:
             seq = session.execute(
-                select(Job.last_event_seq).where(Job.id == job_id)
+                select(Job.last_event_sequence).where(Job.id == job_id)
             ).scalar_one_or_none()
         if seq is None:
             raise NotFound("job", job_id)
@@ -95,14 +96,14 @@ def append_event(
     row = session.execute(
         update(Job)
         .where(Job.id == job_id)
-        .values(last_event_seq=Job.last_event_seq + 1)
-        .returning(Job.last_event_seq, Job.attempt)
+        .values(last_event_sequence=Job.last_event_sequence + 1)
+        .returning(Job.last_event_sequence, Job.attempt)
     ).first()
     if row is None:
         raise NotFound("job", job_id)
     event = JobEvent(
         job_id=job_id,
-        seq=row.last_event_seq,
+        sequence=row.last_event_sequence,
         kind=kind,
         payload=dict(payload),
         attempt=row.attempt if attempt is None else attempt,
@@ -116,7 +117,7 @@ def append_event(
 def event_record(row: JobEvent) -> EventRecord:
     return EventRecord(
         job_id=row.job_id,
-        seq=row.seq,
+        sequence=row.sequence,
         kind=row.kind,
         payload=dict(row.payload),
         attempt=row.attempt,

@@ -1,4 +1,4 @@
-"""Jobs as resources: create (idempotent per caller + request_id), get, list, cancel.
+"""Jobs as resources: create (idempotent per owner + request_id), get, list, cancel.
 
 The worker side of a job's life (claim, heartbeat, complete ...) is in `queue.py`.
 
@@ -47,12 +47,12 @@ class JobRepo:
                max_pending_per_caller: int | None = None) -> JobRecord:
         """Store a PENDING job (and its first "state" event).
 
-        With a request_id: the same (caller, request_id) and the same spec returns the job
+        With a request_id: the same (owner, request_id) and the same spec returns the job
         created the first time, even under concurrent duplicates; a different spec raises
         AlreadyExists. With `max_pending`: QueueFull when that many jobs are PENDING already;
         the count and the insert are one serialised step, so concurrent creates never admit
         more than the cap (a repeated request_id still returns its job).
-        `max_pending_per_caller` caps the PENDING jobs of `new.caller` the same way.
+        `max_pending_per_caller` caps the PENDING jobs of `new.owner` the same way.
         """
         _validate(new)
         try:
@@ -61,18 +61,17 @@ class JobRepo:
                 if existing is not None:
                     return existing
                 if max_pending is not None or max_pending_per_caller is not None:
-                    _admit(session, max_pending, new.caller, max_pending_per_caller)
+                    _admit(session, max_pending, new.owner, max_pending_per_caller)
                 now = utcnow()
                 job = Job(
                     id=uuid.uuid4().hex,
                     kind=new.kind,
-                    display_name=new.display_name,
                     spec=bytes(new.spec),
                     spec_json=dict(new.spec_json),
                     state=JobState.PENDING,
                     priority=new.priority,
                     labels=dict(new.labels),
-                    caller=new.caller,
+                    owner=new.owner,
                     request_id=new.request_id,
                     attempt=0,
                     cancel_requested=False,
@@ -80,14 +79,14 @@ class JobRepo:
                     updated_at=now,
                     progress={},
                     result={},
-                    last_event_seq=0,
+                    last_event_sequence=0,
                 )
                 session.add(job)
                 session.flush()
                 append_event(session, job.id, "state", {"state": JobState.PENDING.value})
                 return job_record(job)
         except exc.IntegrityError:
-            # A concurrent duplicate (same caller and request_id) committed first.
+            # A concurrent duplicate (same owner and request_id) committed first.
             with self.db.session(write=False) as session:
                 existing = _find_request(session, new)
             if existing is None:
@@ -110,7 +109,7 @@ class JobRepo:
         self,
         *,
         states: Collection[JobState] | None = None,
-        caller: str | None = None,
+        owner: str | None = None,
         kind: str | None = None,
         model: str | None = None,
         labels: Mapping[str, str] | None = None,
@@ -129,14 +128,14 @@ class JobRepo:
         """
         size = page_size_or_default(page_size)
         state_values = sorted(JobState(s).value for s in states) if states else None
-        filters = {"states": state_values, "caller": caller, "kind": kind, "model": model,
+        filters = {"states": state_values, "owner": owner, "kind": kind, "model": model,
                    "labels": dict(sorted((labels or {}).items())) or None}
         after = decode_token(page_token, filters)
         query = _read_query(self.db.dialect).order_by(Job.created_at.desc(), Job.id.desc()).limit(size + 1)
         if state_values:
             query = query.where(Job.state.in_([JobState(v) for v in state_values]))
-        if caller is not None:
-            query = query.where(Job.caller == caller)
+        if owner is not None:
+            query = query.where(Job.owner == owner)
         if kind is not None:
             query = query.where(Job.kind == kind)
         if model is not None:
@@ -206,13 +205,12 @@ def job_record(job: Job, *, spec: bytes | None = None,
     return JobRecord(
         id=job.id,
         kind=job.kind,
-        display_name=job.display_name,
         spec=bytes(job.spec) if spec is None else spec,
         spec_json=dict(job.spec_json) if spec_json is None else spec_json,
         state=JobState(job.state),
         priority=job.priority,
         labels=dict(job.labels),
-        caller=job.caller,
+        owner=job.owner,
         request_id=job.request_id,
         attempt=job.attempt,
         cancel_requested=job.cancel_requested,
@@ -228,7 +226,7 @@ def job_record(job: Job, *, spec: bytes | None = None,
         result=dict(job.result),
         error=job.error,
         error_reason=job.error_reason,
-        last_event_seq=job.last_event_seq,
+        last_event_sequence=job.last_event_sequence,
     )
 
 
@@ -311,7 +309,7 @@ def _admit(session: Session, max_pending: int | None, caller: str,
     if max_pending is not None and (session.scalar(pending) or 0) >= max_pending:
         raise QueueFull(max_pending)
     if max_per_caller is not None and (
-            session.scalar(pending.where(Job.caller == caller)) or 0) >= max_per_caller:
+            session.scalar(pending.where(Job.owner == caller)) or 0) >= max_per_caller:
         raise QueueFull(max_per_caller, caller)
 
 
@@ -320,7 +318,7 @@ def _find_request(session: Session, new: NewJob) -> JobRecord | None:
     if new.request_id is None:
         return None
     job = session.scalars(
-        select(Job).where(Job.caller == new.caller, Job.request_id == new.request_id)
+        select(Job).where(Job.owner == new.owner, Job.request_id == new.request_id)
     ).one_or_none()
     if job is None:
         return None
@@ -345,9 +343,8 @@ def _validate(new: NewJob) -> None:
         raise InvalidArgument("must be an integer", field="priority")
     if new.request_id is not None and not 0 < len(new.request_id) <= MAX_NAME_LENGTH:
         raise InvalidArgument(f"must be 1-{MAX_NAME_LENGTH} characters", field="request_id")
-    for field_name in ("caller", "display_name"):
-        if len(getattr(new, field_name)) > MAX_NAME_LENGTH:
-            raise InvalidArgument(f"longer than {MAX_NAME_LENGTH} characters", field=field_name)
+    if len(new.owner) > MAX_NAME_LENGTH:
+        raise InvalidArgument(f"longer than {MAX_NAME_LENGTH} characters", field="owner")
     if len(new.kind) > 64:
         raise InvalidArgument("longer than 64 characters", field="kind")
 

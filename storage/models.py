@@ -101,11 +101,7 @@ class Dataset(Base):
     owner: Mapped[str] = mapped_column(String(255), server_default="")
     request_id: Mapped[str | None] = mapped_column(String(255))
     display_name: Mapped[str] = mapped_column(String(255))
-    source: Mapped[str] = mapped_column(String(255))
-    task: Mapped[str] = mapped_column(String(64))
-    model: Mapped[str] = mapped_column(String(255))
-    tokenizer: Mapped[str] = mapped_column(String(255))
-    description: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(255))  # how the examples came in: "upload"
     labels: Mapped[dict[str, Any]]
     example_count: Mapped[int]
     content_hash: Mapped[str] = mapped_column(String(64))
@@ -140,7 +136,6 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     kind: Mapped[str] = mapped_column(String(64))
-    display_name: Mapped[str] = mapped_column(String(255))
     spec: Mapped[bytes]
     spec_json: Mapped[dict[str, Any]]
     state: Mapped[JobState] = mapped_column(
@@ -148,7 +143,7 @@ class Job(Base):
     )
     priority: Mapped[int]
     labels: Mapped[dict[str, Any]]
-    caller: Mapped[str] = mapped_column(String(255))
+    owner: Mapped[str] = mapped_column(String(255))
     request_id: Mapped[str | None] = mapped_column(String(255))
     attempt: Mapped[int]
     cancel_requested: Mapped[bool] = mapped_column(Boolean)
@@ -164,14 +159,14 @@ class Job(Base):
     result: Mapped[dict[str, Any]]
     error: Mapped[str | None] = mapped_column(Text)
     error_reason: Mapped[str | None] = mapped_column(String(64))
-    last_event_seq: Mapped[int]
+    last_event_sequence: Mapped[int]
 
     __table_args__ = (
-        UniqueConstraint("caller", "request_id"),
+        UniqueConstraint("owner", "request_id"),
         # reclaim: RUNNING jobs whose lease expired
         Index("ix_jobs_lease", "state", "lease_expires_at"),
         Index("ix_jobs_created", "created_at", "id"),
-        Index("ix_jobs_caller", "caller", "created_at", "id"),
+        Index("ix_jobs_owner", "owner", "created_at", "id"),
     )
 
 
@@ -180,12 +175,12 @@ Index("ix_jobs_claim", Job.state, Job.priority.desc(), Job.created_at, Job.id)
 
 
 class JobEvent(Base):
-    """Progress stream entries; (job_id, seq) is dense per job."""
+    """Progress stream entries; (job_id, sequence) is dense per job."""
 
     __tablename__ = "job_events"
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
-    seq: Mapped[int] = mapped_column(primary_key=True)
+    sequence: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
     payload: Mapped[dict[str, Any]]
     attempt: Mapped[int]
@@ -233,18 +228,16 @@ class Circuit(Base):
         ForeignKey("datasets.id", ondelete="SET NULL")
     )
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
-    display_name: Mapped[str] = mapped_column(String(255))
-    n_edges: Mapped[int]
-    n_edges_total: Mapped[int]
-    n_nodes: Mapped[int]
-    n_nodes_total: Mapped[int]
+    edge_count: Mapped[int]
+    total_edge_count: Mapped[int]
+    node_count: Mapped[int]
+    total_node_count: Mapped[int]
     sparsity: Mapped[float] = mapped_column(Float)
     target: Mapped[dict[str, Any]]
     settings: Mapped[dict[str, Any]]
     provenance: Mapped[dict[str, Any]]
     metrics: Mapped[dict[str, Any]]
     mask_blob: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"))
-    log_alpha_blob: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"))
     created_at: Mapped[datetime]
 
     __table_args__ = (

@@ -51,7 +51,6 @@ class Page(Generic[T]):
 class NewDataset:
     """What `DatasetRepo.create` needs. `id` None -> a generated id.
 
-    `model` / `tokenizer` name what the examples were validated against (may be empty).
     `owner` is the principal the dataset belongs to; a `request_id` is unique per owner: the
     same (owner, request_id) with the same content returns the first dataset.
     """
@@ -60,11 +59,7 @@ class NewDataset:
     request_id: str | None = None
     size_bytes: int = 0  # of the uploaded content
     display_name: str = ""
-    source: str = ""
-    task: str = ""
-    model: str = ""
-    tokenizer: str = ""
-    description: str = ""
+    source: str = ""  # how the examples came in ("upload")
     labels: Mapping[str, str] = field(default_factory=dict)
     id: str | None = None
 
@@ -83,10 +78,6 @@ class DatasetRecord:
     ready: bool  # False while its upload is being stored
     display_name: str
     source: str
-    task: str
-    model: str
-    tokenizer: str
-    description: str
     labels: JsonDict
     example_count: int
     content_hash: str
@@ -102,17 +93,16 @@ class NewJob:
 
     `spec` is the serialized protobuf JobSpec (the authoritative copy) and `spec_json` the
     same spec as JSON, for humans and ad-hoc SQL. `request_id` makes creation idempotent
-    per `caller`: the same (caller, request_id) with the same spec returns the first job.
+    per `owner`: the same (owner, request_id) with the same spec returns the first job.
     Higher `priority` runs first; equal priorities run oldest first.
     """
 
     spec: bytes
     spec_json: Mapping[str, Any]
     kind: str = ""
-    display_name: str = ""
     priority: int = 0
     labels: Mapping[str, str] = field(default_factory=dict)
-    caller: str = ""
+    owner: str = ""  # the principal that submitted the job
     request_id: str | None = None
 
 
@@ -126,19 +116,18 @@ class JobRecord:
     checkpoint_blob: SHA-256 of the latest checkpoint (read with `BlobStore.get`), or None.
     result: small JSON summary set on success; "circuits" lists the ids of the circuits
         stored with it (read them with `CircuitRepo`).
-    last_event_seq: sequence number of the job's latest event (replay with `EventRepo`).
+    last_event_sequence: sequence number of the job's latest event (replay with `EventRepo`).
     error / error_reason: why the job FAILED (or was CANCELLED), else None.
     """
 
     id: str
     kind: str
-    display_name: str
     spec: bytes
     spec_json: JsonDict
     state: JobState
     priority: int
     labels: JsonDict
-    caller: str
+    owner: str
     request_id: str | None
     attempt: int
     cancel_requested: bool
@@ -154,7 +143,7 @@ class JobRecord:
     result: JsonDict
     error: str | None
     error_reason: str | None
-    last_event_seq: int
+    last_event_sequence: int
 
 
 @dataclass(frozen=True)
@@ -178,10 +167,10 @@ class Claim:
 
 @dataclass(frozen=True)
 class EventRecord:
-    """One durable progress event; `seq` is dense per job, starting at 1."""
+    """One durable progress event; `sequence` is dense per job, starting at 1."""
 
     job_id: str
-    seq: int
+    sequence: int
     kind: str
     payload: JsonDict
     attempt: int
@@ -196,28 +185,26 @@ class NewCircuit:
     """A circuit to store.
 
     edges: edge names "{writer}->{reader}" kept in the circuit; edge_scores optionally maps
-    (some of) them to a score. nodes: writer nodes kept. n_edges_total: edges in the full
-    graph (sparsity = 1 - len(edges) / n_edges_total). mask_blob / log_alpha_blob: SHA-256s
-    of safetensors blobs stored with `BlobStore.put` (or None).
+    (some of) them to a score. nodes: writer nodes kept. total_edge_count: edges in the full
+    graph (sparsity = 1 - len(edges) / total_edge_count). mask_blob: SHA-256 of a safetensors
+    blob stored with `BlobStore.put` (or None).
     """
 
     model: str
     method: str
     edges: Sequence[str]
-    n_edges_total: int
+    total_edge_count: int
     nodes: Sequence[str] = ()
-    n_nodes_total: int = 0
+    total_node_count: int = 0
     edge_scores: Mapping[str, float] = field(default_factory=dict)
     task: str = ""
     dataset_id: str | None = None
     job_id: str | None = None
-    display_name: str = ""
     target: Mapping[str, Any] = field(default_factory=dict)
     settings: Mapping[str, Any] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
     mask_blob: str | None = None
-    log_alpha_blob: str | None = None
     owner: str = ""
 
 
@@ -233,18 +220,16 @@ class CircuitRecord:
     task: str
     dataset_id: str | None
     job_id: str | None
-    display_name: str
-    n_edges: int
-    n_edges_total: int
-    n_nodes: int
-    n_nodes_total: int
+    edge_count: int
+    total_edge_count: int
+    node_count: int
+    total_node_count: int
     sparsity: float
     target: JsonDict
     settings: JsonDict
     provenance: JsonDict
     metrics: JsonDict
     mask_blob: str | None
-    log_alpha_blob: str | None
     created_at: datetime
     edges: list[str] | None = None
     edge_scores: dict[str, float] | None = None
@@ -256,7 +241,7 @@ class CircuitFilter:
     """Filters for `CircuitRepo.list`; every field given must match (AND).
 
     contains_edges / contains_nodes: the circuit keeps all of these edges / nodes.
-    min_edges / max_edges bound the number of kept edges, min_sparsity / max_sparsity the
+    min_edge_count / max_edge_count bound the number of kept edges, min_sparsity / max_sparsity the
     edge sparsity (inclusive).
     """
 
@@ -266,8 +251,8 @@ class CircuitFilter:
     dataset_id: str | None = None
     method: str | None = None
     job_id: str | None = None
-    min_edges: int | None = None
-    max_edges: int | None = None
+    min_edge_count: int | None = None
+    max_edge_count: int | None = None
     min_sparsity: float | None = None
     max_sparsity: float | None = None
     contains_edges: Sequence[str] = ()

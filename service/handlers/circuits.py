@@ -94,8 +94,8 @@ class CircuitHandler:
             dataset_id=dataset_id,
             method=METHODS.get(request.method),
             job_id=job_id,
-            min_edges=request.min_edge_count or None,
-            max_edges=request.max_edge_count or None,
+            min_edge_count=request.min_edge_count or None,
+            max_edge_count=request.max_edge_count or None,
             contains_edges=[request.contains_edge] if request.contains_edge else [],
             contains_nodes=[request.contains_node] if request.contains_node else [],
         )

@@ -151,7 +151,7 @@ class JobHandler:
             kind=kind,
             priority=priority,
             labels=dict(labels),
-            caller=who.name,
+            owner=who.name,
             request_id=request_id or None,
         )
         # Counted in the create transaction: concurrent submits cannot overshoot a cap. Admins
@@ -171,7 +171,7 @@ class JobHandler:
         """Another principal's job is NOT_FOUND exactly as a missing one is. Without `full`
         the record has no spec bytes; a full record too large for a reply has none either."""
         job = self.jobs.get(job_id, full=full, max_bytes=self.config.limits.reply_bytes)
-        if not who.may_see(job.caller):
+        if not who.may_see(job.owner):
             raise StorageNotFound("job", job_id)
         return job
 
@@ -190,7 +190,7 @@ class JobHandler:
         check_labels(v, "labels", request.labels, self.config)
         v.raise_if_any()
         full = request.view == common_pb2.VIEW_FULL
-        return self.jobs.list(states=states or None, caller=who.owner_filter,
+        return self.jobs.list(states=states or None, owner=who.owner_filter,
                               model=request.model or None, labels=dict(request.labels) or None,
                               page_size=size, page_token=request.page_token or None, full=full,
                               max_bytes=self.config.limits.reply_bytes if full else None)

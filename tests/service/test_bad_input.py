@@ -114,7 +114,7 @@ def test_forged_circuit_page_tokens(api_server: Server) -> None:
     try:
         for _ in range(2):
             CircuitRepo(db).create(NewCircuit(model=MODEL, method="eap", edges=EDGES,
-                                              n_edges_total=4))
+                                              total_edge_count=4))
     finally:
         db.dispose()
     token = api_server.circuits.ListCircuits(

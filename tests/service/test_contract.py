@@ -40,12 +40,12 @@ def normalized(method: int, **fields: object) -> job_pb2.JobSpec:
 
 
 EMPTY_RECORD = {
-    "id": "j", "kind": translate.KIND_DISCOVERY, "display_name": "", "spec": b"",
-    "spec_json": {}, "state": JobState.PENDING, "priority": 0, "labels": {}, "caller": "",
+    "id": "j", "kind": translate.KIND_DISCOVERY, "spec": b"",
+    "spec_json": {}, "state": JobState.PENDING, "priority": 0, "labels": {}, "owner": "",
     "request_id": None, "attempt": 0, "cancel_requested": False, "lease_owner": None,
     "lease_expires_at": None, "heartbeat_at": None, "created_at": None, "updated_at": None,
     "started_at": None, "finished_at": None, "progress": {}, "checkpoint_blob": None,
-    "result": {}, "error": None, "error_reason": None, "last_event_seq": 0,
+    "result": {}, "error": None, "error_reason": None, "last_event_sequence": 0,
 }
 
 
@@ -203,7 +203,7 @@ def test_a_circuit_round_trips_through_storage(backend: str, tmp_path: Path) -> 
     spec = normalized(common_pb2.METHOD_EAP)
     circuit = Circuit(model=MODEL, method="eap", edges=["tok->a0.0", "a0.0->logits"],
                       edge_scores={"tok->a0.0": 2.5, "a0.0->logits": -1.0},
-                      nodes=["tok", "a0.0"], n_edges_total=40,
+                      nodes=["tok", "a0.0"], total_edge_count=40,
                       target={"edge_count": 2}, settings={"ablation": "corrupted"},
                       provenance={"seed": 0}, metrics={"kl": 0.25})
     with database_url(backend, tmp_path) as url:
@@ -213,7 +213,7 @@ def test_a_circuit_round_trips_through_storage(backend: str, tmp_path: Path) -> 
             repo = CircuitRepo(db)
             stored = repo.create(translate.new_circuit(
                 circuit, spec=spec, owner="alice", job_id=None, task="ioi",
-                target={"edge_count": 2}, n_nodes_total=3, mask_blob=None))
+                target={"edge_count": 2}, total_node_count=3, mask_blob=None))
             back = translate.circuit_from_record(repo.get(stored.id, full=True))
         finally:
             db.dispose()

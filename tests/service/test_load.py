@@ -161,7 +161,7 @@ def test_full_circuit_pages_stop_at_the_reply_size(load_server: Server) -> None:
     db = Database(load_server.database_url)
     try:
         CircuitRepo(db).create_many([NewCircuit(model="wide", method="eap", edges=edges,
-                                                n_edges_total=40_000) for _ in range(10)])
+                                                total_edge_count=40_000) for _ in range(10)])
     finally:
         db.dispose()
     stub = circuit_pb2_grpc.CircuitServiceStub(grpc.insecure_channel(
@@ -187,7 +187,7 @@ def test_a_circuit_too_large_for_a_reply_is_summarised_and_still_exported(
     db = Database(load_server.database_url)
     try:
         record = CircuitRepo(db).create(NewCircuit(model="huge", method="eap", edges=edges,
-                                                   n_edges_total=400_000))
+                                                   total_edge_count=400_000))
     finally:
         db.dispose()
     name = f"circuits/{record.id}"
@@ -209,16 +209,16 @@ def add_history(url: str, job_id: str, count: int) -> int:
     db = Database(url)
     try:
         with db.session() as session:
-            last = session.get(Job, job_id).last_event_seq
+            last = session.get(Job, job_id).last_event_sequence
             now = datetime.now(timezone.utc)
             payload = {"phase": "prune", "step": 1, "note": "n" * 1000}
             for start in range(0, count, 5000):
                 session.execute(insert(JobEvent), [
-                    {"job_id": job_id, "seq": last + 1 + i, "kind": "progress",
+                    {"job_id": job_id, "sequence": last + 1 + i, "kind": "progress",
                      "payload": {**payload, "step": i}, "attempt": 0, "created_at": now}
                     for i in range(start, min(count, start + 5000))])
             session.execute(update(Job).where(Job.id == job_id)
-                            .values(last_event_seq=last + count))
+                            .values(last_event_sequence=last + count))
         return last + count
     finally:
         db.dispose()

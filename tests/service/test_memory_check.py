@@ -45,7 +45,7 @@ def _store_circuit(url: str) -> str:
     db = Database(url)
     try:
         record = CircuitRepo(db).create(NewCircuit(model=MODEL, method="eap",
-                                                   edges=["tok->logits"], n_edges_total=100))
+                                                   edges=["tok->logits"], total_edge_count=100))
     finally:
         db.dispose()
     return f"circuits/{record.id}"

@@ -16,12 +16,12 @@ from edgeprune.v1 import job_pb2
 from tests.service.harness import MODEL, inline_examples
 
 
-def _record(n_edges_total: int) -> CircuitRecord:
+def _record(total_edge_count: int) -> CircuitRecord:
     return CircuitRecord(
         id="c1", owner="", model=MODEL, method="eap", task="custom", dataset_id=None, job_id=None,
-        display_name="", n_edges=1, n_edges_total=n_edges_total, n_nodes=1, n_nodes_total=1,
+        edge_count=1, total_edge_count=total_edge_count, node_count=1, total_node_count=1,
         sparsity=0.0, target={}, settings={"ablation": "corrupted"}, provenance={}, metrics={},
-        mask_blob=None, log_alpha_blob=None, created_at=datetime.datetime.now(datetime.UTC),
+        mask_blob=None, created_at=datetime.datetime.now(datetime.UTC),
         edges=["tok->logits"], edge_scores={}, nodes=["tok"])
 
 

@@ -57,7 +57,7 @@ def test_missing_and_malformed_keys(db: Database) -> None:
 def test_delete_unreferenced_keeps_referenced_blobs(db: Database) -> None:
     blobs = BlobStore(db)
     kept, dropped = blobs.put(b"mask"), blobs.put(b"orphan")
-    CircuitRepo(db).create(NewCircuit(model="m", method="eap", edges=["a->b"], n_edges_total=2,
+    CircuitRepo(db).create(NewCircuit(model="m", method="eap", edges=["a->b"], total_edge_count=2,
                                       mask_blob=kept))
     assert blobs.delete_unreferenced() == 0  # both still inside the grace period
     assert blobs.delete_unreferenced(min_age_s=0) == 1

@@ -21,7 +21,7 @@ EDGES = ["tok->a0.h0.q", "tok->m0", "a0.h0->m0", "m0->logits", "a0.h0->logits"]
 def make(model: str = "gpt2", edges: list[str] = EDGES[:3], **kwargs) -> NewCircuit:
     nodes = sorted({e.split("->")[0] for e in edges})
     return NewCircuit(model=model, method=kwargs.pop("method", "edge_pruning"), edges=edges,
-                      n_edges_total=10, nodes=nodes, n_nodes_total=4, **kwargs)
+                      total_edge_count=10, nodes=nodes, total_node_count=4, **kwargs)
 
 
 def test_create_and_get_full(db: Database) -> None:
@@ -33,9 +33,9 @@ def test_create_and_get_full(db: Database) -> None:
     assert got == created
     assert got.edges == EDGES[:3] and got.nodes == ["a0.h0", "tok"]
     assert got.edge_scores == {"tok->m0": 0.25}  # scores of kept edges only
-    assert (got.n_edges, got.sparsity, got.metrics) == (3, pytest.approx(0.7), {"kl": 0.1})
+    assert (got.edge_count, got.sparsity, got.metrics) == (3, pytest.approx(0.7), {"kl": 0.1})
     brief = repo.get(created.id, full=False)
-    assert brief.edges is None and brief.n_edges == 3
+    assert brief.edges is None and brief.edge_count == 3
 
 
 def test_invalid_circuits_are_rejected(db: Database) -> None:
@@ -43,7 +43,7 @@ def test_invalid_circuits_are_rejected(db: Database) -> None:
     for bad, field in [
         (make(model=""), "model"),
         (make(edges=["a->b", "a->b"]), "edges"),
-        (NewCircuit(model="m", method="eap", edges=EDGES, n_edges_total=2), "n_edges_total"),
+        (NewCircuit(model="m", method="eap", edges=EDGES, total_edge_count=2), "total_edge_count"),
     ]:
         with pytest.raises(InvalidArgument) as info:
             repo.create(bad)
@@ -74,8 +74,8 @@ def test_filters(db: Database) -> None:
     assert ids(contains_nodes=["m0"]) == [c.id, b.id]
     assert ids(model="llama", contains_nodes=["a0.h0"]) == []
     assert ids(contains_edges=["never->stored"]) == []
-    assert ids(task="ioi", min_edges=3) == [b.id]
-    assert ids(max_edges=2) == [d.id, a.id]
+    assert ids(task="ioi", min_edge_count=3) == [b.id]
+    assert ids(max_edge_count=2) == [d.id, a.id]
     assert ids(min_sparsity=0.6, max_sparsity=0.75) == [b.id]
     assert ids(model="gpt2", task="gp", method="edge_pruning") == [c.id]
 
@@ -132,7 +132,7 @@ def test_owner_is_stored_and_filters(db: Database) -> None:
 def test_full_pages_end_before_the_byte_budget(db: Database) -> None:
     repo = CircuitRepo(db)
     edges = [f"writer{i}->reader{i}" for i in range(100)]  # about 3.4 kB of names and framing
-    created = [repo.create(NewCircuit(model="gpt2", method="eap", edges=edges, n_edges_total=1000))
+    created = [repo.create(NewCircuit(model="gpt2", method="eap", edges=edges, total_edge_count=1000))
                for _ in range(5)]
     size = full_size_of(db, created[0].id)
     assert 100 * (len("writer0->reader0") + 16) <= size < 100 * 40 + 3000

@@ -26,7 +26,7 @@ def examples(n: int = N) -> list[dict]:
 
 def test_create_and_read_in_batches(db: Database) -> None:
     repo = DatasetRepo(db)
-    record = repo.create(NewDataset(id="ioi-train", task="ioi", model="smollm2-135m"), examples())
+    record = repo.create(NewDataset(id="ioi-train", owner="alice"), examples())
     assert record.example_count == N and repo.get("ioi-train") == record
     lines = b"".join(
         json.dumps(e, sort_keys=True, separators=(",", ":")).encode() + b"\n" for e in examples()
@@ -56,11 +56,11 @@ def test_ids_are_unique_and_validated(db: Database) -> None:
 def test_list_and_delete(db: Database) -> None:
     repo = DatasetRepo(db)
     for i in range(5):
-        repo.create(NewDataset(id=f"d{i}", task="ioi" if i % 2 else "gp"), examples(1))
+        repo.create(NewDataset(id=f"d{i}", owner="a" if i % 2 else "b"), examples(1))
     first = repo.list(page_size=2)
     second = repo.list(page_size=2, page_token=first.next_page_token)
     assert [d.id for d in first.items + second.items] == ["d4", "d3", "d2", "d1"]
-    assert [d.id for d in repo.list(task="ioi").items] == ["d3", "d1"]
+    assert [d.id for d in repo.list(owner="a").items] == ["d3", "d1"]
     repo.delete("d3")
     with pytest.raises(NotFound):
         repo.examples("d3")

@@ -30,8 +30,8 @@ def test_concurrent_appends_are_dense_per_job(db: Database) -> None:
     for job_id in jobs:
         stored = events.after(job_id, 0, limit=1000)
         expected = 1 + N_THREADS * N_APPENDS  # the PENDING event, then the appends
-        assert [e.seq for e in stored] == list(range(1, expected + 1))
-        assert events.last_seq(job_id) == expected
+        assert [e.sequence for e in stored] == list(range(1, expected + 1))
+        assert events.last_sequence(job_id) == expected
         per_thread = [[e.payload["i"] for e in stored if e.payload.get("thread") == t]
                       for t in range(N_THREADS)]
         assert all(seq == sorted(seq) for seq in per_thread)  # each writer's order kept
@@ -42,8 +42,8 @@ def test_after_replays_from_a_sequence_number(db: Database) -> None:
     events = EventRepo(db)
     for step in range(5):
         events.append(job_id, "progress", {"step": step})
-    assert [e.seq for e in events.after(job_id, 3)] == [4, 5, 6]
-    assert [e.seq for e in events.after(job_id, 1, limit=2)] == [2, 3]
+    assert [e.sequence for e in events.after(job_id, 3)] == [4, 5, 6]
+    assert [e.sequence for e in events.after(job_id, 1, limit=2)] == [2, 3]
     assert events.after(job_id, 6) == []
     event = events.after(job_id, 5)[0]
     assert (event.kind, event.payload, event.attempt) == ("progress", {"step": 4}, 0)
@@ -56,7 +56,7 @@ def test_unknown_job_and_bad_arguments(db: Database) -> None:
     with pytest.raises(NotFound):
         events.append("nope", "log", {})
     with pytest.raises(NotFound):
-        events.last_seq("nope")
+        events.last_sequence("nope")
     job_id = make_job(db)
     with pytest.raises(InvalidArgument):
         events.after(job_id, limit=0)

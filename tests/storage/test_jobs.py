@@ -1,4 +1,4 @@
-"""Jobs: creation, idempotency per caller + request_id, listing, cancellation."""
+"""Jobs: creation, idempotency per owner + request_id, listing, cancellation."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ from edgeprune.storage import (
 )
 
 
-def new_job(request_id: str | None = None, *, spec: bytes = b"\x08\x01", caller: str = "",
+def new_job(request_id: str | None = None, *, spec: bytes = b"\x08\x01", owner: str = "",
             **kwargs) -> NewJob:
-    return NewJob(spec=spec, spec_json={"steps": 1}, request_id=request_id, caller=caller,
+    return NewJob(spec=spec, spec_json={"steps": 1}, request_id=request_id, owner=owner,
                   kind="prune", **kwargs)
 
 
 def test_create_and_get(db: Database) -> None:
     jobs = JobRepo(db)
-    job = jobs.create(new_job(labels={"team": "a"}, priority=3, display_name="ioi"))
+    job = jobs.create(new_job(labels={"team": "a"}, priority=3))
     assert job.state == JobState.PENDING and job.attempt == 0
     got = jobs.get(job.id)
     assert got == job
@@ -41,8 +41,8 @@ def test_same_request_id_gives_same_job(db: Database) -> None:
     jobs = JobRepo(db)
     first = jobs.create(new_job("req-1"))
     assert jobs.create(new_job("req-1")).id == first.id
-    # request ids are per caller
-    assert jobs.create(new_job("req-1", caller="someone-else")).id != first.id
+    # request ids are per owner
+    assert jobs.create(new_job("req-1", owner="someone-else")).id != first.id
     with pytest.raises(AlreadyExists, match="different job"):
         jobs.create(new_job("req-1", spec=b"\x08\x02"))
     assert len(jobs.list().items) == 2
@@ -75,7 +75,7 @@ def test_invalid_jobs_are_rejected(db: Database, kwargs: dict, field: str) -> No
 
 def test_list_pages_newest_first_with_filters(db: Database) -> None:
     jobs = JobRepo(db)
-    created = [jobs.create(new_job(caller="c1" if i % 2 else "c2")) for i in range(7)]
+    created = [jobs.create(new_job(owner="c1" if i % 2 else "c2")) for i in range(7)]
     seen, token = [], None
     while True:
         page = jobs.list(page_size=3, page_token=token)
@@ -83,10 +83,10 @@ def test_list_pages_newest_first_with_filters(db: Database) -> None:
         if not (token := page.next_page_token):
             break
     assert seen == [j.id for j in reversed(created)]
-    c1 = jobs.list(caller="c1", page_size=2)
-    assert [j.caller for j in c1.items] == ["c1", "c1"]
+    c1 = jobs.list(owner="c1", page_size=2)
+    assert [j.owner for j in c1.items] == ["c1", "c1"]
     with pytest.raises(InvalidArgument):  # token made for another filter
-        jobs.list(caller="c2", page_token=c1.next_page_token)
+        jobs.list(owner="c2", page_token=c1.next_page_token)
     Queue(db).claim("w", 30)
     assert [j.id for j in jobs.list(states=[JobState.RUNNING]).items] == [created[0].id]
 

@@ -35,10 +35,10 @@ def forge(token: str, key: list[Any]) -> str:
 
 def test_circuit_filters_beyond_the_columns(db: Database) -> None:
     repo = CircuitRepo(db)
-    repo.create(NewCircuit(model="m", method="eap", edges=EDGES, n_edges_total=4))
+    repo.create(NewCircuit(model="m", method="eap", edges=EDGES, total_edge_count=4))
     for bad, field in [
-        (CircuitFilter(min_edges=MAX_INTEGER + 1), "min_edges"),
-        (CircuitFilter(max_edges=-(2**63)), "max_edges"),
+        (CircuitFilter(min_edge_count=MAX_INTEGER + 1), "min_edge_count"),
+        (CircuitFilter(max_edge_count=-(2**63)), "max_edge_count"),
         (CircuitFilter(model="m\x00"), "model"),
         (CircuitFilter(job_id="\ud800"), "job_id"),
         (CircuitFilter(model="m", contains_edges=[EDGES[0], "a\x00"]), "contains_edges"),
@@ -48,7 +48,7 @@ def test_circuit_filters_beyond_the_columns(db: Database) -> None:
         with pytest.raises(InvalidArgument) as info:
             repo.list(bad)
         assert info.value.field == field
-    assert len(repo.list(CircuitFilter(max_edges=MAX_INTEGER)).items) == 1
+    assert len(repo.list(CircuitFilter(max_edge_count=MAX_INTEGER)).items) == 1
 
 
 def test_circuit_ids_beyond_the_column_name_nothing(db: Database) -> None:
@@ -63,7 +63,7 @@ def test_circuit_ids_beyond_the_column_name_nothing(db: Database) -> None:
 def test_forged_page_tokens(db: Database) -> None:
     circuits, jobs, datasets = CircuitRepo(db), JobRepo(db), DatasetRepo(db)
     for _ in range(2):
-        circuits.create(NewCircuit(model="m", method="eap", edges=EDGES, n_edges_total=4))
+        circuits.create(NewCircuit(model="m", method="eap", edges=EDGES, total_edge_count=4))
         jobs.create(NewJob(spec=b"", spec_json={}))
         datasets.create(NewDataset(display_name="d", source="test"),
                         [{"clean": "a", "corrupted": "b"}])

@@ -77,3 +77,46 @@ def test_upload_sizes_move_from_source_to_size_bytes(empty_db: Database) -> None
     with empty_db.engine.connect() as conn:
         assert conn.execute(text("SELECT source FROM datasets WHERE id = 'd1'")).scalar() == \
             "upload:1234"
+
+
+def test_vocabulary_renames_keep_every_row(empty_db: Database) -> None:
+    """0004 renames jobs.caller, the event sequence and the circuit counts, and copies jobs and
+    circuits into new tables on SQLite: the rows, and the events and edges that refer to them,
+    all survive (with foreign keys enforced, dropping the old tables would cascade)."""
+    from sqlalchemy import text
+
+    empty_db.migrate("0003")
+    with empty_db.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO jobs (id, kind, display_name, spec, spec_json, state, priority, labels, "
+            "caller, request_id, attempt, cancel_requested, created_at, updated_at, progress, "
+            "result, last_event_seq) VALUES ('j1', 'discovery', '', :spec, '{}', 'SUCCEEDED', 0, "
+            "'{}', 'alice', 'r1', 1, false, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, '{}', '{}', 2)"),
+            {"spec": b"\x08\x01"})
+        conn.execute(text(
+            "INSERT INTO job_events (job_id, seq, kind, payload, attempt, created_at) VALUES "
+            "('j1', 1, 'state', '{}', 1, CURRENT_TIMESTAMP), "
+            "('j1', 2, 'state', '{}', 1, CURRENT_TIMESTAMP)"))
+        conn.execute(text("INSERT INTO edge_names (model, name) VALUES ('m', 'tok->logits')"))
+        conn.execute(text(
+            "INSERT INTO circuits (model, method, task, job_id, display_name, n_edges, "
+            "n_edges_total, n_nodes, n_nodes_total, sparsity, target, settings, provenance, "
+            "metrics, created_at, owner) VALUES ('m', 'eap', 'ioi', 'j1', '', 1, 4, 2, 3, 0.75, "
+            "'{}', '{}', '{}', '{}', CURRENT_TIMESTAMP, 'alice')"))
+        conn.execute(text("INSERT INTO circuit_edges (circuit_id, edge_id) "
+                          "SELECT c.id, e.id FROM circuits c, edge_names e"))
+    empty_db.migrate()
+    with empty_db.engine.connect() as conn:
+        assert conn.execute(text(
+            "SELECT owner, request_id, last_event_sequence FROM jobs")).all() == [("alice", "r1", 2)]
+        assert conn.execute(text(
+            "SELECT sequence FROM job_events ORDER BY sequence")).scalars().all() == [1, 2]
+        assert conn.execute(text(
+            "SELECT job_id, edge_count, total_edge_count, node_count, total_node_count "
+            "FROM circuits")).all() == [("j1", 1, 4, 2, 3)]
+        assert conn.execute(text("SELECT count(*) FROM circuit_edges")).scalar() == 1
+    empty_db.downgrade("0003")
+    with empty_db.engine.connect() as conn:
+        assert conn.execute(text("SELECT caller, last_event_seq FROM jobs")).all() == [("alice", 2)]
+        assert conn.execute(text("SELECT count(*) FROM job_events")).scalar() == 2
+        assert conn.execute(text("SELECT n_edges_total FROM circuits")).scalar() == 4

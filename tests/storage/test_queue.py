@@ -33,7 +33,7 @@ def submit(db: Database, n: int = 1, **kwargs) -> list[str]:
 
 
 def circuit(**kwargs) -> NewCircuit:
-    return NewCircuit(model="tiny", method="edge_pruning", edges=["tok->m0"], n_edges_total=3, **kwargs)
+    return NewCircuit(model="tiny", method="edge_pruning", edges=["tok->m0"], total_edge_count=3, **kwargs)
 
 
 def expire(claim_lease_s: float = SHORT_LEASE_S) -> None:
@@ -81,7 +81,7 @@ def test_heartbeat_extends_lease_and_reports_progress(db: Database) -> None:
     assert queue.reclaim_expired() == []
     event = queue.report(claim, "progress", {"step": 2, "loss": 0.5})
     job = JobRepo(db).get(claim.job_id)
-    assert job.progress == {"step": 2, "loss": 0.5} and job.last_event_seq == event.seq
+    assert job.progress == {"step": 2, "loss": 0.5} and job.last_event_sequence == event.sequence
 
 
 def test_expired_lease_is_reclaimed_and_stale_writes_are_fenced(db: Database) -> None:

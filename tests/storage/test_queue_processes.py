@@ -55,7 +55,7 @@ def test_workers_claim_every_job_exactly_once(db: Database, db_url: str) -> None
     events = EventRepo(db)
     for job in final:
         assert job.result["worker"] == dict(_owners(claimed))[job.id]
-        seqs = [e.seq for e in events.after(job.id)]
+        seqs = [e.sequence for e in events.after(job.id)]
         assert seqs == [1, 2, 3, 4]  # PENDING, RUNNING, progress, SUCCEEDED
     assert len(CircuitRepo(db).list(CircuitFilter(model="tiny"), page_size=1000).items) == N_JOBS
 

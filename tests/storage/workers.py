@@ -14,7 +14,7 @@ def circuit_for(job_id: str, worker_id: str) -> NewCircuit:
         model="tiny",
         method="edge_pruning",
         edges=["tok->m0", "m0->logits"],
-        n_edges_total=3,
+        total_edge_count=3,
         provenance={"worker": worker_id, "job": job_id},
     )
 
