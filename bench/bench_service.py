@@ -40,7 +40,7 @@ import grpc
 
 from edgeprune.service.config import Limits
 from edgeprune.v1 import common_pb2, dataset_pb2, dataset_pb2_grpc, job_pb2, job_pb2_grpc
-from tests.service.harness import MODEL, Server, edge_pruning_spec
+from tests.service.harness import MODEL, Server, edge_pruning_spec, short_examples_spec
 from tests.tiny_models import tiny_gpt2
 
 CLIENTS = 50
@@ -209,12 +209,7 @@ def uploads(root: Path, models: dict[str, str], pg_url: str) -> None:
 
 
 def _list_spec(i: int) -> job_pb2.JobSpec:
-    spec = edge_pruning_spec()
-    spec.data.examples.ClearField("examples")
-    for k in range(LIST_EXAMPLES):
-        spec.data.examples.examples.add(clean=f"c{i} {k}", corrupted=f"d{i} {k}", target=" a",
-                                        distractor=" b")
-    return spec
+    return short_examples_spec(i, LIST_EXAMPLES)
 
 
 async def _submit_all(target: str, specs: Iterator[job_pb2.JobSpec], prefix: str, *,

@@ -175,3 +175,13 @@ def edge_pruning_spec(data: job_pb2.DataSpec | None = None, *, steps: int = 12,
     for sparsity in sizes:
         spec.sizes.add(edge_sparsity=sparsity)
     return spec
+
+
+def short_examples_spec(i: int, n: int) -> job_pb2.JobSpec:
+    """A job of `n` short inline examples, distinct per `i` (list and memory load cases)."""
+    spec = edge_pruning_spec()
+    spec.data.examples.ClearField("examples")
+    for k in range(n):
+        spec.data.examples.examples.add(clean=f"c{i} {k}", corrupted=f"d{i} {k}", target=" a",
+                                        distractor=" b")
+    return spec

@@ -24,7 +24,7 @@ from edgeprune.storage.models import Job, JobEvent
 from edgeprune.v1 import circuit_pb2, circuit_pb2_grpc, common_pb2, job_pb2, job_pb2_grpc
 from tests.service.conftest import database_url, running
 from tests.service.errors import details, fails
-from tests.service.harness import Server, edge_pruning_spec, wait_for
+from tests.service.harness import Server, edge_pruning_spec, short_examples_spec, wait_for
 
 MIB = 1024 * 1024
 BIG_JOBS = 12
@@ -58,12 +58,7 @@ class PeakGrowth:
 
 
 def big_spec(i: int) -> job_pb2.JobSpec:
-    spec = edge_pruning_spec()
-    spec.data.examples.ClearField("examples")
-    for k in range(BIG_EXAMPLES):
-        spec.data.examples.examples.add(clean=f"c{i} {k}", corrupted=f"d{i} {k}", target=" a",
-                                        distractor=" b")
-    return spec
+    return short_examples_spec(i, BIG_EXAMPLES)
 
 
 @pytest.fixture(scope="module")
