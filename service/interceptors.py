@@ -17,7 +17,7 @@ from grpc_status import rpc_status
 
 from edgeprune.service import decoding, metrics
 from edgeprune.service.errors import Unauthenticated, to_status
-from edgeprune.service.principals import Principals, bearer_token, hashed_name
+from edgeprune.service.principals import Principals, bearer_token
 
 # Health checks (Kubernetes probes) never carry a token.
 PUBLIC_SERVICES = ("grpc.health.v1.Health",)
@@ -119,11 +119,6 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 finish(start, context, error)
 
         return _replace(handler, unary)
-
-
-def caller_of(token: str) -> str:
-    """The principal name of a bare token ("" without one)."""
-    return hashed_name(token) if token else ""
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

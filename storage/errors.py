@@ -69,13 +69,13 @@ FencingError = LeaseLost
 
 
 class QueueFull(Conflict):
-    """A new job was refused: `limit` jobs are PENDING already (`caller`: that caller's)."""
+    """A new job was refused: `limit` jobs are PENDING already (`owner`: that owner's)."""
 
-    def __init__(self, limit: int, caller: str | None = None) -> None:
-        whose = f"{caller}'s pending jobs are" if caller is not None else "pending jobs are"
+    def __init__(self, limit: int, owner: str | None = None) -> None:
+        whose = f"{owner}'s pending jobs are" if owner is not None else "pending jobs are"
         super().__init__(f"{limit} of {whose} queued already; retry later")
         self.limit = limit
-        self.caller = caller
+        self.owner = owner
 
 
 class InvalidArgument(StorageError, ValueError):

@@ -44,7 +44,7 @@ class JobRepo:
         self.db = db
 
     def create(self, new: NewJob, *, max_pending: int | None = None,
-               max_pending_per_caller: int | None = None) -> JobRecord:
+               max_pending_per_owner: int | None = None) -> JobRecord:
         """Store a PENDING job (and its first "state" event).
 
         With a request_id: the same (owner, request_id) and the same spec returns the job
@@ -52,7 +52,7 @@ class JobRepo:
         AlreadyExists. With `max_pending`: QueueFull when that many jobs are PENDING already;
         the count and the insert are one serialised step, so concurrent creates never admit
         more than the cap (a repeated request_id still returns its job).
-        `max_pending_per_caller` caps the PENDING jobs of `new.owner` the same way.
+        `max_pending_per_owner` caps the PENDING jobs of `new.owner` the same way.
         """
         _validate(new)
         try:
@@ -60,8 +60,8 @@ class JobRepo:
                 existing = _find_request(session, new)
                 if existing is not None:
                     return existing
-                if max_pending is not None or max_pending_per_caller is not None:
-                    _admit(session, max_pending, new.owner, max_pending_per_caller)
+                if max_pending is not None or max_pending_per_owner is not None:
+                    _admit(session, max_pending, new.owner, max_pending_per_owner)
                 now = utcnow()
                 job = Job(
                     id=uuid.uuid4().hex,
@@ -297,10 +297,10 @@ def _summary_json(summary: Any, count: int | None) -> dict[str, Any]:
     return out
 
 
-def _admit(session: Session, max_pending: int | None, caller: str,
-           max_per_caller: int | None) -> None:
+def _admit(session: Session, max_pending: int | None, owner: str,
+           max_per_owner: int | None) -> None:
     """QueueFull unless fewer than `max_pending` jobs are PENDING (and fewer than
-    `max_per_caller` of `caller`'s). Admissions run one at a time (a transaction-scoped
+    `max_per_owner` of `owner`'s). Admissions run one at a time (a transaction-scoped
     advisory lock on PostgreSQL; SQLite's write transactions are already serial), so the counts
     cannot go stale before this transaction commits."""
     if dialect_name(session) == "postgresql":
@@ -308,9 +308,9 @@ def _admit(session: Session, max_pending: int | None, caller: str,
     pending = select(func.count()).select_from(Job).where(Job.state == JobState.PENDING)
     if max_pending is not None and (session.scalar(pending) or 0) >= max_pending:
         raise QueueFull(max_pending)
-    if max_per_caller is not None and (
-            session.scalar(pending.where(Job.owner == caller)) or 0) >= max_per_caller:
-        raise QueueFull(max_per_caller, caller)
+    if max_per_owner is not None and (
+            session.scalar(pending.where(Job.owner == owner)) or 0) >= max_per_owner:
+        raise QueueFull(max_per_owner, owner)
 
 
 def _find_request(session: Session, new: NewJob) -> JobRecord | None:

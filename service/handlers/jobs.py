@@ -159,10 +159,10 @@ class JobHandler:
         limits = self.config.limits
         try:
             return self.jobs.create(new, max_pending=limits.max_pending_jobs,
-                                    max_pending_per_caller=None if who.admin
+                                    max_pending_per_owner=None if who.admin
                                     else limits.max_pending_jobs_per_principal)
         except QueueFull as err:
-            reason = "QUEUE_FULL" if err.caller is None else "PRINCIPAL_QUEUE_FULL"
+            reason = "QUEUE_FULL" if err.owner is None else "PRINCIPAL_QUEUE_FULL"
             raise ResourceExhausted(str(err), reason=reason) from err
 
     # ------------------------------------------------------------------------------ read
