@@ -43,6 +43,7 @@ from edgeprune.engine.circuit import (
     nodes_of_edges,
     out_edges,
     requested_edges,
+    size_target,
 )
 from edgeprune.engine.errors import InvalidArgument, Stopped
 from edgeprune.engine.masked import CircuitModel
@@ -267,7 +268,7 @@ def scored_circuit(
     k = requested_edges(model.graph, n_edges=n_edges, sparsity=sparsity)
     if k is None:
         raise InvalidArgument("give n_edges or sparsity", field="n_edges")
-    target = {"n_edges": n_edges} if n_edges is not None else {"sparsity": sparsity}
+    target = size_target(n_edges, sparsity)
     return build_circuit(
         model.graph, scores, n_edges=k, model=model.name, method=method, target=target,
         settings=settings, provenance=provenance(dataset),
@@ -371,7 +372,7 @@ def acdc(
         edge_scores={graph.edges[i]: deltas.get(i, 0.0) for i in index},
         nodes=nodes_of_edges(edges, graph),
         n_edges_total=graph.n_edges,
-        target={"threshold": threshold},
+        target={"acdc_threshold": threshold},
         settings={"threshold": threshold, "max_forwards": max_forwards, "ablation": ablation,
                   "batch_size": batch_size},
         provenance=provenance(dataset),

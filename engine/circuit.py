@@ -27,9 +27,11 @@ from edgeprune.engine.graph import Graph
 class Circuit:
     """A binary circuit: the kept edges with their scores, the nodes they touch, and provenance.
 
-    ``target`` is the size that was asked for (``{"n_edges": k}``, ``{"sparsity": s}`` or
-    ``{"expected": True}``), ``settings`` the method's options, ``provenance`` the data it came
-    from (dataset name, content hash, seed ...), ``metrics`` whatever evaluation was run on it.
+    ``target`` is the size that was asked for, in the API's names (``{"edge_count": k}``,
+    ``{"edge_sparsity": s}``, ``{"acdc_threshold": t}`` or ``{"expected": True}``: a circuit
+    exported by the library and by the service has one schema), ``settings`` the method's
+    options, ``provenance`` the data it came from (dataset name, content hash, seed ...),
+    ``metrics`` whatever evaluation was run on it.
     """
 
     model: str
@@ -192,6 +194,11 @@ def effective_sparsity(
 # ---- sizes and thresholds ------------------------------------------------------------------------
 
 
+def size_target(n_edges: int | None, sparsity: float | None) -> dict[str, Any]:
+    """A requested size as a circuit's ``target``, in the API's names."""
+    return {"edge_count": n_edges} if n_edges is not None else {"edge_sparsity": sparsity}
+
+
 def requested_edges(
     graph: Graph, *, n_edges: int | None = None, sparsity: float | None = None
 ) -> int | None:
@@ -295,7 +302,7 @@ def build_circuit(
     """The circuit of the top ``n_edges`` live edges by ``scores`` [E] (see ``select_top``)."""
     keep = select_top(graph, scores, n_edges, prune_dead=prune_dead)  # [E]
     return circuit_from_keep(graph, keep, scores, model=model, method=method,
-                             target=target or {"n_edges": n_edges}, settings=settings,
+                             target=target or {"edge_count": n_edges}, settings=settings,
                              provenance=provenance)
 
 

@@ -43,6 +43,7 @@ from edgeprune.engine.circuit import (
     live_edges,
     requested_edges,
     select_top,
+    size_target,
     top_edges,
 )
 from edgeprune.engine.errors import InvalidArgument
@@ -241,7 +242,7 @@ class PruneResult:
         k = requested_edges(model.graph, n_edges=n_edges, sparsity=sparsity)
         if k is None:
             raise InvalidArgument("give n_edges or sparsity", field="n_edges")
-        target = {"n_edges": n_edges} if n_edges is not None else {"sparsity": sparsity}
+        target = size_target(n_edges, sparsity)
         return build_circuit(
             model.graph, self.scores(), n_edges=k, model=self.circuit.model, method="edge_pruning",
             target=target, settings=self.circuit.settings, provenance=self.circuit.provenance,
@@ -595,7 +596,7 @@ def _result(
                   "examples": len(dataset), "seed": config.seed, "steps_done": run.step}
     k = config.requested_edges(graph)
     if k is not None:
-        target = {"n_edges": config.n_edges} if config.n_edges is not None else {"sparsity": config.sparsity}
+        target = size_target(config.n_edges, config.sparsity)
         keep = select_top(graph, scores, k)  # [E]
     elif config.kl_tolerance is not None:
         target = {"kl_tolerance": config.kl_tolerance}

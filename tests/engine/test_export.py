@@ -56,6 +56,15 @@ def test_json_round_trips_and_is_strict(circuit: Circuit) -> None:
     assert export_circuit(circuit.to_dict(), "json") == text  # a stored dict exports the same
 
 
+def test_the_target_takes_the_apis_names(circuit: Circuit) -> None:
+    """The library's export names the requested size as the service's does (CircuitSize)."""
+    from edgeprune.engine.circuit import size_target
+
+    assert json.loads(circuit_to_json(circuit))["target"] == {"edge_count": 120}
+    assert size_target(None, 0.95) == {"edge_sparsity": 0.95}
+    assert size_target(7, None) == {"edge_count": 7}
+
+
 def _svg_titles(svg: str) -> tuple[set[str], list[str]]:
     """(node titles, edge titles) of a drawing; every element parses as XML."""
     root = ET.fromstring(svg)
