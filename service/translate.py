@@ -67,13 +67,15 @@ def parse_spec(record: JobRecord) -> job_pb2.JobSpec | job_pb2.EvaluationSpec:
     else:
         json_format.ParseDict(jsonable(record.spec_json), message, ignore_unknown_fields=True)
     if isinstance(message, job_pb2.JobSpec):
-        _fill_older_defaults(message)
+        # An older API left these at 0 in the stored spec (its worker filled them in then):
+        # a job queued before an upgrade runs as it would have.
+        fill_method_defaults(message)
     return message
 
 
-def _fill_older_defaults(spec: job_pb2.JobSpec) -> None:
-    """Defaults an older API left at 0 in the stored spec (the worker filled them in then), so
-    a job queued before an upgrade runs as it would have. Validation fills them for new jobs."""
+def fill_method_defaults(spec: job_pb2.JobSpec) -> None:
+    """The method options whose 0 means "unset", set to their defaults in place: validation
+    fills them for a new job, `parse_spec` for a spec an older API stored."""
     if spec.ablation == common_pb2.ABLATION_UNSPECIFIED:
         spec.ablation = ABLATIONS_BY_NAME[defaults.ABLATION]
     if spec.method == common_pb2.METHOD_EDGE_PRUNING:

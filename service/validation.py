@@ -20,7 +20,6 @@ from google.protobuf.message import Message
 from edgeprune.engine import defaults
 from edgeprune.engine.contract import (
     BUILTIN_TASKS,
-    IG_METHODS,
     MAX_ACDC_THRESHOLD,
     MAX_EDGE_SPARSITY,
     MAX_EVAL_FRACTION,
@@ -32,10 +31,8 @@ from edgeprune.engine.contract import (
 from edgeprune.service.config import Config
 from edgeprune.service.errors import InvalidArgument, ResourceExhausted
 from edgeprune.service.translate import (
-    ABLATIONS_BY_NAME,
-    LOSSES_BY_NAME,
-    METHODS,
     WARM_STARTS_BY_NAME,
+    fill_method_defaults,
 )
 from edgeprune.storage.limits import MAX_INTEGER, MAX_NAME_LENGTH, text_problem
 from edgeprune.v1 import common_pb2, job_pb2
@@ -274,10 +271,6 @@ def check_edge_pruning(v: Violations, spec: job_pb2.JobSpec, config: Config) -> 
     if not 0 <= ep.warm_start_ig_steps <= MAX_IG_STEPS:
         v.bad("spec.edge_pruning.warm_start_ig_steps",
               f"must be in [0, {MAX_IG_STEPS}], got {ep.warm_start_ig_steps}")
-    if ep.warm_start_ig_steps == 0 and ep.warm_start == job_pb2.WARM_START_EAP_IG:
-        ep.warm_start_ig_steps = defaults.WARM_START_IG_STEPS
-    if ep.warm_start_ig_steps == 0:  # unused without a warm start, but the engine wants one
-        ep.warm_start_ig_steps = defaults.WARM_START_IG_STEPS
 
 
 def check_data_parallel(v: Violations, spec: job_pb2.JobSpec, config: Config) -> None:
@@ -301,11 +294,6 @@ def check_attribution(v: Violations, spec: job_pb2.JobSpec) -> None:
     if not 0 <= att.ig_steps <= MAX_IG_STEPS:
         v.bad("spec.attribution.ig_steps", f"must be in [0, {MAX_IG_STEPS}], got {att.ig_steps}")
     v.number("spec.attribution.acdc_threshold", att.acdc_threshold, 0.0, MAX_ACDC_THRESHOLD)
-    # Zero is "unset" in proto3: a threshold of exactly 0 cannot be asked for.
-    if spec.method == common_pb2.METHOD_ACDC and att.acdc_threshold == 0:
-        att.acdc_threshold = defaults.ACDC_THRESHOLD
-    if METHODS.get(spec.method) in IG_METHODS and not att.ig_steps:
-        att.ig_steps = defaults.IG_STEPS
 
 
 def normalize_job_spec(spec: job_pb2.JobSpec, config: Config, v: Violations) -> None:
@@ -330,13 +318,12 @@ def normalize_job_spec(spec: job_pb2.JobSpec, config: Config, v: Violations) -> 
         spec.batch_size = config.default_batch_size
     # The engine derives torch seeds from it: a larger one would fail the job on the worker.
     v.number("spec.seed", spec.seed, -MAX_SEED, MAX_SEED)
-    if spec.ablation == common_pb2.ABLATION_UNSPECIFIED:
-        spec.ablation = ABLATIONS_BY_NAME[defaults.ABLATION]
     check_edge_pruning(v, spec, config)
     check_data_parallel(v, spec, config)
     check_attribution(v, spec)
-    if spec.loss == common_pb2.LOSS_UNSPECIFIED and spec.method == common_pb2.METHOD_EDGE_PRUNING:
-        spec.loss = LOSSES_BY_NAME[defaults.LOSS]
+    # Zero is "unset" in proto3 (an ACDC threshold of exactly 0 cannot be asked for): the
+    # ablation, the loss, warm-start and IG points and the threshold get their defaults.
+    fill_method_defaults(spec)
 
 
 def normalize_evaluation(spec: job_pb2.EvaluationSpec, config: Config, v: Violations) -> str:
