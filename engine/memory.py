@@ -41,7 +41,7 @@ import contextlib
 import ctypes
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,61 +169,19 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: Any, *, name: str = "") -> ModelShape:
-        """From a Hugging Face config (object or config.json dict) or a Tracr config."""
+        """From a Hugging Face config (object or config.json dict) or a Tracr config, by the
+        reader registered for its ``model_type`` in ``SHAPE_READERS``."""
         get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
         model_type = get("model_type")
-        if model_type == "gpt2":
-            d_model = get("n_embd")
-            return cls(
-                n_layers=get("n_layer"),
-                n_heads=get("n_head"),
-                n_kv_heads=get("n_head"),
-                d_model=d_model,
-                d_ff=get("n_inner") or 4 * d_model,
-                vocab_size=get("vocab_size"),
-                has_pos=True,
-                n_positions=get("n_positions", 1024),
-                tied_embeddings=True,
-                gated_mlp=False,
-                attn_bias=True,
-                name=name or "gpt2",
+        if model_type is None and get("num_layers") is not None and get("mlp_hidden_size") is not None:
+            model_type = "tracr"  # a TracrConfig has no model_type
+        reader = SHAPE_READERS.get(model_type)
+        if reader is None:
+            raise InvalidArgument(
+                f"no memory model for model_type {model_type!r} ({', '.join(sorted(SHAPE_READERS))})",
+                field="model",
             )
-        if model_type in ("llama", "qwen2", "mistral"):
-            heads = get("num_attention_heads")
-            return cls(
-                n_layers=get("num_hidden_layers"),
-                n_heads=heads,
-                n_kv_heads=get("num_key_value_heads") or heads,
-                d_model=get("hidden_size"),
-                d_ff=get("intermediate_size"),
-                vocab_size=get("vocab_size"),
-                head_dim=get("head_dim") or 0,
-                tied_embeddings=bool(get("tie_word_embeddings", False)),
-                attn_bias=bool(get("attention_bias", model_type == "qwen2")),
-                name=name or model_type,
-            )
-        if get("num_layers") is not None and get("mlp_hidden_size") is not None:  # TracrConfig
-            heads = get("num_heads")
-            vocab = len(get("input_vocab") or ()) or 1
-            return cls(
-                n_layers=get("num_layers"),
-                n_heads=heads,
-                n_kv_heads=heads,
-                d_model=get("d_model"),
-                d_ff=max(1, get("mlp_hidden_size")),
-                vocab_size=max(vocab, len(get("output_vocab") or ()) or 1),
-                head_dim=get("key_size"),
-                has_pos=True,
-                n_positions=get("max_seq_len", 0),
-                tied_embeddings=False,
-                gated_mlp=False,
-                attn_bias=True,
-                name=name or "tracr",
-            )
-        raise InvalidArgument(
-            f"no memory model for model_type {model_type!r} (gpt2, llama, qwen2, mistral, tracr)",
-            field="model",
-        )
+        return reader(get, name or str(model_type))
 
     @classmethod
     def from_model(cls, model: Any) -> ModelShape:
@@ -288,6 +246,76 @@ class MemoryEstimate:
     def __str__(self) -> str:
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.terms().items() if k != "total")
         return f"{self.total / GiB:.2f} GiB ({parts} GiB)"
+
+
+# ---- per-family shape readers: config getter, name -> ModelShape ---------------------------------
+
+ConfigGetter = Callable[..., Any]
+
+
+def _gpt2_shape(get: ConfigGetter, name: str) -> ModelShape:
+    d_model = get("n_embd")
+    return ModelShape(
+        n_layers=get("n_layer"),
+        n_heads=get("n_head"),
+        n_kv_heads=get("n_head"),
+        d_model=d_model,
+        d_ff=get("n_inner") or 4 * d_model,
+        vocab_size=get("vocab_size"),
+        has_pos=True,
+        n_positions=get("n_positions", 1024),
+        tied_embeddings=True,
+        gated_mlp=False,
+        attn_bias=True,
+        name=name,
+    )
+
+
+def _llama_shape(get: ConfigGetter, name: str) -> ModelShape:
+    heads = get("num_attention_heads")
+    return ModelShape(
+        n_layers=get("num_hidden_layers"),
+        n_heads=heads,
+        n_kv_heads=get("num_key_value_heads") or heads,
+        d_model=get("hidden_size"),
+        d_ff=get("intermediate_size"),
+        vocab_size=get("vocab_size"),
+        head_dim=get("head_dim") or 0,
+        tied_embeddings=bool(get("tie_word_embeddings", False)),
+        attn_bias=bool(get("attention_bias", get("model_type") == "qwen2")),
+        name=name,
+    )
+
+
+def _tracr_shape(get: ConfigGetter, name: str) -> ModelShape:
+    heads = get("num_heads")
+    vocab = len(get("input_vocab") or ()) or 1
+    return ModelShape(
+        n_layers=get("num_layers"),
+        n_heads=heads,
+        n_kv_heads=heads,
+        d_model=get("d_model"),
+        d_ff=max(1, get("mlp_hidden_size")),
+        vocab_size=max(vocab, len(get("output_vocab") or ()) or 1),
+        head_dim=get("key_size"),
+        has_pos=True,
+        n_positions=get("max_seq_len", 0),
+        tied_embeddings=False,
+        gated_mlp=False,
+        attn_bias=True,
+        name=name,
+    )
+
+
+# Keys are the adapters' registry keys (Hugging Face ``model_type``, and "tracr"); torch-free, so the
+# API can estimate a job without importing a model family's code.
+SHAPE_READERS: dict[str, Callable[[ConfigGetter, str], ModelShape]] = {
+    "gpt2": _gpt2_shape,
+    "llama": _llama_shape,
+    "qwen2": _llama_shape,
+    "mistral": _llama_shape,
+    "tracr": _tracr_shape,
+}
 
 
 def _dtype(dtype: str | torch.dtype) -> tuple[str, int]:
