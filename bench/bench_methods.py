@@ -6,7 +6,7 @@ pairwise accuracy at 98, 99 and 99.5 % edge sparsity, and the sweep over the MIB
 with each method's wall time. Prints one JSON object per measurement and writes
 bench/results/methods.jsonl and the page bench/results/methods.md.
 
-- "edge_pruning" is a job that names only its size: ``PruneConfig(sparsity=s)``, the engine's
+- "edge_pruning" is a job that names only its size: ``PruneConfig(edge_sparsity=s)``, the engine's
   defaults, one run per size, its EAP-IG warm start timed with it.
 - "edge_pruning_tuned" is the recipe earlier versions needed by hand: 40 steps, learning rates
   0.05, a warm start from EAP-IG over the edge masks (3 points) clamped to [-3, 3], the
@@ -119,11 +119,11 @@ def _task(model: CircuitModel, task: str, train: TaskDataset, test: TaskDataset,
         k = round((1 - sparsity) * E)
         for method in ("eap", "eap_ig"):
             circuits.append((method, sparsity, scored_circuit(
-                model, train, scores[method], method=method, n_edges=k), seconds[method], {}))
+                model, train, scores[method], method=method, edge_count=k), seconds[method], {}))
         for name, config, warm, extra_s in (
-            ("edge_pruning", PruneConfig(sparsity=sparsity, batch_size=batch), scores["eap_ig"],
+            ("edge_pruning", PruneConfig(edge_sparsity=sparsity, batch_size=batch), scores["eap_ig"],
              seconds["eap_ig"]),
-            ("edge_pruning_tuned", PruneConfig(sparsity=sparsity, batch_size=batch, **TUNED),
+            ("edge_pruning_tuned", PruneConfig(edge_sparsity=sparsity, batch_size=batch, **TUNED),
              tuned_scores, tuned_ig_s),
         ):
             result, run_s = _timed(lambda c=config, w=warm: prune(model, train, c, warm_scores=w))
@@ -135,7 +135,7 @@ def _task(model: CircuitModel, task: str, train: TaskDataset, test: TaskDataset,
     rows = []
     for (method, sparsity, circuit, wall, extra), m in zip(circuits, metrics, strict=True):
         row = {"bench": "methods", "task": task, "method": method, "sparsity": sparsity,
-               "edges": circuit.n_edges, **{k: m.get(k, math.nan) for k in METRICS},
+               "edges": circuit.edge_count, **{k: m.get(k, math.nan) for k in METRICS},
                "wall_s": round(wall, 1), **extra}
         rows.append(row)
         _emit(row)
@@ -143,18 +143,18 @@ def _task(model: CircuitModel, task: str, train: TaskDataset, test: TaskDataset,
     # Sweeps over the MIB sizes: scored methods cut from their scores; Edge Pruning as the
     # service runs it, one default run at the sparsest size cut at every size.
     sweep_run, sweep_s = _timed(lambda: prune(
-        model, train, PruneConfig(n_edges=max(1, round(MIB_SIZES[0] * E)), batch_size=batch),
+        model, train, PruneConfig(edge_count=max(1, round(MIB_SIZES[0] * E)), batch_size=batch),
         warm_scores=scores["eap_ig"]))
     sweeps = []
     for method in ("eap", "eap_ig", "edge_pruning"):
         made, cut_s = _timed(lambda m=method: [
-            sweep_run.circuit_at(model, n_edges=round(size * E)) if m == "edge_pruning" else
-            scored_circuit(model, train, scores[m], method=m, n_edges=round(size * E))
+            sweep_run.circuit_at(model, edge_count=round(size * E)) if m == "edge_pruning" else
+            scored_circuit(model, train, scores[m], method=m, edge_count=round(size * E))
             for size in MIB_SIZES])
         results, eval_s = _timed(lambda c=made: evaluate_many(model, c, test, batch_size=batch))
         found_s = cut_s + (seconds["eap_ig"] + sweep_s if method == "edge_pruning"
                            else seconds[method])
-        fractions = [c.n_edges / E for c in made]
+        fractions = [c.edge_count / E for c in made]
         faithful = [r.get("faithfulness", math.nan) for r in results]
         row = {"bench": "methods", "task": task, "sweep": method, "sizes": list(MIB_SIZES),
                "faithfulness": [round(f, 4) for f in faithful], "cpr": cpr(fractions, faithful),

@@ -260,17 +260,17 @@ def scored_circuit(
     scores: torch.Tensor,
     *,
     method: str,
-    n_edges: int | None = None,
-    sparsity: float | None = None,
+    edge_count: int | None = None,
+    edge_sparsity: float | None = None,
     settings: dict[str, Any] | None = None,
 ) -> Circuit:
-    """The top-scored circuit of ``n_edges`` (or ``sparsity``) live edges."""
-    k = requested_edges(model.graph, n_edges=n_edges, sparsity=sparsity)
+    """The top-scored circuit of ``edge_count`` (or ``edge_sparsity``) live edges."""
+    k = requested_edges(model.graph, edge_count=edge_count, edge_sparsity=edge_sparsity)
     if k is None:
-        raise InvalidArgument("give n_edges or sparsity", field="n_edges")
-    target = size_target(n_edges, sparsity)
+        raise InvalidArgument("give edge_count or edge_sparsity", field="edge_count")
+    target = size_target(edge_count, edge_sparsity)
     return build_circuit(
-        model.graph, scores, n_edges=k, model=model.name, method=method, target=target,
+        model.graph, scores, edge_count=k, model=model.name, method=method, target=target,
         settings=settings, provenance=provenance(dataset),
     )
 
@@ -371,7 +371,7 @@ def acdc(
         edges=edges,
         edge_scores={graph.edges[i]: deltas.get(i, 0.0) for i in index},
         nodes=nodes_of_edges(edges, graph),
-        n_edges_total=graph.n_edges,
+        total_edge_count=graph.n_edges,
         target={"acdc_threshold": threshold},
         settings={"threshold": threshold, "max_forwards": max_forwards, "ablation": ablation,
                   "batch_size": batch_size},

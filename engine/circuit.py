@@ -39,20 +39,20 @@ class Circuit:
     edges: list[str]
     edge_scores: dict[str, float]
     nodes: list[str]
-    n_edges_total: int
+    total_edge_count: int
     target: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def n_edges(self) -> int:
+    def edge_count(self) -> int:
         return len(self.edges)
 
     @property
-    def sparsity(self) -> float:
+    def edge_sparsity(self) -> float:
         """Fraction of the graph's edges left out."""
-        return 1.0 - len(self.edges) / self.n_edges_total if self.n_edges_total else 0.0
+        return 1.0 - len(self.edges) / self.total_edge_count if self.total_edge_count else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -63,7 +63,9 @@ class Circuit:
         if not isinstance(data, dict):
             raise InvalidArgument("a circuit must be a JSON object", field="circuit")
         names = {f.name for f in dataclasses.fields(cls)}
-        for required in ("model", "method", "edges", "n_edges_total"):
+        if "n_edges_total" in data and "total_edge_count" not in data:  # earlier versions' name
+            data = {**data, "total_edge_count": data["n_edges_total"]}
+        for required in ("model", "method", "edges", "total_edge_count"):
             if required not in data:
                 raise InvalidArgument(f"circuit has no {required!r}", field=f"circuit.{required}")
         if not isinstance(data["edges"], list) or not all(isinstance(e, str) for e in data["edges"]):
@@ -89,9 +91,9 @@ class Circuit:
 
 
 def _check_graph(circuit: Circuit, graph: Graph) -> None:
-    if circuit.n_edges_total != graph.n_edges:
+    if circuit.total_edge_count != graph.n_edges:
         raise InvalidArgument(
-            f"circuit was found on a graph of {circuit.n_edges_total} edges, this model has "
+            f"circuit was found on a graph of {circuit.total_edge_count} edges, this model has "
             f"{graph.n_edges}",
             field="circuit",
         )
@@ -194,29 +196,32 @@ def effective_sparsity(
 # ---- sizes and thresholds ------------------------------------------------------------------------
 
 
-def size_target(n_edges: int | None, sparsity: float | None) -> dict[str, Any]:
+def size_target(edge_count: int | None, edge_sparsity: float | None) -> dict[str, Any]:
     """A requested size as a circuit's ``target``, in the API's names."""
-    return {"edge_count": n_edges} if n_edges is not None else {"edge_sparsity": sparsity}
+    return {"edge_count": edge_count} if edge_count is not None else {"edge_sparsity": edge_sparsity}
 
 
 def requested_edges(
-    graph: Graph, *, n_edges: int | None = None, sparsity: float | None = None
+    graph: Graph, *, edge_count: int | None = None, edge_sparsity: float | None = None
 ) -> int | None:
-    """The edge count asked for by ``n_edges`` or ``sparsity`` (at most one), or None."""
-    if n_edges is not None and sparsity is not None:
-        raise InvalidArgument("give n_edges or sparsity, not both", field="n_edges")
-    if n_edges is not None:
-        if isinstance(n_edges, bool) or not isinstance(n_edges, int) or n_edges < 0:
-            raise InvalidArgument(f"n_edges must be an integer >= 0, got {n_edges!r}", field="n_edges")
-        if n_edges > graph.n_edges:
+    """The edge count asked for by ``edge_count`` or ``edge_sparsity`` (at most one), or None."""
+    if edge_count is not None and edge_sparsity is not None:
+        raise InvalidArgument("give edge_count or edge_sparsity, not both", field="edge_count")
+    if edge_count is not None:
+        if isinstance(edge_count, bool) or not isinstance(edge_count, int) or edge_count < 0:
+            raise InvalidArgument(f"edge_count must be an integer >= 0, got {edge_count!r}",
+                                  field="edge_count")
+        if edge_count > graph.n_edges:
             raise InvalidArgument(
-                f"n_edges {n_edges} exceeds the graph's {graph.n_edges} edges", field="n_edges"
+                f"edge_count {edge_count} exceeds the graph's {graph.n_edges} edges",
+                field="edge_count",
             )
-        return n_edges
-    if sparsity is not None:
-        if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0 or math.isnan(sparsity):
-            raise InvalidArgument(f"sparsity must be in [0, 1], got {sparsity!r}", field="sparsity")
-        return round((1.0 - sparsity) * graph.n_edges)
+        return edge_count
+    if edge_sparsity is not None:
+        s = edge_sparsity
+        if not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0 or math.isnan(s):
+            raise InvalidArgument(f"edge_sparsity must be in [0, 1], got {s!r}", field="edge_sparsity")
+        return round((1.0 - s) * graph.n_edges)
     return None
 
 
@@ -229,13 +234,13 @@ def top_edges(graph: Graph, scores: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def select_top(
-    graph: Graph, scores: torch.Tensor, n_edges: int, *, prune_dead: bool = True
+    graph: Graph, scores: torch.Tensor, edge_count: int, *, prune_dead: bool = True
 ) -> torch.Tensor:
-    """The largest top-scored edge set with at most ``n_edges`` live edges: BoolTensor [E].
+    """The largest top-scored edge set with at most ``edge_count`` live edges: BoolTensor [E].
 
     scores: [E], higher is more important (ties broken by graph order). With ``prune_dead`` the dead
     edges are dropped and the cut is found by bisection on the number of top edges taken, then
-    topped up to exactly ``n_edges`` where the graph allows (see ``_fill``).
+    topped up to exactly ``edge_count`` where the graph allows (see ``_fill``).
     """
     if scores.shape != (graph.n_edges,):
         raise InvalidArgument(
@@ -245,29 +250,29 @@ def select_top(
         return top_edges(graph, scores, m)
 
     if not prune_dead:
-        return top(n_edges)
-    lo, hi = 0, graph.n_edges  # live(top(lo)) <= n_edges always holds for lo = 0
-    if int(live_edges(graph, top(hi)).sum()) <= n_edges:
+        return top(edge_count)
+    lo, hi = 0, graph.n_edges  # live(top(lo)) <= edge_count always holds for lo = 0
+    if int(live_edges(graph, top(hi)).sum()) <= edge_count:
         return live_edges(graph, top(hi))
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if int(live_edges(graph, top(mid)).sum()) <= n_edges:
+        if int(live_edges(graph, top(mid)).sum()) <= edge_count:
             lo = mid
         else:
             hi = mid
-    return _fill(graph, scores, live_edges(graph, top(lo)), n_edges)
+    return _fill(graph, scores, live_edges(graph, top(lo)), edge_count)
 
 
-def _fill(graph: Graph, scores: torch.Tensor, live: torch.Tensor, n_edges: int) -> torch.Tensor:
+def _fill(graph: Graph, scores: torch.Tensor, live: torch.Tensor, edge_count: int) -> torch.Tensor:
     """``live`` [E] plus the best-scored edges that each add exactly one live edge, up to
-    ``n_edges`` in all: BoolTensor [E].
+    ``edge_count`` in all: BoolTensor [E].
 
     The next edge of the ranking can bring a whole dead branch to life at once and overshoot, so
     the bisection's cut often stops short of the size (by a few edges, sometimes by many). An edge from a live writer into a reader whose nodes are all live (or ``logits``)
     changes no node's status, so it adds exactly itself; taking such edges in score order reaches
     the size exactly without leaving the ranking for more than the last few edges.
     """
-    missing = n_edges - int(live.sum())
+    missing = edge_count - int(live.sum())
     if missing <= 0 or not bool(live.any()):
         return live
     _, feeds, _ = _topology(graph)
@@ -291,7 +296,7 @@ def build_circuit(
     graph: Graph,
     scores: torch.Tensor,
     *,
-    n_edges: int,
+    edge_count: int,
     model: str,
     method: str,
     target: dict[str, Any] | None = None,
@@ -299,10 +304,10 @@ def build_circuit(
     provenance: dict[str, Any] | None = None,
     prune_dead: bool = True,
 ) -> Circuit:
-    """The circuit of the top ``n_edges`` live edges by ``scores`` [E] (see ``select_top``)."""
-    keep = select_top(graph, scores, n_edges, prune_dead=prune_dead)  # [E]
+    """The circuit of the top ``edge_count`` live edges by ``scores`` [E] (see ``select_top``)."""
+    keep = select_top(graph, scores, edge_count, prune_dead=prune_dead)  # [E]
     return circuit_from_keep(graph, keep, scores, model=model, method=method,
-                             target=target or {"edge_count": n_edges}, settings=settings,
+                             target=target or {"edge_count": edge_count}, settings=settings,
                              provenance=provenance)
 
 
@@ -327,7 +332,7 @@ def circuit_from_keep(
         edges=edges,
         edge_scores={graph.edges[i]: float(values[i]) for i in index},
         nodes=nodes_of_edges(edges, graph),
-        n_edges_total=graph.n_edges,
+        total_edge_count=graph.n_edges,
         target=dict(target),
         settings=dict(settings or {}),
         # the graph's shape lets exports place GQA key/value readers without the model at hand

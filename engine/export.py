@@ -175,7 +175,7 @@ def _title(circuit: Circuit) -> str:
     parts = [
         circuit.model or "model",
         circuit.method or "circuit",
-        f"{len(circuit.edges)}/{circuit.n_edges_total} edges",
+        f"{len(circuit.edges)}/{circuit.total_edge_count} edges",
     ]
     for key in ("faithfulness", "kl", "accuracy"):
         value = circuit.metrics.get(key)

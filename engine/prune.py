@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 class PruneConfig:
     """Settings of one Edge Pruning run (see the module doc for the defaults' origin).
 
-    Size of the returned circuit: ``n_edges`` or ``sparsity`` (at most one); with neither, the
+    Size of the returned circuit: ``edge_count`` or ``edge_sparsity`` (at most one); with neither, the
     smallest top-ranked circuit whose training loss is at most ``kl_tolerance`` when that is set
     (found by bisection on the ranking: exact recovery, e.g. of Tracr programs), else the masks'
     own expected number of edges. ``edge_target`` is the final sparsity target of the
@@ -79,8 +79,8 @@ class PruneConfig:
     grad_clip: float | None = None  # max global norm of the mask gradients
     lr_warmup_steps: int | None = None  # None: defaults.lr_warmup_steps(steps)
     target_warmup_steps: int | None = None  # None: defaults.target_warmup_steps(steps)
-    n_edges: int | None = None
-    sparsity: float | None = None
+    edge_count: int | None = None
+    edge_sparsity: float | None = None
     edge_target: float | None = None
     node_masks: bool = True
     node_loss: bool = False
@@ -155,7 +155,7 @@ class PruneConfig:
             raise InvalidArgument(f"seed must be an integer in [-{defaults.MAX_SEED}, "
                                   f"{defaults.MAX_SEED}], got {self.seed!r}", field="seed")
         objective.check_loss(self.loss, dataset)
-        requested_edges(model.graph, n_edges=self.n_edges, sparsity=self.sparsity)
+        requested_edges(model.graph, edge_count=self.edge_count, edge_sparsity=self.edge_sparsity)
 
     @property
     def lr_warmup(self) -> int:
@@ -176,8 +176,8 @@ class PruneConfig:
         return float(self.lagrangian_scale)
 
     def requested_edges(self, graph: Graph) -> int | None:
-        """The circuit size asked for by ``n_edges`` or ``sparsity``, or None."""
-        return requested_edges(graph, n_edges=self.n_edges, sparsity=self.sparsity)
+        """The circuit size asked for by ``edge_count`` or ``edge_sparsity``, or None."""
+        return requested_edges(graph, edge_count=self.edge_count, edge_sparsity=self.edge_sparsity)
 
     def final_edge_target(self, graph: Graph) -> float:
         """The sparsity target at the end of the warm-up."""
@@ -236,15 +236,15 @@ class PruneResult:
         """Ranking score of every edge [E]: its log_alpha, capped by its writer node's."""
         return edge_scores(self.edge_log_alpha, self.node_log_alpha, self.edge_writer)
 
-    def circuit_at(self, model: CircuitModel, *, n_edges: int | None = None,
-                   sparsity: float | None = None) -> Circuit:
-        """Another circuit cut from the same masks, at ``n_edges`` or ``sparsity``."""
-        k = requested_edges(model.graph, n_edges=n_edges, sparsity=sparsity)
+    def circuit_at(self, model: CircuitModel, *, edge_count: int | None = None,
+                   edge_sparsity: float | None = None) -> Circuit:
+        """Another circuit cut from the same masks, at ``edge_count`` or ``edge_sparsity``."""
+        k = requested_edges(model.graph, edge_count=edge_count, edge_sparsity=edge_sparsity)
         if k is None:
-            raise InvalidArgument("give n_edges or sparsity", field="n_edges")
-        target = size_target(n_edges, sparsity)
+            raise InvalidArgument("give edge_count or edge_sparsity", field="edge_count")
+        target = size_target(edge_count, edge_sparsity)
         return build_circuit(
-            model.graph, self.scores(), n_edges=k, model=self.circuit.model, method="edge_pruning",
+            model.graph, self.scores(), edge_count=k, model=self.circuit.model, method="edge_pruning",
             target=target, settings=self.circuit.settings, provenance=self.circuit.provenance,
         )
 
@@ -596,7 +596,7 @@ def _result(
                   "examples": len(dataset), "seed": config.seed, "steps_done": run.step}
     k = config.requested_edges(graph)
     if k is not None:
-        target = size_target(config.n_edges, config.sparsity)
+        target = size_target(config.edge_count, config.edge_sparsity)
         keep = select_top(graph, scores, k)  # [E]
     elif config.kl_tolerance is not None:
         target = {"kl_tolerance": config.kl_tolerance}
@@ -624,7 +624,7 @@ def _result(
     final_target = config.final_edge_target(graph)
     warnings = [] if stopped or k is None else [  # without a size the masks set it
         *diagnostics.training_warnings(reached, final_target),
-        *diagnostics.size_warnings(circuit.n_edges, k),
+        *diagnostics.size_warnings(circuit.edge_count, k),
     ]
     for warning in warnings:
         log.warning("edge pruning: %s", warning.message)

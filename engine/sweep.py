@@ -107,7 +107,7 @@ def sweep(
     circuits: list[Circuit] = []
     if method == "edge_pruning":
         base = dataclasses.replace(prune_config or PruneConfig(), ablation=ablation,
-                                   n_edges=None, sparsity=None)
+                                   edge_count=None, edge_sparsity=None)
         shared, warm = None, None
         if prune_each_size and base.warm_start == "eap_ig":  # one warm start's scores for all
             warm = attribution.eap_ig_scores(
@@ -115,13 +115,13 @@ def sweep(
                 steps=base.warm_start_ig_steps, batch_size=base.batch_size)
         for size in fractions:
             if prune_each_size:
-                circuit = prune(model, train, dataclasses.replace(base, sparsity=1.0 - size),
+                circuit = prune(model, train, dataclasses.replace(base, edge_sparsity=1.0 - size),
                                 warm_scores=warm).circuit
             else:  # one run, trained at the sparsest size
                 if shared is None:
                     shared = prune(model, train,
-                                   dataclasses.replace(base, sparsity=1.0 - min(fractions)))
-                circuit = shared.circuit_at(model, sparsity=1.0 - size)
+                                   dataclasses.replace(base, edge_sparsity=1.0 - min(fractions)))
+                circuit = shared.circuit_at(model, edge_sparsity=1.0 - size)
             circuits.append(circuit)
             if on_circuit is not None:
                 on_circuit(size, circuit)
@@ -133,7 +133,7 @@ def sweep(
         settings = {"ig_steps": ig_steps, "metric": metric, "ablation": ablation}
         for size in fractions:
             circuit = attribution.scored_circuit(model, train, scores, method=method,
-                                                 n_edges=round(size * graph.n_edges),
+                                                 edge_count=round(size * graph.n_edges),
                                                  settings=settings)
             circuits.append(circuit)
             if on_circuit is not None:
@@ -142,7 +142,7 @@ def sweep(
     results = evaluate_many(model, circuits, evaluation, ablation=ablation, batch_size=batch_size)
     for circuit, metrics in zip(circuits, results, strict=True):
         circuit.metrics.update(metrics)
-    kept = [c.n_edges / graph.n_edges for c in circuits]
+    kept = [c.edge_count / graph.n_edges for c in circuits]
     faithful = [c.metrics.get("faithfulness", math.nan) for c in circuits]
     return SweepResult(method=method, sizes=fractions, circuits=circuits, cpr=cpr(kept, faithful),
                        cmd=cmd(kept, faithful), seconds=seconds, settings=settings)

@@ -136,7 +136,7 @@ def run_edge_pruning(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobS
         WARM_SCORES.put(key, result.warm_scores)
     if result.stopped:
         return [], [], True
-    circuits = [result.circuit if i == trained else result.circuit_at(model, n_edges=counts[i])
+    circuits = [result.circuit if i == trained else result.circuit_at(model, edge_count=counts[i])
                 for i in range(len(sizes))]
     # the engine judged the training; every circuit's size is judged by the caller
     warnings = [_warning(w, trained) for w in result.warnings
@@ -160,7 +160,7 @@ def run_attribution(model: CircuitModel, train: TaskDataset, spec: job_pb2.JobSp
         kwargs = translate.size_kwargs(size, model.graph.n_edges)
         kwargs.pop("edge_target", None)
         if not kwargs:
-            kwargs = {"sparsity": 1.0}
+            kwargs = {"edge_sparsity": 1.0}
         circuits.append(attribution.scored_circuit(model, train, scores, method=method,
                                                    settings={"ablation": settings["ablation"]},
                                                    **kwargs))
@@ -246,7 +246,7 @@ def _discover(model: CircuitModel, spec: job_pb2.JobSpec, datasets: DatasetRepo,
     counts = [_edge_count(size, model.graph) for size in sizes]
     for i, circuit in enumerate(circuits):
         requested = counts[i] if i < len(counts) and counts[i] else None
-        warnings += [_warning(w, i) for w in diagnostics.size_warnings(circuit.n_edges, requested)]
+        warnings += [_warning(w, i) for w in diagnostics.size_warnings(circuit.edge_count, requested)]
     for warning in warnings:
         hooks.warning(warning)
     hooks.progress(translate.phase("evaluate"))

@@ -44,9 +44,10 @@ STATES = {state: job_pb2.JobState.Value(f"JOB_STATE_{state.value}") for state in
 STATES_BY_PROTO = {proto: state for state, proto in STATES.items()}
 
 
-def dtype_name(dtype: int, device: str) -> str:
-    """The engine dtype of a spec's ``dtype`` on ``device`` (unset: the device's default)."""
-    return DTYPES.get(dtype) or defaults.dtype_for(device)
+def dtype_name(dtype: int, device: str, default: str = "") -> str:
+    """The engine dtype of a spec's ``dtype`` on ``device`` (unset: ``default``, the workers'
+    configured dtype, else the device's default)."""
+    return DTYPES.get(dtype) or default or defaults.dtype_for(device)
 
 
 def float_map(value: Mapping[str, Any]) -> dict[str, float]:
@@ -115,19 +116,19 @@ def size_to_proto(target: Mapping[str, Any]) -> common_pb2.CircuitSize:
     return size
 
 
-def size_kwargs(size: Mapping[str, Any], n_edges_total: int) -> dict[str, Any]:
+def size_kwargs(size: Mapping[str, Any], total_edge_count: int) -> dict[str, Any]:
     """A stored size -> engine keywords (n_edges / sparsity / edge_target)."""
     if "edge_count" in size:
-        return {"n_edges": min(int(size["edge_count"]), n_edges_total)}
+        return {"edge_count": min(int(size["edge_count"]), total_edge_count)}
     if "edge_fraction" in size:
-        return {"n_edges": max(1, round(float(size["edge_fraction"]) * n_edges_total))}
+        return {"edge_count": max(1, round(float(size["edge_fraction"]) * total_edge_count))}
     sparsity = float(size.get("edge_sparsity", 0.0))
     if sparsity > 1.0:  # an overshooting Lagrangian target: the masks decide the size
         return {"edge_target": sparsity}
-    return {"sparsity": sparsity}
+    return {"edge_sparsity": sparsity}
 
 
-def prune_config(spec: job_pb2.JobSpec, size: Mapping[str, Any], n_edges_total: int
+def prune_config(spec: job_pb2.JobSpec, size: Mapping[str, Any], total_edge_count: int
                  ) -> PruneConfig:
     """The Edge Pruning run of a normalised JobSpec at one size."""
     from edgeprune.engine.prune import PruneConfig  # imports torch: workers only
@@ -149,7 +150,7 @@ def prune_config(spec: job_pb2.JobSpec, size: Mapping[str, Any], n_edges_total: 
         warm_start=WARM_STARTS.get(ep.warm_start),  # WARM_START_NONE: every mask starts on
         warm_start_ig_steps=ep.warm_start_ig_steps,
         activation_checkpointing=ep.activation_checkpointing,
-        **size_kwargs(size, n_edges_total),
+        **size_kwargs(size, total_edge_count),
     )
 
 
@@ -179,7 +180,7 @@ def circuit_from_record(record: CircuitRecord) -> Circuit:
 
     return Circuit(model=record.model, method=record.method, edges=list(record.edges or []),
                    edge_scores=dict(record.edge_scores or {}), nodes=list(record.nodes or []),
-                   n_edges_total=record.total_edge_count, target=dict(record.target),
+                   total_edge_count=record.total_edge_count, target=dict(record.target),
                    settings=dict(record.settings), provenance=dict(record.provenance),
                    metrics=dict(record.metrics))
 
@@ -191,7 +192,7 @@ def new_circuit(circuit: Circuit, *, spec: job_pb2.JobSpec, owner: str, job_id: 
     storage's NewCircuit; ``target`` is the requested size in its stored form."""
     return NewCircuit(
         owner=owner, model=spec.model, method=METHODS[spec.method], edges=circuit.edges,
-        total_edge_count=circuit.n_edges_total, nodes=circuit.nodes,
+        total_edge_count=circuit.total_edge_count, nodes=circuit.nodes,
         total_node_count=total_node_count,
         edge_scores=circuit.edge_scores, task=task,
         dataset_id=spec.data.dataset.removeprefix("datasets/") or None, job_id=job_id,

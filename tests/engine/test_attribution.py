@@ -180,11 +180,11 @@ def test_progress_and_should_stop(method: str, model: CircuitModel, ioi: TaskDat
 
 def test_scored_circuits_of_any_size(model: CircuitModel, ioi: TaskDataset) -> None:
     scores = attribute(model, ioi, "eap_ig", ig_steps=2)
-    small = scored_circuit(model, ioi, scores, method="eap_ig", n_edges=10)
-    large = scored_circuit(model, ioi, scores, method="eap_ig", sparsity=0.5)
-    assert 0 < small.n_edges <= 10 < large.n_edges <= round(0.5 * model.graph.n_edges)
+    small = scored_circuit(model, ioi, scores, method="eap_ig", edge_count=10)
+    large = scored_circuit(model, ioi, scores, method="eap_ig", edge_sparsity=0.5)
+    assert 0 < small.edge_count <= 10 < large.edge_count <= round(0.5 * model.graph.n_edges)
     assert small.method == "eap_ig" and small.provenance["dataset_hash"] == ioi.content_hash
-    full = scored_circuit(model, ioi, scores, method="eap_ig", n_edges=model.graph.n_edges)
+    full = scored_circuit(model, ioi, scores, method="eap_ig", edge_count=model.graph.n_edges)
     assert evaluate(model, full, ioi)["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -198,7 +198,7 @@ def test_attribution_errors(model: CircuitModel, ioi: TaskDataset) -> None:
     with pytest.raises(InvalidArgument):
         attribute(model, ioi, "eap_ig", ig_steps=0)
     with pytest.raises(InvalidArgument):
-        scored_circuit(model, ioi, torch.zeros(3), method="eap", n_edges=2)
+        scored_circuit(model, ioi, torch.zeros(3), method="eap", edge_count=2)
 
 
 def test_acdc_budget_runs_out_and_says_so(model: CircuitModel, ioi: TaskDataset) -> None:
@@ -210,9 +210,9 @@ def test_acdc_budget_runs_out_and_says_so(model: CircuitModel, ioi: TaskDataset)
 
 def test_acdc_thresholds(model: CircuitModel, ioi: TaskDataset) -> None:
     everything_goes = acdc(model, ioi, threshold=1e9, max_forwards=10_000, batch_size=8)
-    assert not everything_goes.budget_exhausted and everything_goes.circuit.n_edges == 0
+    assert not everything_goes.budget_exhausted and everything_goes.circuit.edge_count == 0
     # Threshold 0 keeps any edge whose removal raises the KL; the result stays close to the model.
     careful = acdc(model, ioi, threshold=0.0, max_forwards=10_000, batch_size=8)
     assert not careful.budget_exhausted
-    assert careful.circuit.n_edges > 0
+    assert careful.circuit.edge_count > 0
     assert evaluate(model, careful.circuit, ioi)["kl"] <= careful.kl + 1e-5

@@ -98,7 +98,7 @@ def test_select_top_reaches_a_percentage_size_exactly(seed: int) -> None:
     sparsity given as a float32 (as the API carries it)."""
     graph = SMOLLM2_GRAPH
     sparsity = float(np.float32(0.99))
-    k = requested_edges(graph, sparsity=sparsity)
+    k = requested_edges(graph, edge_sparsity=sparsity)
     assert k == round(0.01 * graph.n_edges) == 707
     scores = torch.randn(graph.n_edges, generator=torch.Generator().manual_seed(seed))  # [E]
     keep = select_top(graph, scores, k)
@@ -119,26 +119,26 @@ def test_select_top_without_dead_edge_removal_takes_exactly_k() -> None:
 
 
 def test_requested_edges() -> None:
-    assert requested_edges(GRAPH, n_edges=5) == 5
-    assert requested_edges(GRAPH, sparsity=1.0) == 0
-    assert requested_edges(GRAPH, sparsity=0.0) == GRAPH.n_edges
+    assert requested_edges(GRAPH, edge_count=5) == 5
+    assert requested_edges(GRAPH, edge_sparsity=1.0) == 0
+    assert requested_edges(GRAPH, edge_sparsity=0.0) == GRAPH.n_edges
     assert requested_edges(GRAPH) is None
-    for bad in ({"n_edges": -1}, {"n_edges": GRAPH.n_edges + 1}, {"sparsity": 1.5},
-                {"n_edges": 3, "sparsity": 0.5}, {"sparsity": float("nan")}, {"n_edges": 2.5}):
+    for bad in ({"edge_count": -1}, {"edge_count": GRAPH.n_edges + 1}, {"edge_sparsity": 1.5},
+                {"edge_count": 3, "edge_sparsity": 0.5}, {"edge_sparsity": float("nan")}, {"edge_count": 2.5}):
         with pytest.raises(InvalidArgument):
             requested_edges(GRAPH, **bad)
 
 
 def test_circuit_round_trip_and_masks() -> None:
     scores = torch.randn(GRAPH.n_edges, generator=torch.Generator().manual_seed(0))  # [E]
-    circuit = build_circuit(GRAPH, scores, n_edges=12, model="m", method="eap",
+    circuit = build_circuit(GRAPH, scores, edge_count=12, model="m", method="eap",
                             provenance={"dataset": "ioi"})
     again = Circuit.from_dict(json.loads(json.dumps(circuit.to_dict())))
     assert again == circuit
     mask = circuit.edge_mask(GRAPH)  # [E]
     assert names(mask.bool()) == set(circuit.edges)
-    assert circuit.n_edges == int(mask.sum()) <= 12
-    assert circuit.sparsity == pytest.approx(1 - circuit.n_edges / GRAPH.n_edges)
+    assert circuit.edge_count == int(mask.sum()) <= 12
+    assert circuit.edge_sparsity == pytest.approx(1 - circuit.edge_count / GRAPH.n_edges)
     assert set(circuit.edge_scores) == set(circuit.edges)
     nodes = circuit.node_mask(GRAPH)  # [W]
     writers = {e.split("->")[0] for e in circuit.edges}
@@ -147,7 +147,7 @@ def test_circuit_round_trip_and_masks() -> None:
 
 def test_circuit_records_its_graph_shape() -> None:
     scores = torch.randn(GRAPH.n_edges, generator=torch.Generator().manual_seed(1))  # [E]
-    circuit = build_circuit(GRAPH, scores, n_edges=5, model="m", method="eap",
+    circuit = build_circuit(GRAPH, scores, edge_count=5, model="m", method="eap",
                             provenance={"dataset": "ioi"})
     assert circuit.provenance["dataset"] == "ioi"
     assert graph_of(circuit) == GRAPH
@@ -159,14 +159,14 @@ def test_nodes_of_edges_uses_the_kv_group() -> None:
 
 def test_from_dict_errors_name_the_field() -> None:
     with pytest.raises(InvalidArgument) as err:
-        Circuit.from_dict({"model": "m", "method": "eap", "n_edges_total": 3})
+        Circuit.from_dict({"model": "m", "method": "eap", "total_edge_count": 3})
     assert err.value.field == "circuit.edges"
     with pytest.raises(InvalidArgument):
         Circuit.from_dict([1, 2])  # type: ignore[arg-type]
     bad = Circuit(model="m", method="eap", edges=["tok->nowhere"], edge_scores={}, nodes=[],
-                  n_edges_total=GRAPH.n_edges)
+                  total_edge_count=GRAPH.n_edges)
     with pytest.raises(InvalidArgument):
         bad.edge_mask(GRAPH)
-    other = Circuit(model="m", method="eap", edges=[], edge_scores={}, nodes=[], n_edges_total=5)
+    other = Circuit(model="m", method="eap", edges=[], edge_scores={}, nodes=[], total_edge_count=5)
     with pytest.raises(InvalidArgument):
         other.edge_mask(GRAPH)

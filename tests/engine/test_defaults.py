@@ -22,10 +22,10 @@ def test_default_settings_reach_their_size_with_a_faithful_circuit(program: str,
     model = load_model(f"tracr:{FIXTURES / program}")
     train = build_task(f"tracr_{program}", model.tokenizer, n=40, seed=0, split="train")
     test = build_task(f"tracr_{program}", model.tokenizer, n=n_test, seed=0, split="test")
-    result = prune(model, train, PruneConfig(n_edges=n_edges))  # nothing else set
+    result = prune(model, train, PruneConfig(edge_count=n_edges))  # nothing else set
     circuit = result.circuit
     # the size asked for, less the few edges that lie on no path to the logits
-    assert 0.9 * n_edges <= circuit.n_edges <= n_edges and result.warnings == []
+    assert 0.9 * n_edges <= circuit.edge_count <= n_edges and result.warnings == []
     nothing = (torch.zeros(model.graph.n_edges), None)
     metrics, empty = evaluate_many(model, [circuit, nothing], test)
     assert metrics["kl"] < 0.2 * metrics["empty_kl"]  # far better than keeping nothing

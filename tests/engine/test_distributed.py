@@ -30,7 +30,7 @@ def test_two_gloo_ranks_equal_one_process(setup: tuple[ModelSpec, object]) -> No
     spec, dataset = setup
     # every mask on: the training loop alone, whose data-parallel steps equal one process's to
     # the rounding (an EAP-IG warm start sums its scores in another order in each process)
-    config = PruneConfig(steps=6, batch_size=8, seed=3, n_edges=40, warm_start=None)
+    config = PruneConfig(steps=6, batch_size=8, seed=3, edge_count=40, warm_start=None)
     single = prune(load_model(spec.ref), dataset, config)
 
     events, checkpoints = [], []

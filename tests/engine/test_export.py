@@ -36,7 +36,7 @@ def circuit(graph: Graph) -> Circuit:
     c = build_circuit(
         graph,
         scores,
-        n_edges=120,
+        edge_count=120,
         model="tiny",
         method="eap",
         provenance={"dataset": "ioi", "content_hash": "abc"},
@@ -118,7 +118,7 @@ def test_kv_edges_of_grouped_query_models_go_to_their_group(graph: Graph) -> Non
         edges=["tok->a1.h1.k", "a1.h2->logits", "tok->a1.h1.q"],
         edge_scores={},
         nodes=[],
-        n_edges_total=graph.n_edges,
+        total_edge_count=graph.n_edges,
     )
     with_graph = circuit_to_dot(c, graph=graph)
     assert (
@@ -142,7 +142,7 @@ def test_dot_lists_rows_nodes_and_edges(circuit: Circuit, graph: Graph) -> None:
 
 
 def test_empty_circuit_and_bad_input() -> None:
-    empty = Circuit(model="m", method="eap", edges=[], edge_scores={}, nodes=[], n_edges_total=10)
+    empty = Circuit(model="m", method="eap", edges=[], edge_scores={}, nodes=[], total_edge_count=10)
     assert ET.fromstring(circuit_to_svg(empty)).tag == f"{SVG}svg"
     assert "digraph" in export_circuit(empty, "dot")
     with pytest.raises(InvalidArgument) as err:
@@ -150,7 +150,7 @@ def test_empty_circuit_and_bad_input() -> None:
     assert err.value.field == "format"
     for edges in (["tok-a0.h0.q"], ["a1.h0->a0.h1.q"], ["x->logits"]):
         bad = Circuit(
-            model="m", method="eap", edges=edges, edge_scores={}, nodes=[], n_edges_total=10
+            model="m", method="eap", edges=edges, edge_scores={}, nodes=[], total_edge_count=10
         )
         with pytest.raises(InvalidArgument):
             circuit_to_svg(bad)
@@ -162,7 +162,7 @@ def test_empty_circuit_and_bad_input() -> None:
         edges=["tok->logits"],
         edge_scores={},
         nodes=["tok", "logits"],
-        n_edges_total=1,
+        total_edge_count=1,
     )
     assert ET.fromstring(circuit_to_svg(tricky)) is not None
     assert '\\"quoted\\"' in circuit_to_dot(tricky)

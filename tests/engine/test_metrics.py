@@ -181,7 +181,7 @@ def test_a_circuit_matches_its_masks(model: CircuitModel) -> None:
         method="manual",
         edges=edges,
         edge_scores={},
-        n_edges_total=g.n_edges,
+        total_edge_count=g.n_edges,
         nodes=list(g.writers),
     )
     ds = build_task("gendered_pronoun", model.tokenizer, n=8, seed=0, split="validation")
@@ -220,7 +220,7 @@ def test_bad_circuits_are_rejected(model: CircuitModel) -> None:
     with pytest.raises(InvalidArgument) as err:
         evaluate(model, "a0.h0->logits", ds)  # type: ignore[arg-type]
     assert err.value.field == "circuit"
-    other = Circuit(model="x", method="m", edges=[], edge_scores={}, nodes=[], n_edges_total=7)
+    other = Circuit(model="x", method="m", edges=[], edge_scores={}, nodes=[], total_edge_count=7)
     with pytest.raises(InvalidArgument):
         evaluate(model, other, ds)
     with pytest.raises(InvalidArgument) as err:

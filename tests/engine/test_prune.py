@@ -119,7 +119,7 @@ def test_default_recipe_and_scaling() -> None:
 
 def test_prune_runs_and_reports_progress(model: CircuitModel, ioi: TaskDataset) -> None:
     seen: list[ProgressEvent | PhaseProgress] = []
-    config = dataclasses.replace(SHORT, n_edges=20, warm_start="eap_ig")
+    config = dataclasses.replace(SHORT, edge_count=20, warm_start="eap_ig")
     result = prune(model, ioi, config, progress=seen.append)
     phases = [e for e in seen if isinstance(e, PhaseProgress)]
     events = [e for e in seen if isinstance(e, ProgressEvent)]
@@ -134,7 +134,7 @@ def test_prune_runs_and_reports_progress(model: CircuitModel, ioi: TaskDataset) 
     assert math.isfinite(last.loss) and last.task_loss >= -1e-6
     assert last.loss == pytest.approx(last.task_loss + last.sparsity_loss, rel=1e-5, abs=1e-6)
     assert set(last.lambdas) == {"edge_l1", "edge_l2"}
-    assert 0 < result.circuit.n_edges <= 20
+    assert 0 < result.circuit.edge_count <= 20
     assert result.circuit.method == "edge_pruning" and result.steps_done == 6
     assert result.circuit.provenance["dataset_hash"] == ioi.content_hash
     assert result.edge_log_alpha.shape == (model.graph.n_edges,)
@@ -216,7 +216,7 @@ def test_should_stop_during_the_preparation_raises_stopped(
 
 
 def test_warm_start_from_eap_ig(model: CircuitModel, ioi: TaskDataset) -> None:
-    config = dataclasses.replace(SHORT, steps=1, n_edges=10, warm_start="eap_ig", warm_start_ig_steps=2,
+    config = dataclasses.replace(SHORT, steps=1, edge_count=10, warm_start="eap_ig", warm_start_ig_steps=2,
                                  lr_warmup_steps=10**6)  # lr 0 for the first step: masks stay put
     result = prune(model, ioi, config)
     la = result.edge_log_alpha  # [E]
@@ -244,7 +244,7 @@ def test_bad_configs_raise_invalid_argument(model: CircuitModel, ioi: TaskDatase
         ({"loss": "logit_diff"}, numbers, "loss"),
         ({"ablation": "random"}, ioi, "ablation"),
         ({"node_masks": False, "node_loss": True}, ioi, "node_loss"),
-        ({"n_edges": 10**9}, ioi, "n_edges"),
+        ({"edge_count": 10**9}, ioi, "edge_count"),
         ({"grad_clip": 0}, ioi, "grad_clip"),
         ({"warm_start": "eap"}, ioi, "warm_start"),
     ]

@@ -42,7 +42,7 @@ def test_scored_sweep(model: CircuitModel, data: tuple[TaskDataset, TaskDataset]
     result = sweep(model, train, test, method="eap", sizes=[0.1, 0.5, 1.0],
                    on_circuit=lambda size, c: seen.append(size))
     assert seen == [0.1, 0.5, 1.0] and len(result.circuits) == 3
-    sizes = [c.n_edges for c in result.circuits]
+    sizes = [c.edge_count for c in result.circuits]
     assert sizes == sorted(sizes) and sizes[-1] == model.graph.n_edges
     full = result.circuits[-1].metrics
     assert full["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -58,7 +58,7 @@ def test_edge_pruning_sweep(model: CircuitModel, data: tuple[TaskDataset, TaskDa
     result = sweep(model, train, test, method="edge_pruning", sizes=[0.2, 0.6],
                    prune_config=PruneConfig(steps=3, batch_size=4), prune_each_size=each)
     assert [c.method for c in result.circuits] == ["edge_pruning"] * 2
-    assert result.circuits[0].n_edges <= round(0.2 * model.graph.n_edges) < result.circuits[1].n_edges
+    assert result.circuits[0].edge_count <= round(0.2 * model.graph.n_edges) < result.circuits[1].edge_count
     assert all("kl" in c.metrics for c in result.circuits)
 
 

@@ -203,7 +203,7 @@ def test_a_circuit_round_trips_through_storage(backend: str, tmp_path: Path) -> 
     spec = normalized(common_pb2.METHOD_EAP)
     circuit = Circuit(model=MODEL, method="eap", edges=["tok->a0.0", "a0.0->logits"],
                       edge_scores={"tok->a0.0": 2.5, "a0.0->logits": -1.0},
-                      nodes=["tok", "a0.0"], n_edges_total=40,
+                      nodes=["tok", "a0.0"], total_edge_count=40,
                       target={"edge_count": 2}, settings={"ablation": "corrupted"},
                       provenance={"seed": 0}, metrics={"kl": 0.25})
     with database_url(backend, tmp_path) as url:
