@@ -39,6 +39,8 @@ class _ExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportFo
     """SVG drawing."""
     EXPORT_FORMAT_SAFETENSORS: _ExportFormat.ValueType  # 4
     """Edge and node masks as a safetensors file."""
+    EXPORT_FORMAT_PNG: _ExportFormat.ValueType  # 5
+    """PNG picture: the drawing, or the plot named by ExportCircuitRequest.plot."""
 
 class ExportFormat(_ExportFormat, metaclass=_ExportFormatEnumTypeWrapper):
     """An export format."""
@@ -53,7 +55,81 @@ EXPORT_FORMAT_SVG: ExportFormat.ValueType  # 3
 """SVG drawing."""
 EXPORT_FORMAT_SAFETENSORS: ExportFormat.ValueType  # 4
 """Edge and node masks as a safetensors file."""
+EXPORT_FORMAT_PNG: ExportFormat.ValueType  # 5
+"""PNG picture: the drawing, or the plot named by ExportCircuitRequest.plot."""
 Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
+
+class _DrawingView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DrawingViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DrawingView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DRAWING_VIEW_UNSPECIFIED: _DrawingView.ValueType  # 0
+    """The default: EDGES."""
+    DRAWING_VIEW_EDGES: _DrawingView.ValueType  # 1
+    """Every kept edge; width by importance, KV groups boxed."""
+    DRAWING_VIEW_NODES: _DrawingView.ValueType  # 2
+    """Nodes sized by their kept in and out edges; one line per pair of nodes, width by count."""
+
+class DrawingView(_DrawingView, metaclass=_DrawingViewEnumTypeWrapper):
+    """What a circuit drawing shows."""
+
+DRAWING_VIEW_UNSPECIFIED: DrawingView.ValueType  # 0
+"""The default: EDGES."""
+DRAWING_VIEW_EDGES: DrawingView.ValueType  # 1
+"""Every kept edge; width by importance, KV groups boxed."""
+DRAWING_VIEW_NODES: DrawingView.ValueType  # 2
+"""Nodes sized by their kept in and out edges; one line per pair of nodes, width by count."""
+Global___DrawingView: _TypeAlias = DrawingView  # noqa: Y015
+
+class _CircuitPlot:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CircuitPlotEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CircuitPlot.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CIRCUIT_PLOT_UNSPECIFIED: _CircuitPlot.ValueType  # 0
+    """The default: DRAWING."""
+    CIRCUIT_PLOT_DRAWING: _CircuitPlot.ValueType  # 1
+    """The circuit's graph, layer by layer."""
+    CIRCUIT_PLOT_PER_LAYER: _CircuitPlot.ValueType  # 2
+    """Bars of kept edges per layer, by the input they feed (q, k, v, MLP, logits)."""
+
+class CircuitPlot(_CircuitPlot, metaclass=_CircuitPlotEnumTypeWrapper):
+    """A picture of a circuit (SVG or PNG)."""
+
+CIRCUIT_PLOT_UNSPECIFIED: CircuitPlot.ValueType  # 0
+"""The default: DRAWING."""
+CIRCUIT_PLOT_DRAWING: CircuitPlot.ValueType  # 1
+"""The circuit's graph, layer by layer."""
+CIRCUIT_PLOT_PER_LAYER: CircuitPlot.ValueType  # 2
+"""Bars of kept edges per layer, by the input they feed (q, k, v, MLP, logits)."""
+Global___CircuitPlot: _TypeAlias = CircuitPlot  # noqa: Y015
+
+class _DrawingLayout:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DrawingLayoutEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DrawingLayout.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DRAWING_LAYOUT_UNSPECIFIED: _DrawingLayout.ValueType  # 0
+    """Graphviz `dot` where the server has it, else BUILTIN."""
+    DRAWING_LAYOUT_GRAPHVIZ: _DrawingLayout.ValueType  # 1
+    """Graphviz `dot` (FAILED_PRECONDITION where the server has none)."""
+    DRAWING_LAYOUT_BUILTIN: _DrawingLayout.ValueType  # 2
+    """The server's own layered layout: edges that skip layers run in channels between columns."""
+
+class DrawingLayout(_DrawingLayout, metaclass=_DrawingLayoutEnumTypeWrapper):
+    """Who lays a drawing out."""
+
+DRAWING_LAYOUT_UNSPECIFIED: DrawingLayout.ValueType  # 0
+"""Graphviz `dot` where the server has it, else BUILTIN."""
+DRAWING_LAYOUT_GRAPHVIZ: DrawingLayout.ValueType  # 1
+"""Graphviz `dot` (FAILED_PRECONDITION where the server has none)."""
+DRAWING_LAYOUT_BUILTIN: DrawingLayout.ValueType  # 2
+"""The server's own layered layout: edges that skip layers run in channels between columns."""
+Global___DrawingLayout: _TypeAlias = DrawingLayout  # noqa: Y015
 
 @_typing.final
 class Edge(_message.Message):
@@ -335,19 +411,45 @@ class ExportCircuitRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
+    PLOT_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`circuits/{circuit}`."""
     format: Global___ExportFormat.ValueType
     """The format."""
+    top_k: _builtins.int
+    """DOT, SVG and PNG drawings: only the k most important edges (Edge Pruning: highest keep
+    probability; other methods: highest |score|). 0: every edge, up to the server's limit.
+    """
+    view: Global___DrawingView.ValueType
+    """DOT, SVG and PNG drawings: one line per edge (default) or per pair of nodes."""
+    plot: Global___CircuitPlot.ValueType
+    """SVG and PNG: the drawing (default) or a plot."""
+    layout: Global___DrawingLayout.ValueType
+    """SVG and PNG drawings: who lays the drawing out."""
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """DOT, SVG and PNG drawings: only the edges that touch one of these nodes (`a3.h1`, `m2`,
+        `tok`, `logits`; a key/value edge touches every head of its KV group).
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         format: Global___ExportFormat.ValueType = ...,
+        top_k: _builtins.int = ...,
+        nodes: _abc.Iterable[_builtins.str] | None = ...,
+        view: Global___DrawingView.ValueType = ...,
+        plot: Global___CircuitPlot.ValueType = ...,
+        layout: Global___DrawingLayout.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "layout", b"layout", "name", b"name", "nodes", b"nodes", "plot", b"plot", "top_k", b"top_k", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -110,6 +110,62 @@ WARM_START_NONE: WarmStart.ValueType  # 2
 """Every edge on (log_alpha near 10), as in the paper; wants the paper's thousands of steps."""
 Global___WarmStart: _TypeAlias = WarmStart  # noqa: Y015
 
+class _JobPlot:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobPlotEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobPlot.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_PLOT_UNSPECIFIED: _JobPlot.ValueType  # 0
+    """TRAINING for a job that trained masks, else FAITHFULNESS."""
+    JOB_PLOT_TRAINING: _JobPlot.ValueType  # 1
+    """Task loss, expected edge sparsity against its target, and the Lagrange multipliers, by
+    step (from the job's progress events).
+    """
+    JOB_PLOT_FAITHFULNESS: _JobPlot.ValueType  # 2
+    """Faithfulness of the job's evaluated circuits against the fraction of edges kept, with
+    the areas CPR (under the curve) and CMD (between the curve and 1) shaded.
+    """
+
+class JobPlot(_JobPlot, metaclass=_JobPlotEnumTypeWrapper):
+    """A plot of a job."""
+
+JOB_PLOT_UNSPECIFIED: JobPlot.ValueType  # 0
+"""TRAINING for a job that trained masks, else FAITHFULNESS."""
+JOB_PLOT_TRAINING: JobPlot.ValueType  # 1
+"""Task loss, expected edge sparsity against its target, and the Lagrange multipliers, by
+step (from the job's progress events).
+"""
+JOB_PLOT_FAITHFULNESS: JobPlot.ValueType  # 2
+"""Faithfulness of the job's evaluated circuits against the fraction of edges kept, with
+the areas CPR (under the curve) and CMD (between the curve and 1) shaded.
+"""
+Global___JobPlot: _TypeAlias = JobPlot  # noqa: Y015
+
+class _ImageFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ImageFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImageFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IMAGE_FORMAT_UNSPECIFIED: _ImageFormat.ValueType  # 0
+    """The default: SVG."""
+    IMAGE_FORMAT_SVG: _ImageFormat.ValueType  # 1
+    """SVG."""
+    IMAGE_FORMAT_PNG: _ImageFormat.ValueType  # 2
+    """PNG."""
+
+class ImageFormat(_ImageFormat, metaclass=_ImageFormatEnumTypeWrapper):
+    """An image format."""
+
+IMAGE_FORMAT_UNSPECIFIED: ImageFormat.ValueType  # 0
+"""The default: SVG."""
+IMAGE_FORMAT_SVG: ImageFormat.ValueType  # 1
+"""SVG."""
+IMAGE_FORMAT_PNG: ImageFormat.ValueType  # 2
+"""PNG."""
+Global___ImageFormat: _TypeAlias = ImageFormat  # noqa: Y015
+
 @_typing.final
 class TaskSource(_message.Message):
     """A built-in task generator and its parameters."""
@@ -1096,3 +1152,63 @@ class JobEvent(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class ExportJobPlotRequest(_message.Message):
+    """Request of ExportJobPlot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PLOT_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`jobs/{job}`."""
+    plot: Global___JobPlot.ValueType
+    """Which plot."""
+    format: Global___ImageFormat.ValueType
+    """SVG (default) or PNG."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        plot: Global___JobPlot.ValueType = ...,
+        format: Global___ImageFormat.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "name", b"name", "plot", b"plot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportJobPlotRequest: _TypeAlias = ExportJobPlotRequest  # noqa: Y015
+
+@_typing.final
+class ExportJobPlotResponse(_message.Message):
+    """One chunk of a plot; concatenate `data` in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    FILENAME_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    content_type: _builtins.str
+    """Media type of the whole plot (set on the first chunk)."""
+    filename: _builtins.str
+    """A suggested file name (set on the first chunk)."""
+    data: _builtins.bytes
+    """Bytes of the plot."""
+    def __init__(
+        self,
+        *,
+        content_type: _builtins.str = ...,
+        filename: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "data", b"data", "filename", b"filename"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportJobPlotResponse: _TypeAlias = ExportJobPlotResponse  # noqa: Y015

@@ -61,6 +61,11 @@ class JobServiceStub:
                 request_serializer=edgeprune_dot_v1_dot_job__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=edgeprune_dot_v1_dot_job__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.ExportJobPlot = channel.unary_stream(
+                '/edgeprune.v1.JobService/ExportJobPlot',
+                request_serializer=edgeprune_dot_v1_dot_job__pb2.ExportJobPlotRequest.SerializeToString,
+                response_deserializer=edgeprune_dot_v1_dot_job__pb2.ExportJobPlotResponse.FromString,
+                _registered_method=True)
         self.DeleteJob = channel.unary_unary(
                 '/edgeprune.v1.JobService/DeleteJob',
                 request_serializer=edgeprune_dot_v1_dot_job__pb2.DeleteJobRequest.SerializeToString,
@@ -109,6 +114,14 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportJobPlot(self, request, context):
+        """Streams a plot of a job, in chunks: the training curves of an Edge Pruning job or the
+        faithfulness of a job's circuits against their size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteJob(self, request, context):
         """Deletes a finished job (SUCCEEDED, FAILED or CANCELLED) with its events, checkpoint and
         result; a pending or running job answers FAILED_PRECONDITION (cancel it first). The
@@ -145,6 +158,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=edgeprune_dot_v1_dot_job__pb2.WatchJobRequest.FromString,
                     response_serializer=edgeprune_dot_v1_dot_job__pb2.JobEvent.SerializeToString,
+            ),
+            'ExportJobPlot': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportJobPlot,
+                    request_deserializer=edgeprune_dot_v1_dot_job__pb2.ExportJobPlotRequest.FromString,
+                    response_serializer=edgeprune_dot_v1_dot_job__pb2.ExportJobPlotResponse.SerializeToString,
             ),
             'DeleteJob': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteJob,
@@ -288,6 +306,33 @@ class JobService:
             '/edgeprune.v1.JobService/WatchJob',
             edgeprune_dot_v1_dot_job__pb2.WatchJobRequest.SerializeToString,
             edgeprune_dot_v1_dot_job__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportJobPlot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgeprune.v1.JobService/ExportJobPlot',
+            edgeprune_dot_v1_dot_job__pb2.ExportJobPlotRequest.SerializeToString,
+            edgeprune_dot_v1_dot_job__pb2.ExportJobPlotResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,10 @@ class JobServiceStub:
     """Streams a job's events after `after_sequence`: first the stored ones, then live ones;
     the stream ends after the event that moves the job to a terminal state.
     """
+    ExportJobPlot: _grpc.UnaryStreamMultiCallable[_job_pb2.ExportJobPlotRequest, _job_pb2.ExportJobPlotResponse]
+    """Streams a plot of a job, in chunks: the training curves of an Edge Pruning job or the
+    faithfulness of a job's circuits against their size.
+    """
     DeleteJob: _grpc.UnaryUnaryMultiCallable[_job_pb2.DeleteJobRequest, _empty_pb2.Empty]
     """Deletes a finished job (SUCCEEDED, FAILED or CANCELLED) with its events, checkpoint and
     result; a pending or running job answers FAILED_PRECONDITION (cancel it first). The
@@ -72,6 +76,10 @@ class JobServiceAsyncStub(JobServiceStub):
     WatchJob: _aio.UnaryStreamMultiCallable[_job_pb2.WatchJobRequest, _job_pb2.JobEvent]  # type: ignore[assignment]
     """Streams a job's events after `after_sequence`: first the stored ones, then live ones;
     the stream ends after the event that moves the job to a terminal state.
+    """
+    ExportJobPlot: _aio.UnaryStreamMultiCallable[_job_pb2.ExportJobPlotRequest, _job_pb2.ExportJobPlotResponse]  # type: ignore[assignment]
+    """Streams a plot of a job, in chunks: the training curves of an Edge Pruning job or the
+    faithfulness of a job's circuits against their size.
     """
     DeleteJob: _aio.UnaryUnaryMultiCallable[_job_pb2.DeleteJobRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a finished job (SUCCEEDED, FAILED or CANCELLED) with its events, checkpoint and
@@ -124,6 +132,16 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_job_pb2.JobEvent], _abc.AsyncIterator[_job_pb2.JobEvent]]:
         """Streams a job's events after `after_sequence`: first the stored ones, then live ones;
         the stream ends after the event that moves the job to a terminal state.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportJobPlot(
+        self,
+        request: _job_pb2.ExportJobPlotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_job_pb2.ExportJobPlotResponse], _abc.AsyncIterator[_job_pb2.ExportJobPlotResponse]]:
+        """Streams a plot of a job, in chunks: the training curves of an Edge Pruning job or the
+        faithfulness of a job's circuits against their size.
         """
 
     @_abc_1.abstractmethod
