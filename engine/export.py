@@ -26,7 +26,7 @@ from edgeprune.engine.circuit import Circuit
 from edgeprune.engine.errors import InvalidArgument
 from edgeprune.engine.graph import Graph
 
-FORMATS = ("json", "dot", "svg")
+FORMATS = ("json", "dot", "svg", "mib")
 _HEAD = re.compile(r"^a(\d+)\.h(\d+)$")
 _MLP = re.compile(r"^m(\d+)$")
 _HEAD_READER = re.compile(r"^(a\d+\.h\d+)\.([qkv])$")
@@ -45,7 +45,12 @@ NODE_FILL = {"embed": "#eeeeee", "head": "#dbe9f6", "mlp": "#fde5c8", "logits": 
 def export_circuit(
     circuit: Circuit | Mapping[str, Any], fmt: str, *, graph: Graph | None = None
 ) -> str:
-    """The circuit in ``fmt`` ("json", "dot" or "svg")."""
+    """The circuit in ``fmt`` ("json", "dot" or "svg"; "mib": MIB's circuit format, see
+    ``edgeprune.engine.mib``)."""
+    if fmt == "mib":
+        from edgeprune.engine.mib import export_mib  # imports this module
+
+        return export_mib(_as_circuit(circuit), graph=graph)
     if fmt == "json":
         return circuit_to_json(circuit)
     if fmt == "dot":
