@@ -8,8 +8,11 @@ engine can run. A service may be stricter than a limit here, never looser.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from edgeprune.engine import defaults
 from edgeprune.engine.examples import MAX_ANSWER_SET, MAX_EXAMPLES, MAX_TOKENS_PER_EXAMPLE
+from edgeprune.engine.task_params import Param
 
 # ---- names -------------------------------------------------------------------------------------
 
@@ -23,10 +26,54 @@ WARM_STARTS = ("eap_ig",)  # or None: every mask starts on
 
 # ---- built-in tasks ----------------------------------------------------------------------------
 
-# Fewest tokens of the longest prompt each built-in task generates (words of its shortest
-# template): a bound of the sequence length the API can use without a tokenizer.
-TASK_MIN_TOKENS = {"ioi": 12, "gendered_pronoun": 5, "greater_than": 10}
-BUILTIN_TASKS = tuple(TASK_MIN_TOKENS)
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A built-in task as the API knows it: its metric, a lower bound of its prompts' token
+    count, what it is, and the parameters its generator takes."""
+
+    metric: str
+    min_tokens: int
+    description: str
+    params: tuple[Param, ...] = ()
+
+
+# min_tokens: fewest tokens of the longest prompt each task generates, whatever its parameters
+# (words of its shortest template): a bound of the sequence length the API can use without a
+# tokenizer.
+BUILTIN = {
+    "ioi": TaskInfo(
+        "logit_diff", 12,
+        "Indirect object identification with the ABC corruption (Wang et al. 2023)",
+    ),
+    "gendered_pronoun": TaskInfo(
+        "logit_diff", 5, 'Gendered pronoun: " he" or " she" after a name (Mathwin et al. 2023)',
+    ),
+    "greater_than": TaskInfo(
+        "prob_diff", 10, "Greater-than on years, probability difference (Hanna et al. 2023)",
+    ),
+    "mcqa": TaskInfo(
+        "logit_diff", 10,
+        "Multiple-choice colour questions, the answer's letter; corrupted: the options permuted "
+        "(MIB's MCQA)",
+        (Param("n_choices", "int", 4, "options per question", minimum=2, maximum=4),),
+    ),
+    "arithmetic": TaskInfo(
+        "logit_diff", 4,
+        'Addition or subtraction, "a + b =" -> the result; corrupted: other operands (MIB\'s '
+        "arithmetic)",
+        (
+            Param("operation", "choice", "add", "add (a + b) or sub (a - b, a >= b)",
+                  choices=("add", "sub")),
+            Param("max_operand", "int", 99, "operands are drawn from [0, max_operand]",
+                  minimum=9, maximum=9999),
+            Param("multi_token", "bool", True,
+                  "score every token of the result (teacher-forced); false: its first token"),
+        ),
+    ),
+}
+TASK_MIN_TOKENS = {name: task.min_tokens for name, task in BUILTIN.items()}
+BUILTIN_TASKS = tuple(BUILTIN)
 TRACR_TASK_PREFIX = "tracr_"  # "tracr_<program>": the task of a compiled Tracr model
 TRACR_MIN_TOKENS = 2  # BOS and one input token
 

@@ -22,21 +22,28 @@ from edgeprune.engine.errors import InvalidArgument
 MAX_EXAMPLES = 50_000  # examples in one dataset
 MAX_TOKENS_PER_EXAMPLE = 1_024  # tokens in one clean (or corrupted) prompt
 MAX_ANSWER_SET = 128  # tokens in one example's good (or bad) set
-FIELDS = ("clean", "corrupted", "target", "distractor", "good", "bad")
+MAX_ANSWER_TOKENS = 64  # tokens in one multi-token target (or distractor)
+FIELDS = ("clean", "corrupted", "target", "distractor", "good", "bad", "multi_token")
 MIXED_ANSWER_SETS = "either every example or none has both good and bad answer sets"
 
 Tokens = str | list[int]
 Token = str | int
-Answer = (
-    Token | list[int | None]
-)  # one token; or, with all_positions, one token id (or None) a position
+# One token; or, with all_positions, one token id (or None) a position; or, with multi_token,
+# text of any number of tokens or a list of token ids.
+Answer = Token | list[int | None]
 
 _INDEX = re.compile(r"^examples\[(\d+)\]")
 
 
 @dataclass
 class Example:
-    """One prompt pair; ``good`` / ``bad`` are answer token sets for the probability difference."""
+    """One prompt pair; ``good`` / ``bad`` are answer token sets for the probability difference.
+
+    ``multi_token``: the target (and distractor) may be several tokens, text tokenised after the
+    prompt or a list of token ids. The model is teacher-forced: both prompts are extended with
+    the target's tokens but the last, and every target token's position is an answer position
+    (the distractor's k-th token is compared with the target's k-th; it may be shorter).
+    """
 
     clean: Tokens
     corrupted: Tokens
@@ -44,10 +51,11 @@ class Example:
     distractor: Answer | None = None
     good: list[Token] | None = None
     bad: list[Token] | None = None
+    multi_token: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """The example as JSON-ready fields (unset answers left out)."""
-        return {k: v for k, v in vars(self).items() if v is not None}
+        """The example as JSON-ready fields (unset answers and a false multi_token left out)."""
+        return {k: v for k, v in vars(self).items() if v is not None and v is not False}
 
 
 # ---- one example's fields ----------------------------------------------------------------------
@@ -123,10 +131,66 @@ def check_example(ex: Example, where: str, *, all_positions: bool | None = None)
     check_prompt(ex.corrupted, f"{where}.corrupted")
     if isinstance(ex.clean, list | tuple) and isinstance(ex.corrupted, list | tuple):
         check_equal_lengths(len(ex.clean), len(ex.corrupted), where)
-    for name in ("target", "distractor"):
-        check_answer(getattr(ex, name), f"{where}.{name}", per_position=all_positions is not False)
+    if not isinstance(ex.multi_token, bool):
+        raise InvalidArgument(
+            f"{where}.multi_token must be true or false, got {ex.multi_token!r}",
+            field=f"{where}.multi_token",
+        )
+    if ex.multi_token:
+        check_multi_token(ex, where, all_positions=all_positions)
+    else:
+        for name in ("target", "distractor"):
+            check_answer(
+                getattr(ex, name), f"{where}.{name}", per_position=all_positions is not False
+            )
     check_answer_set(ex.good, f"{where}.good")
     check_answer_set(ex.bad, f"{where}.bad")
+
+
+def check_multi_token(ex: Example, where: str, *, all_positions: bool | None) -> None:
+    """A multi-token example: a target (text or token ids), an optional distractor of the same
+    kind, no answer sets, and not scored at every position."""
+    if all_positions:
+        raise InvalidArgument(
+            f"{where}.multi_token: a multi-token answer cannot be scored at every position",
+            field=f"{where}.multi_token",
+        )
+    if ex.target is None:
+        raise InvalidArgument(
+            f"{where}.target is required with multi_token", field=f"{where}.target"
+        )
+    for name in ("good", "bad"):
+        if getattr(ex, name) is not None:
+            raise InvalidArgument(
+                f"{where}.{name}: answer sets are single tokens; they do not go with multi_token",
+                field=f"{where}.{name}",
+            )
+    for name in ("target", "distractor"):
+        check_answer_tokens(getattr(ex, name), f"{where}.{name}")
+
+
+def check_answer_tokens(value: Any, where: str) -> None:
+    """A multi-token answer: non-empty text, or a list of 1 to :data:`MAX_ANSWER_TOKENS` ids."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        if not value:
+            raise InvalidArgument(f"{where} is empty", field=where)
+        return
+    if not isinstance(value, list | tuple) or not value:
+        raise InvalidArgument(
+            f"{where} must be text or a non-empty list of token ids with multi_token", field=where
+        )
+    check_answer_length(len(value), where)
+    for tok in value:
+        check_token_id(tok, where)
+
+
+def check_answer_length(n: int, where: str) -> None:
+    if n > MAX_ANSWER_TOKENS:
+        raise InvalidArgument(
+            f"{where} has {n} tokens, more than the limit of {MAX_ANSWER_TOKENS}", field=where
+        )
 
 
 def check_equal_lengths(clean: int, corrupted: int, where: str) -> None:

@@ -16,12 +16,12 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Select, exists, func, insert, select
+from sqlalchemy import Select, exc, exists, func, insert, select
 from sqlalchemy.orm import Session, aliased
 
 from edgeprune.storage import lifecycle
 from edgeprune.storage.db import Database
-from edgeprune.storage.errors import Conflict, InvalidArgument, NotFound
+from edgeprune.storage.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from edgeprune.storage.limits import MAX_INTEGER, MAX_NAME_LENGTH, MIN_INTEGER, text_problem
 from edgeprune.storage.models import (
     Blob,
@@ -51,9 +51,35 @@ class CircuitRepo:
 
         Only scores of kept edges are stored (keep full score vectors in a blob).
         Raises InvalidArgument for malformed fields, NotFound for a missing
-        job / dataset / blob reference.
+        job / dataset / blob reference, AlreadyExists when the owner's request_id names a
+        circuit of another model or provenance (the same ones return that circuit).
         """
-        return self.create_many([new])[0]
+        if new.request_id is not None:
+            earlier = self._find_request(new)
+            if earlier is not None:
+                return earlier
+        try:
+            return self.create_many([new])[0]
+        except exc.IntegrityError:
+            # A concurrent duplicate (same owner and request_id) committed first.
+            earlier = self._find_request(new) if new.request_id is not None else None
+            if earlier is None:
+                raise
+            return earlier
+
+    def _find_request(self, new: NewCircuit) -> CircuitRecord | None:
+        """The circuit an earlier identical request stored, if any; AlreadyExists if it differs."""
+        with self.db.session(write=False) as session:
+            row = session.scalars(select(Circuit).where(
+                Circuit.owner == new.owner, Circuit.request_id == new.request_id)).one_or_none()
+            if row is None:
+                return None
+            if row.model != new.model or row.provenance != json.loads(json.dumps(new.provenance)):
+                raise AlreadyExists(
+                    "circuit", str(new.request_id),
+                    f"request_id {new.request_id!r} was already used for another circuit "
+                    f"({row.id})")
+            return _load_full(session, row)
 
     def create_many(self, news: Sequence[NewCircuit]) -> list[CircuitRecord]:
         """Store several circuits in one transaction (bulk insert of their edges)."""
@@ -348,6 +374,7 @@ def _circuit_row(new: NewCircuit, now: Any) -> dict[str, Any]:
         "metrics": dict(new.metrics),
         "mask_blob": new.mask_blob,
         "created_at": now,
+        "request_id": new.request_id,
     }
 
 
@@ -368,6 +395,8 @@ def _validate(new: NewCircuit) -> None:
     if new.total_edge_count <= 0 or new.total_edge_count < len(new.edges):
         raise InvalidArgument(f"must be >= the {len(new.edges)} kept edges and positive",
                               field="total_edge_count")
+    if new.request_id is not None and not 0 < len(new.request_id) <= MAX_NAME_LENGTH:
+        raise InvalidArgument(f"must be 1-{MAX_NAME_LENGTH} characters", field="request_id")
     if new.total_node_count and new.total_node_count < len(new.nodes):
         raise InvalidArgument(f"must be >= the {len(new.nodes)} kept nodes",
                               field="total_node_count")

@@ -239,8 +239,10 @@ class Circuit(Base):
     metrics: Mapped[dict[str, Any]]
     mask_blob: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"))
     created_at: Mapped[datetime]
+    request_id: Mapped[str | None] = mapped_column(String(255))  # imports: unique per owner
 
     __table_args__ = (
+        UniqueConstraint("owner", "request_id"),
         Index("ix_circuits_model", "model", "id"),
         Index("ix_circuits_owner", "owner", "id"),
         Index("ix_circuits_job", "job_id"),

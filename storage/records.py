@@ -187,7 +187,9 @@ class NewCircuit:
     edges: edge names "{writer}->{reader}" kept in the circuit; edge_scores optionally maps
     (some of) them to a score. nodes: writer nodes kept. total_edge_count: edges in the full
     graph (sparsity = 1 - len(edges) / total_edge_count). mask_blob: SHA-256 of a safetensors
-    blob stored with `BlobStore.put` (or None).
+    blob stored with `BlobStore.put` (or None). `request_id` makes a create idempotent per
+    `owner`: the same (owner, request_id) with the same model and provenance returns the first
+    circuit.
     """
 
     model: str
@@ -206,6 +208,7 @@ class NewCircuit:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     mask_blob: str | None = None
     owner: str = ""
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)

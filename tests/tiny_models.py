@@ -27,6 +27,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from edgeprune.engine.tasks import mcqa
+
 NAMES = [
     "Mary", "John", "Alice", "Bob", "Tom", "James", "Sarah", "Emma", "David", "Paul", "Anna",
     "Lisa", "Mark", "Laura", "Peter", "Kate", "Michael", "Susan", "Robert", "Linda",
@@ -38,7 +40,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<pad>"]
 
 
 def _corpus(seed: int = 0) -> list[str]:
-    """Sentences in the shape of IOI, gendered-pronoun and greater-than prompts, every word repeated."""
+    """Sentences in the shape of IOI, gendered-pronoun, greater-than and MCQA prompts, every word
+    repeated."""
     rng = random.Random(seed)
     lines: list[str] = []
     for a, b in itertools.permutations(NAMES[:12], 2):
@@ -52,10 +55,15 @@ def _corpus(seed: int = 0) -> list[str]:
     for yy in range(10, 100):
         lines.append(f"The war lasted from the year 17{yy} to the year 17{(yy + 7) % 90 + 10}.")
         lines.append(f"It lasted from 17{yy} to 18{yy}, {yy} years.")
+    for _ in range(30):  # MCQA: the letters " A" .. " D" after "Answer:" become single tokens
+        subject, colour = rng.choice(mcqa.FACTS)
+        options = [colour, *rng.sample([c for c in mcqa.COLOURS if c != colour], 3)]
+        rng.shuffle(options)
+        lines.append(f"{mcqa.prompt(subject, options)} {mcqa.LETTERS[options.index(colour)]}")
     return lines * 3
 
 
-def build_tokenizer(directory: str | Path, *, vocab_size: int = 600, seed: int = 0) -> PreTrainedTokenizerFast:
+def build_tokenizer(directory: str | Path, *, vocab_size: int = 700, seed: int = 0) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on task-like text and save it to ``directory`` (Hugging Face layout)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -14,8 +14,9 @@ tensors on the CPU that the masked model consumes directly::
             corrupted_ids=batch.corrupted_ids,
         )  # [B,P,V]
 
-Answer positions are the last prompt token (P = 1), or every position (tracr-style tasks, where
-``answer_mask`` marks the positions a row really has). Every bad input raises
+Answer positions are the last prompt token (P = 1), the positions of a teacher-forced
+multi-token answer (``Example.multi_token``: P = its token count), or every position
+(tracr-style tasks); ``answer_mask`` marks the positions a row really has. Every bad input raises
 :class:`~edgeprune.engine.errors.InvalidArgument` naming the example and field at fault.
 """
 
@@ -39,6 +40,7 @@ from edgeprune.engine.examples import (
     Example,
     Token,
     Tokens,
+    check_answer_length,
     check_equal_lengths,
     check_example,
     check_token_count,
@@ -281,9 +283,31 @@ class _Validator:
             return alone[0]
         raise InvalidArgument(
             f"{where} {value!r} must be exactly one token after the prompt, but it is "
-            f"{len(alone)} token(s) {alone} on its own",
+            f"{len(alone)} token(s) {alone} on its own (set multi_token for a longer answer)",
             field=where,
         )
+
+    def answer_tokens(self, value: Any, prompt: Tokens, where: str) -> list[int]:
+        """A multi-token answer's ids: a list of ids as it is, or text tokenised after the prompt
+        (``prompt + value`` must tokenise to the prompt's tokens and at least one more, the
+        answer's, so no token straddles the boundary)."""
+        if not isinstance(value, str):
+            ids = [self.check_id(tok, where) for tok in value]
+        elif isinstance(prompt, str):
+            before = self.encode(prompt, special=True)
+            after = self.encode(prompt + value, special=True)
+            if len(after) <= len(before) or after[: len(before)] != before:
+                raise InvalidArgument(
+                    f"{where} {value!r} does not tokenise apart from the prompt: the prompt's last "
+                    "token changes when the answer follows it (start the answer at a word "
+                    "boundary, e.g. with a space)",
+                    field=where,
+                )
+            ids = after[len(before) :]
+        else:
+            ids = self.encode(value, special=False)
+        check_answer_length(len(ids), where)
+        return ids
 
 
 def from_examples(
@@ -376,6 +400,8 @@ def _row(ex: Example, where: str, check: _Validator, all_positions: bool, skip_f
     clean = check.ids(ex.clean, f"{where}.clean")
     corrupted = check.ids(ex.corrupted, f"{where}.corrupted")
     check_equal_lengths(len(clean), len(corrupted), where)
+    if ex.multi_token:
+        return _multi_token_row(ex, where, check, clean, corrupted)
     if all_positions:
         positions = list(range(1 if skip_first else 0, len(clean)))
         if not positions:
@@ -395,6 +421,37 @@ def _row(ex: Example, where: str, check: _Validator, all_positions: bool, skip_f
     good = _answer_set(ex.good, ex.clean, f"{where}.good", check)
     bad = _answer_set(ex.bad, ex.clean, f"{where}.bad", check)
     return _Row(clean, corrupted, positions, targets, distractors, good, bad)
+
+
+def _multi_token_row(
+    ex: Example, where: str, check: _Validator, clean: list[int], corrupted: list[int]
+) -> _Row:
+    """Teacher forcing: both prompts go on with the target's tokens but the last, and the k-th
+    answer position (the prompt's last token, then each forced token) predicts the target's k-th
+    token; the corrupted prompt is forced with the same tokens so positions line up."""
+    targets = check.answer_tokens(ex.target, ex.clean, f"{where}.target")
+    distractors: list[int] = []
+    if ex.distractor is not None:
+        distractors = check.answer_tokens(ex.distractor, ex.clean, f"{where}.distractor")
+        if len(distractors) > len(targets):
+            raise InvalidArgument(
+                f"{where}.distractor has {len(distractors)} tokens, more than the target's "
+                f"{len(targets)}: the model is forced along the target, so only the distractor's "
+                "first tokens can be compared with it",
+                field=f"{where}.distractor",
+            )
+    forced = targets[:-1]
+    check_token_count(len(clean) + len(forced), f"{where}.clean")
+    start = len(clean) - 1
+    return _Row(
+        clean=clean + forced,
+        corrupted=corrupted + forced,
+        positions=list(range(start, start + len(targets))),
+        targets=targets,
+        distractors=distractors + [-1] * (len(targets) - len(distractors)),
+        good=[],
+        bad=[],
+    )
 
 
 def _per_position(value: Any, p: int, where: str, check: _Validator) -> list[int]:

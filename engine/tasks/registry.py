@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from edgeprune.engine.errors import InvalidArgument
+from edgeprune.engine.task_params import Param, parse_params
 from edgeprune.engine.tasks.base import Example, Metric, TaskDataset, from_examples
 from edgeprune.engine.tasks.tracr import PREFIX as TRACR_PREFIX
 from edgeprune.engine.tasks.tracr import tracr_examples
@@ -15,14 +16,16 @@ from edgeprune.engine.tracr_model import TracrTokenizer
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A built-in task: how to generate its examples and which metric its faithfulness uses."""
+    """A built-in task: how to generate its examples, which metric its faithfulness uses, and
+    the parameters its generator takes (``generate`` gets them typed, as keyword arguments)."""
 
     name: str
     metric: Metric
     description: str
-    generate: Callable[..., list[Example]]  # (tokenizer, *, n, seed, split) -> examples
+    generate: Callable[..., list[Example]]  # (tokenizer, *, n, seed, split, **params) -> examples
     all_positions: bool = False
     skip_first: bool = False
+    params: tuple[Param, ...] = ()
 
 
 TASKS: dict[str, TaskSpec] = {}
@@ -46,13 +49,21 @@ def register(spec: TaskSpec) -> TaskSpec:
 
 
 def build_task(
-    name: str, tokenizer: Any, *, n: int, seed: int = 0, split: str = "train"
+    name: str,
+    tokenizer: Any,
+    *,
+    n: int,
+    seed: int = 0,
+    split: str = "train",
+    params: Mapping[str, Any] | None = None,
 ) -> TaskDataset:
     """``n`` examples of the built-in task ``name`` for this tokenizer, as a validated dataset.
 
-    The same (tokenizer, name, seed, split, n) always gives the same dataset; the train, validation
-    and test splits never share an example. ``name`` is one of :data:`TASKS`, or "tracr_<program>"
-    with a tracr model's tokenizer.
+    The same (tokenizer, name, seed, split, n, params) always gives the same dataset; the train,
+    validation and test splits never share an example. ``name`` is one of :data:`TASKS`, or
+    "tracr_<program>" with a tracr model's tokenizer. ``params``: the generator's parameters
+    (``TaskSpec.params``), as text or typed values; unknown keys and bad values raise
+    InvalidArgument on ``params['key']``.
     """
     spec = TRACR_TASK if name.startswith(TRACR_PREFIX) else TASKS.get(name)
     if spec is None:
@@ -66,7 +77,8 @@ def build_task(
             f"task {name!r} needs a language model; a tracr model takes {TRACR_PREFIX}* tasks",
             field="task",
         )
-    examples = spec.generate(tokenizer, n=n, seed=seed, split=split)
+    typed = parse_params(spec.params, params, task=name)
+    examples = spec.generate(tokenizer, n=n, seed=seed, split=split, **typed)
     return from_examples(
         examples,
         tokenizer,

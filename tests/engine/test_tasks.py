@@ -80,7 +80,9 @@ def test_splits_are_disjoint_deterministic_and_valid(
     for ds in sets.values():
         assert ds.name == task and ds.metric == TASKS[task].metric
         lengths = ds.attention_mask.sum(1)  # [N]
-        assert torch.equal(ds.positions[:, 0], lengths - 1)  # the last prompt token
+        # the last answer position is the last token (a prompt's, or a forced answer token's)
+        last = ds.positions.gather(1, ds.answer_mask.sum(1, keepdim=True) - 1)[:, 0]  # [N]
+        assert torch.equal(last, lengths - 1)
         assert torch.equal(
             ds.clean_ids.ne(ds.corrupted_ids).logical_and(ds.attention_mask == 0),
             torch.zeros_like(ds.attention_mask, dtype=torch.bool),
@@ -187,6 +189,7 @@ def _sentences() -> list[str]:
     ]
     lines += [f"So {n} is nice, isn't {p}? Yes, {p} is." for n in names for p in ("he", "she")]
     lines += [f"The war lasted from the year 17{y} to the year 17{y}." for y in range(10, 100)]
+    lines += [f"Question: What colour is it?\n{x}. red\nAnswer: {x}" for x in "ABCD"] * 5
     return lines
 
 
@@ -206,7 +209,8 @@ def test_sentencepiece_style_tokenizer_with_bos() -> None:
     for task in sorted(TASKS):
         ds = build_task(task, sp, n=10, seed=0, split="test")
         assert (ds.clean_ids[:, 0] == sp.bos_token_id).all()
-        assert torch.equal(ds.positions[:, 0], ds.attention_mask.sum(1) - 1)
+        last = ds.positions.gather(1, ds.answer_mask.sum(1, keepdim=True) - 1)[:, 0]  # [N]
+        assert torch.equal(last, ds.attention_mask.sum(1) - 1)
     ioi_set = build_task("ioi", sp, n=10, seed=0)
     assert (
         sp.convert_ids_to_tokens(int(ioi_set.target_ids[0, 0]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edgeprune.storage import (
+    AlreadyExists,
     CircuitFilter,
     CircuitRepo,
     Database,
@@ -155,3 +156,16 @@ def full_size_of(db: Database, circuit_id: str) -> int:
 
     with db.session(write=False) as session:
         return full_size(session, session.get(Circuit, int(circuit_id)))
+
+
+def test_a_request_id_makes_a_create_idempotent_per_owner(db: Database) -> None:
+    repo = CircuitRepo(db)
+    first = repo.create(make(owner="alice", request_id="r1", provenance={"sha256": "aa"}))
+    again = repo.create(make(owner="alice", request_id="r1", provenance={"sha256": "aa"}))
+    assert again == first and repo.list().items == [repo.get(first.id, full=False)]
+    with pytest.raises(AlreadyExists, match="already used for another circuit"):
+        repo.create(make(owner="alice", request_id="r1", provenance={"sha256": "bb"}))
+    bob = repo.create(make(owner="bob", request_id="r1", provenance={"sha256": "bb"}))
+    assert bob.id != first.id  # request ids are scoped to their owner
+    with pytest.raises(InvalidArgument, match="request_id"):
+        repo.create(make(request_id="x" * 300))
