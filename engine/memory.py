@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import numbers
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -123,9 +124,10 @@ class ModelShape:
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_ff", "vocab_size"):
-            if getattr(self, name) < 1:
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise InvalidArgument(
-                    f"{name} must be positive, got {getattr(self, name)}", field=name
+                    f"{name} must be a positive integer, got {value!r}", field=name
                 )
         if self.n_heads % self.n_kv_heads:
             raise InvalidArgument(

@@ -5,7 +5,10 @@ Every setting has one name used everywhere: ``--max-steps`` on the command line,
 ``EDGEPRUNE_MAX_STEPS`` in the environment, ``max_steps`` in the file (limits may also sit under a
 ``limits:`` mapping there). The model allow-list maps the short names clients use onto engine
 references: ``--model gpt2=hf:/models/gpt2`` (repeatable), ``EDGEPRUNE_MODELS="a=hf:/x,b=tracr:/y"``
-or a ``models:`` mapping in the file. Clients can only name models on this list.
+or a ``models:`` mapping in the file. Clients can only name models on this list. In the file an
+entry may also be a mapping ``{ref: hf:/x, config: {model_type: llama, hidden_size: ...}}``: the
+sizes of the model's config.json, from which SubmitJob estimates a job's memory where the API
+cannot read the model's own files (`Config.model_configs`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from edgeprune.engine import contract, defaults
+from edgeprune.engine.errors import InvalidArgument
 from edgeprune.engine.examples import MAX_EXAMPLES
+from edgeprune.engine.memory import SHAPE_READERS
 from edgeprune.service.principals import Principals
 
 ENV_PREFIX = "EDGEPRUNE_"
@@ -76,9 +81,16 @@ class Config:
     data_dir: str = "data"
     database_url: str = ""  # "": sqlite:///<data_dir>/edgeprune.db
     models: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_MODELS))
+    # name -> the config.json sizes an allow-list entry of the file records (see the docstring);
+    # set with `models`, never on its own
+    model_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     show_model_refs: bool = True  # GetServerInfo lists what each short name resolves to
     workers: int = 1  # worker processes `serve` starts next to the API (0: API only)
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1" ...
+    # what jobs that name no dtype run in, and SubmitJob's memory estimate assumes ("": the
+    # device's default, bfloat16 on cuda, else float32); the API, whose own device is the CPU,
+    # learns the GPU workers' dtype from this
+    worker_dtype: str = ""
     threads: int = 0  # torch CPU threads per worker (0: torch's default, one per core)
     worker_memory_bytes: int = 0  # one job's memory on a worker (0: auto, see memory_check.py)
     tls_cert: str = ""  # PEM files; both set -> the API only accepts TLS
@@ -145,7 +157,7 @@ def _fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-CONFIG_FIELDS = {k: v for k, v in _fields(Config).items() if k != "limits"}
+CONFIG_FIELDS = {k: v for k, v in _fields(Config).items() if k not in ("limits", "model_configs")}
 LIMIT_FIELDS = _fields(Limits)
 
 
@@ -194,6 +206,31 @@ def _parse_mapping(raw: Any) -> dict[str, str]:
     return out
 
 
+MODEL_ENTRY_KEYS = ("ref", "config")
+
+
+def _split_models(raw: Any, source: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """The allow-list as (name -> reference, name -> recorded config): a file's ``models``
+    mapping may give an entry as ``{ref: ..., config: {...}}`` instead of the bare reference."""
+    if not isinstance(raw, Mapping):
+        return _parse("models", Mapping[str, str], raw, source), {}
+    refs: dict[str, str] = {}
+    configs: dict[str, Any] = {}
+    for name, entry in raw.items():
+        if not isinstance(entry, Mapping):
+            refs[str(name)] = str(entry)
+            continue
+        unknown = sorted(set(map(str, entry)) - set(MODEL_ENTRY_KEYS))
+        if unknown or "ref" not in entry:
+            raise ConfigError(f"models.{name} (from {source}): expected a reference or a mapping "
+                              f"of {' and '.join(MODEL_ENTRY_KEYS)}"
+                              + (f", got {', '.join(unknown)}" if unknown else ", got no ref"))
+        refs[str(name)] = str(entry["ref"])
+        if entry.get("config") is not None:
+            configs[str(name)] = entry["config"]
+    return refs, configs
+
+
 def _read_file(path: str) -> dict[str, Any]:
     try:
         text = Path(path).read_text()
@@ -226,6 +263,8 @@ HELP = {
     "show_model_refs": "GetServerInfo shows what each allow-listed name resolves to",
     "workers": "worker processes `serve` starts (0: API only)",
     "device": "auto, cpu, cuda or cuda:N",
+    "worker_dtype": "dtype of jobs that name none, and of SubmitJob's memory estimate: float32, "
+                    "bfloat16 or float16 (default: bfloat16 for cuda workers, else float32)",
     "threads": "torch CPU threads per worker (0: one per core)",
     "worker_memory_bytes": "memory one job may use on a worker device; SubmitJob rejects jobs "
                            "estimated above it (0: half the RAM for CPU workers, unchecked for GPUs)",
@@ -293,12 +332,16 @@ def load_config(
         if flag is not None:
             values[name] = (flag, "--" + name.replace("_", "-"))
     kinds = {**CONFIG_FIELDS, **LIMIT_FIELDS}
+    models = values.pop("models", None)
     parsed = {name: _parse(name, kinds[name], raw, src) for name, (raw, src) in values.items()}
+    if models is not None:  # recorded configs come and go with the allow-list they belong to
+        parsed["models"], parsed["model_configs"] = _split_models(*models)
     if parsed.get("auth_token_file"):
         parsed["auth_tokens"] = (*parsed.get("auth_tokens", ()),
                                  *read_token_file(parsed["auth_token_file"]))
     limits = Limits(**{k: v for k, v in parsed.items() if k in LIMIT_FIELDS})
-    config = Config(limits=limits, **{k: v for k, v in parsed.items() if k in CONFIG_FIELDS})
+    config = Config(limits=limits, **{k: v for k, v in parsed.items()
+                                      if k in CONFIG_FIELDS or k == "model_configs"})
     validate(config)
     return config
 
@@ -326,6 +369,37 @@ def check_transport(config: Config) -> None:
             "(--insecure, EDGEPRUNE_INSECURE=1) to accept them in plaintext on a trusted network")
 
 
+def check_model_config(where: str, recorded: Any) -> None:
+    """A recorded model config gives a memory estimate: a known ``model_type`` and positive
+    integer sizes under their config.json names; ConfigError naming the key otherwise."""
+    if not isinstance(recorded, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of config.json keys, got {recorded!r}")
+    model_type = recorded.get("model_type")
+    if model_type not in SHAPE_READERS:
+        raise ConfigError(f"{where}.model_type: {model_type!r} is not one of "
+                          f"{', '.join(sorted(SHAPE_READERS))}")
+    read: dict[str, bool] = {}  # key the reader asked for -> whether it has a fallback
+
+    def get(key: str, *default: Any) -> Any:
+        read[key] = read.get(key, True) and bool(default)
+        return recorded.get(key, *default)
+
+    try:
+        SHAPE_READERS[model_type](get, "")
+        error = None
+    except (InvalidArgument, TypeError) as err:
+        error = err
+    for key in read:  # only what the estimate reads: a whole config.json may be pasted in
+        value = recorded.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ConfigError(f"{where}.{key}: must be a positive integer, got {value!r}")
+    if error is not None:
+        missing = sorted(key for key, fallback in read.items()
+                         if not fallback and key not in recorded)
+        raise ConfigError(f"{where}: {error}"
+                          + (f" (not given: {', '.join(missing)})" if missing else "")) from error
+
+
 def validate(config: Config) -> None:
     """Reject settings that cannot work, naming them."""
     if not 0 <= config.port <= 65535:
@@ -348,6 +422,13 @@ def validate(config: Config) -> None:
             raise ConfigError(f"models: bad short name {name!r} (letters, digits, . _ -)")
         if not ref:
             raise ConfigError(f"models: {name!r} has no reference")
+    for name, recorded in config.model_configs.items():
+        if name not in config.models:
+            raise ConfigError(f"models.{name}.config: {name!r} is not on the allow-list")
+        check_model_config(f"models.{name}.config", recorded)
+    if config.worker_dtype and config.worker_dtype not in contract.DTYPES:
+        raise ConfigError(f"worker_dtype: {config.worker_dtype!r} is not one of "
+                          f"{', '.join(contract.DTYPES)} (or empty: the device's default)")
     zero_allowed = ("workers", "threads", "worker_memory_bytes")
     for name in (*zero_allowed, "checkpoint_every", "max_attempts", "default_steps",
                  "default_batch_size", "default_examples", "default_page_size"):

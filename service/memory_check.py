@@ -6,9 +6,12 @@ evaluation job) with the engine's arithmetic (`edgeprune.engine.memory`, which i
 from:
 
 * the model's shape: the `smollm2-135m` preset, or the ``config.json`` of an ``hf:<dir>`` /
-  ``tracr:<dir>`` checkpoint (no weights are read; a hub id the API cannot see is not checked);
-* the job's batch size, dtype, answer positions, data-parallel share of the batch and
-  activation checkpointing (``edge_pruning.activation_checkpointing``);
+  ``tracr:<dir>`` checkpoint (no weights are read), else the config the allow-list records for
+  it (``Config.model_configs``: the API pod of a cluster cannot see the workers' model volume);
+  a model with neither is not checked;
+* the job's batch size, dtype (unset: ``worker_dtype``, else the device's default),
+  answer positions, data-parallel share of the batch and activation checkpointing
+  (``edge_pruning.activation_checkpointing``);
 * a sequence length that the job's longest example cannot be shorter than: one token per
   whitespace-separated word (every tokenizer we load splits at whitespace), or a built-in task's
   shortest prompt. The check therefore rejects only jobs that cannot fit even then.
@@ -91,6 +94,23 @@ def model_shape(ref: str) -> ModelShape | None:
         return None
 
 
+def allow_listed_shape(config: Config, ref: str) -> ModelShape | None:
+    """The shape of allow-listed ``ref``: from its own config file where this process can read
+    it, else from the config the allow-list records for it; None when neither."""
+    shape = model_shape(ref)
+    if shape is not None:
+        return shape
+    for name, recorded in config.model_configs.items():
+        if config.models.get(name) == ref:
+            return ModelShape.from_config(recorded, name=name)  # validated with the config
+    return None
+
+
+def estimate_dtype(config: Config) -> str:
+    """The dtype the workers run a job in that names none, which the estimate assumes."""
+    return dtype_name(common_pb2.DTYPE_UNSPECIFIED, config.device, config.worker_dtype)
+
+
 def min_tokens(prompts: Iterable[str | list[int]], tokenizer: Any | None = None) -> int:
     """The fewest tokens the longest of ``prompts`` can have.
 
@@ -165,7 +185,7 @@ def check_job_memory(spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, ref: str, c
     ErrorInfo metadata) when the job (a pruning job, or an evaluation of a stored circuit of
     model ``ref``) cannot fit; the estimate, or None when not checked."""
     budget = memory_budget(config)
-    shape = model_shape(ref)
+    shape = allow_listed_shape(config, ref)
     if budget is None or shape is None:
         return None
     evaluation = isinstance(spec, job_pb2.EvaluationSpec)
@@ -177,7 +197,7 @@ def check_job_memory(spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, ref: str, c
         not evaluation and spec.positions == common_pb2.POSITION_MODE_ALL)
     est = estimate(spec, shape, seq_len=seq_len, n_examples=n_examples,
                    answer_positions=seq_len if all_positions else 1,
-                   dtype=dtype_name(spec.dtype, config.device),
+                   dtype=dtype_name(spec.dtype, config.device, config.worker_dtype),
                    on_gpu=on_gpu)
     try:
         check_fits(est, budget)

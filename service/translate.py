@@ -38,6 +38,7 @@ ABLATIONS_BY_NAME = {name: value for value, name in ABLATIONS.items()}
 LOSSES = _table(common_pb2.Loss, "LOSS", contract.LOSSES)
 LOSSES_BY_NAME = {name: value for value, name in LOSSES.items()}
 DTYPES = _table(common_pb2.Dtype, "DTYPE", contract.DTYPES)
+DTYPES_BY_NAME = {name: value for value, name in DTYPES.items()}
 WARM_STARTS = _table(job_pb2.WarmStart, "WARM_START", contract.WARM_STARTS)
 WARM_STARTS_BY_NAME = {name: value for value, name in WARM_STARTS.items()}
 STATES = {state: job_pb2.JobState.Value(f"JOB_STATE_{state.value}") for state in JobState}

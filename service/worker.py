@@ -187,6 +187,8 @@ class Worker:
     def _execute(self, claim: Claim, hooks: runner.Hooks) -> runner.Outcome:
         job = claim.job
         spec = translate.parse_spec(job)
+        if not spec.dtype and self.config.worker_dtype:  # the dtype SubmitJob's estimate assumed
+            spec.dtype = translate.DTYPES_BY_NAME[self.config.worker_dtype]
         if job.kind == translate.KIND_EVALUATION:
             assert isinstance(spec, job_pb2.EvaluationSpec)
             record = self.circuits.get(spec.circuit.removeprefix("circuits/"), full=True)

@@ -6,8 +6,9 @@ import dataclasses
 import functools
 from importlib import metadata
 
+from edgeprune.service import translate
 from edgeprune.service.config import Config
-from edgeprune.service.memory_check import memory_budget
+from edgeprune.service.memory_check import allow_listed_shape, estimate_dtype, memory_budget
 from edgeprune.service.validation import BUILTIN_TASKS
 from edgeprune.v1 import common_pb2, server_pb2
 
@@ -49,12 +50,16 @@ class ServerHandler:
             for f in dataclasses.fields(config.limits)
             if f.name in server_pb2.Limits.DESCRIPTOR.fields_by_name
         }, worker_memory_bytes=memory_budget(config) or 0)
+        checked = limits.worker_memory_bytes > 0
         return server_pb2.GetServerInfoResponse(
             version=version(),
-            models=[server_pb2.ModelInfo(name=name, ref=ref if config.show_model_refs else "")
+            models=[server_pb2.ModelInfo(name=name, ref=ref if config.show_model_refs else "",
+                                         memory_checked=checked and
+                                         allow_listed_shape(config, ref) is not None)
                     for name, ref in sorted(config.models.items())],
             devices=devices(config.device),
             limits=limits,
             tasks=BUILTIN_TASKS,
             methods=[m for m in common_pb2.Method.values() if m != common_pb2.METHOD_UNSPECIFIED],
+            default_dtype=translate.DTYPES_BY_NAME[estimate_dtype(config)],
         )

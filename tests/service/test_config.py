@@ -103,3 +103,51 @@ def test_the_api_process_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip() == "False"
+
+
+LLAMA_1B = {"model_type": "llama", "num_hidden_layers": 16, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "hidden_size": 2048, "intermediate_size": 8192,
+            "vocab_size": 128256, "tie_word_embeddings": True}
+
+
+def test_allow_list_entries_may_record_the_models_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"worker_dtype": "bfloat16", "models": {
+        "small": "smollm2-135m", "big": {"ref": "hf:/absent/llama", "config": LLAMA_1B}}}))
+    config = parse(["--config", str(path)])
+    assert config.models == {"small": "smollm2-135m", "big": "hf:/absent/llama"}
+    assert config.model_configs == {"big": LLAMA_1B} and config.worker_dtype == "bfloat16"
+    assert Config.from_json(config.to_json()) == config
+    # the recorded configs belong to the file's allow-list: one from elsewhere replaces both
+    config = parse(["--config", str(path)], {"EDGEPRUNE_MODELS": "big=hf:/other"})
+    assert config.models == {"big": "hf:/other"} and config.model_configs == {}
+    # a whole config.json will do: only what the estimate reads is checked
+    path.write_text(json.dumps({"models": {"big": {"ref": "hf:/absent/llama", "config": {
+        **LLAMA_1B, "bos_token_id": 0, "rope_theta": 500000.0, "rms_norm_eps": 1e-5}}}}))
+    assert parse(["--config", str(path)]).model_configs["big"]["bos_token_id"] == 0
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"ref": "hf:/x", "config": {**LLAMA_1B, "model_type": "bert"}},
+     "models.m.config.model_type: 'bert' is not one of .*gpt2, .*llama"),
+    ({"ref": "hf:/x", "config": {**LLAMA_1B, "hidden_size": 0}},
+     "models.m.config.hidden_size: must be a positive integer, got 0"),
+    ({"ref": "hf:/x", "config": {**LLAMA_1B, "vocab_size": 1.5}},
+     "models.m.config: vocab_size must be a positive integer, got 1.5"),
+    ({"ref": "hf:/x", "config": {"model_type": "llama", "num_hidden_layers": 2}},
+     "models.m.config: .*not given: .*hidden_size"),
+    ({"ref": "hf:/x", "config": "llama"}, "models.m.config: expected a mapping"),
+    ({"config": LLAMA_1B}, "models.m .*got no ref"),
+    ({"ref": "hf:/x", "shape": {}}, "models.m .*got shape"),
+])
+def test_a_bad_recorded_config_is_named(tmp_path: Path, entry: dict, message: str) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"models": {"m": entry}}))
+    with pytest.raises(ConfigError, match=message):
+        parse(["--config", str(path)])
+
+
+def test_worker_dtype_is_a_dtype_name() -> None:
+    assert parse([]).worker_dtype == ""
+    with pytest.raises(ConfigError, match="worker_dtype: 'bf16' is not one of float32, bfloat16"):
+        parse(["--worker-dtype", "bf16"])

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from edgeprune.v1 import common_pb2 as edgeprune_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geprune/v1/server.proto\x12\x0c\x65\x64geprune.v1\x1a\x19\x65\x64geprune/v1/common.proto\"&\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\"A\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\"\x98\x02\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x19\n\x11max_dataset_bytes\x18\x02 \x01(\x03\x12\x14\n\x0cmax_examples\x18\x03 \x01(\x03\x12\x1b\n\x13max_inline_examples\x18\x04 \x01(\x03\x12\x11\n\tmax_steps\x18\x05 \x01(\x03\x12\x11\n\tmax_sizes\x18\x06 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x03\x12\x15\n\rmax_page_size\x18\x08 \x01(\x03\x12\x18\n\x10max_pending_jobs\x18\t \x01(\x03\x12\x19\n\x11max_data_parallel\x18\n \x01(\x03\x12\x1b\n\x13worker_memory_bytes\x18\x0b \x01(\x03\"\x16\n\x14GetServerInfoRequest\"\xd4\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\'\n\x06models\x18\x02 \x03(\x0b\x32\x17.edgeprune.v1.ModelInfo\x12%\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x14.edgeprune.v1.Device\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.edgeprune.v1.Limits\x12\r\n\x05tasks\x18\x05 \x03(\t\x12%\n\x07methods\x18\x06 \x03(\x0e\x32\x14.edgeprune.v1.Method2i\n\rServerService\x12X\n\rGetServerInfo\x12\".edgeprune.v1.GetServerInfoRequest\x1a#.edgeprune.v1.GetServerInfoResponseBp\n\x10\x64\x65v.edgeprune.v1B\x0bServerProtoP\x01Z>github.com/edgeprune/edgeprune/gen/go/edgeprune/v1;edgeprunev1\xaa\x02\x0c\x45\x64geprune.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geprune/v1/server.proto\x12\x0c\x65\x64geprune.v1\x1a\x19\x65\x64geprune/v1/common.proto\">\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x16\n\x0ememory_checked\x18\x03 \x01(\x08\"A\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\"\x98\x02\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x19\n\x11max_dataset_bytes\x18\x02 \x01(\x03\x12\x14\n\x0cmax_examples\x18\x03 \x01(\x03\x12\x1b\n\x13max_inline_examples\x18\x04 \x01(\x03\x12\x11\n\tmax_steps\x18\x05 \x01(\x03\x12\x11\n\tmax_sizes\x18\x06 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x03\x12\x15\n\rmax_page_size\x18\x08 \x01(\x03\x12\x18\n\x10max_pending_jobs\x18\t \x01(\x03\x12\x19\n\x11max_data_parallel\x18\n \x01(\x03\x12\x1b\n\x13worker_memory_bytes\x18\x0b \x01(\x03\"\x16\n\x14GetServerInfoRequest\"\xae\x02\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\'\n\x06models\x18\x02 \x03(\x0b\x32\x17.edgeprune.v1.ModelInfo\x12%\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x14.edgeprune.v1.Device\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.edgeprune.v1.Limits\x12\r\n\x05tasks\x18\x05 \x03(\t\x12%\n\x07methods\x18\x06 \x03(\x0e\x32\x14.edgeprune.v1.Method\x12*\n\rdefault_dtype\x18\x07 \x01(\x0e\x32\x13.edgeprune.v1.Dtype\x12,\n\x0ctask_details\x18\x08 \x03(\x0b\x32\x16.edgeprune.v1.TaskInfo\"f\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\'\n\x06params\x18\x04 \x03(\x0b\x32\x17.edgeprune.v1.TaskParam\"\xa2\x01\n\tTaskParam\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x14\n\x07minimum\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07\x63hoices\x18\x07 \x03(\tB\n\n\x08_minimumB\n\n\x08_maximum2i\n\rServerService\x12X\n\rGetServerInfo\x12\".edgeprune.v1.GetServerInfoRequest\x1a#.edgeprune.v1.GetServerInfoResponseBp\n\x10\x64\x65v.edgeprune.v1B\x0bServerProtoP\x01Z>github.com/edgeprune/edgeprune/gen/go/edgeprune/v1;edgeprunev1\xaa\x02\x0c\x45\x64geprune.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.edgeprune.v1B\013ServerProtoP\001Z>github.com/edgeprune/edgeprune/gen/go/edgeprune/v1;edgeprunev1\252\002\014Edgeprune.V1'
   _globals['_MODELINFO']._serialized_start=70
-  _globals['_MODELINFO']._serialized_end=108
-  _globals['_DEVICE']._serialized_start=110
-  _globals['_DEVICE']._serialized_end=175
-  _globals['_LIMITS']._serialized_start=178
-  _globals['_LIMITS']._serialized_end=458
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=460
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=482
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=485
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=697
-  _globals['_SERVERSERVICE']._serialized_start=699
-  _globals['_SERVERSERVICE']._serialized_end=804
+  _globals['_MODELINFO']._serialized_end=132
+  _globals['_DEVICE']._serialized_start=134
+  _globals['_DEVICE']._serialized_end=199
+  _globals['_LIMITS']._serialized_start=202
+  _globals['_LIMITS']._serialized_end=482
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=484
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=506
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=509
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=811
+  _globals['_TASKINFO']._serialized_start=813
+  _globals['_TASKINFO']._serialized_end=915
+  _globals['_TASKPARAM']._serialized_start=918
+  _globals['_TASKPARAM']._serialized_end=1080
+  _globals['_SERVERSERVICE']._serialized_start=1082
+  _globals['_SERVERSERVICE']._serialized_end=1187
 # @@protoc_insertion_point(module_scope)

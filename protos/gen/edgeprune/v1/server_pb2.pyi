@@ -27,19 +27,25 @@ class ModelInfo(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     REF_FIELD_NUMBER: _builtins.int
+    MEMORY_CHECKED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The short name clients use in JobSpec.model."""
     ref: _builtins.str
     """The reference it resolves to (e.g. `hf:/models/gpt2`); may be withheld by the operator."""
+    memory_checked: _builtins.bool
+    """Whether SubmitJob knows the model's shape and so checks a job's memory against
+    Limits.worker_memory_bytes (from its config file, or the config the allow-list records).
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         ref: _builtins.str = ...,
+        memory_checked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_checked", b"memory_checked", "name", b"name", "ref", b"ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -168,8 +174,14 @@ class GetServerInfoResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
     METHODS_FIELD_NUMBER: _builtins.int
+    DEFAULT_DTYPE_FIELD_NUMBER: _builtins.int
+    TASK_DETAILS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """edgeprune version."""
+    default_dtype: _common_pb2.Dtype.ValueType
+    """The dtype the workers run a job in whose JobSpec.dtype is unspecified, and which
+    SubmitJob's memory estimate then assumes.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
         """Models on the allow-list."""
@@ -190,6 +202,12 @@ class GetServerInfoResponse(_message.Message):
     def methods(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Method.ValueType]:
         """Methods."""
 
+    @_builtins.property
+    def task_details(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskInfo]:
+        """The built-in tasks (`tasks`) with their metric and the parameters
+        `TaskSource.params` takes (`tracr_*` tasks take none).
+        """
+
     def __init__(
         self,
         *,
@@ -199,11 +217,104 @@ class GetServerInfoResponse(_message.Message):
         limits: Global___Limits | None = ...,
         tasks: _abc.Iterable[_builtins.str] | None = ...,
         methods: _abc.Iterable[_common_pb2.Method.ValueType] | None = ...,
+        default_dtype: _common_pb2.Dtype.ValueType = ...,
+        task_details: _abc.Iterable[Global___TaskInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "limits", b"limits", "methods", b"methods", "models", b"models", "tasks", b"tasks", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_dtype", b"default_dtype", "devices", b"devices", "limits", b"limits", "methods", b"methods", "models", b"models", "task_details", b"task_details", "tasks", b"tasks", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class TaskInfo(_message.Message):
+    """A built-in task generator."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its name, as `TaskSource.name`."""
+    description: _builtins.str
+    """What it generates."""
+    metric: _builtins.str
+    """The metric its faithfulness uses: `logit_diff` or `prob_diff`."""
+    @_builtins.property
+    def params(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskParam]:
+        """The keys `TaskSource.params` takes; any other key is INVALID_ARGUMENT."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        params: _abc.Iterable[Global___TaskParam] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "metric", b"metric", "name", b"name", "params", b"params"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskInfo: _TypeAlias = TaskInfo  # noqa: Y015
+
+@_typing.final
+class TaskParam(_message.Message):
+    """One parameter of a built-in task (values travel as text in `TaskSource.params`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    DEFAULT_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    MINIMUM_FIELD_NUMBER: _builtins.int
+    MAXIMUM_FIELD_NUMBER: _builtins.int
+    CHOICES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The key."""
+    type: _builtins.str
+    """`int`, `float`, `bool` (`true` / `false`) or `choice` (one of `choices`)."""
+    default: _builtins.str
+    """The value used when the key is not given, as text."""
+    description: _builtins.str
+    """What it changes."""
+    minimum: _builtins.float
+    """Smallest value of an `int` or `float`."""
+    maximum: _builtins.float
+    """Largest value of an `int` or `float`."""
+    @_builtins.property
+    def choices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The allowed values of a `choice`."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: _builtins.str = ...,
+        default: _builtins.str = ...,
+        description: _builtins.str = ...,
+        minimum: _builtins.float | None = ...,
+        maximum: _builtins.float | None = ...,
+        choices: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "maximum", b"maximum", "minimum", b"minimum"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "choices", b"choices", "default", b"default", "description", b"description", "maximum", b"maximum", "minimum", b"minimum", "name", b"name", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__maximum: _TypeAlias = _typing.Literal["maximum"]  # noqa: Y015
+    _WhichOneofArgType__maximum: _TypeAlias = _typing.Literal["_maximum", b"_maximum"]  # noqa: Y015
+    _WhichOneofReturnType__minimum: _TypeAlias = _typing.Literal["minimum"]  # noqa: Y015
+    _WhichOneofArgType__minimum: _TypeAlias = _typing.Literal["_minimum", b"_minimum"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__maximum) -> _WhichOneofReturnType__maximum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__minimum) -> _WhichOneofReturnType__minimum | None: ...
+
+Global___TaskParam: _TypeAlias = TaskParam  # noqa: Y015
