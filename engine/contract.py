@@ -85,6 +85,8 @@ MAX_LEARNING_RATE = 100.0
 MAX_ACDC_THRESHOLD = 1e6
 MAX_EDGE_SPARSITY = 1.2  # Edge Pruning's target may overshoot 1 (runs settle slightly below it)
 MAX_EVAL_FRACTION = 0.9  # at least a tenth of the examples stays to train on
+MAX_DRAWING_EDGES = 5000  # edges in one drawing (top_k): beyond this no drawing is readable
+MAX_DRAWING_NODES = 64  # names in a drawing's node filter
 
 # Every limit by name: a service's limit of the same name must not exceed it.
 LIMITS = {
