@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-BLOCKED = ("torch", "transformers", "sqlalchemy", "alembic", "numpy", "edgeprune.engine", "edgeprune.storage", "edgeprune.service")
+BLOCKED = ("torch", "transformers", "sqlalchemy", "alembic", "numpy", "matplotlib", "edgeprune.engine", "edgeprune.storage", "edgeprune.service")
 
 # The thin install as pip leaves it: edgeprune.service is there, the server extra's packages not.
-SERVER_EXTRA = ("torch", "transformers", "sqlalchemy", "alembic", "numpy", "prometheus_client",
+SERVER_EXTRA = ("torch", "transformers", "sqlalchemy", "alembic", "numpy", "matplotlib", "prometheus_client",
                 "grpc_health", "grpc_reflection", "grpc_status", "psycopg")
 
 
