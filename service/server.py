@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from edgeprune.service import cleanup, metrics, reflection
 from edgeprune.service.config import Config, check_transport
 from edgeprune.service.handlers import CircuitHandler, DatasetHandler, JobHandler, ServerHandler
+from edgeprune.service.handlers.plots import PlotHandler
 from edgeprune.service.health import Health
 from edgeprune.service.interceptors import (
     AuthInterceptor,
@@ -122,7 +123,8 @@ def build(config: Config, db: Database) -> Api:
                    max_watches=limits.max_watches_per_client)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(
         DatasetServicer(DatasetHandler(datasets, config), principals), server)
-    job_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(job_handler, hub, principals),
+    plots = PlotHandler(jobs, EventRepo(db), circuits, config)
+    job_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(job_handler, hub, principals, plots),
                                                   server)
     circuit_pb2_grpc.add_CircuitServiceServicer_to_server(
         CircuitServicer(CircuitHandler(circuits, BlobStore(db), config), job_handler, principals),

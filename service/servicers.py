@@ -16,6 +16,7 @@ from edgeprune.service import converters, metrics
 from edgeprune.service.errors import InvalidArgument, streaming, unary
 from edgeprune.service.handlers import CircuitHandler, DatasetHandler, JobHandler, ServerHandler
 from edgeprune.service.handlers.circuits import EXPORT_CHUNK_BYTES
+from edgeprune.service.handlers.plots import PlotHandler
 from edgeprune.service.principals import Principal, Principals
 from edgeprune.service.validation import parse_circuit_name, parse_name
 from edgeprune.service.watch import EventHub
@@ -51,6 +52,12 @@ class _Servicer:
 def _peer_host(context: Context) -> str:
     """The caller's address without its port (``ipv4:10.0.0.5``): a client's channels share it."""
     return context.peer().rsplit(":", 1)[0]
+
+
+def _chunks(data: bytes) -> list[tuple[int, bytes]]:
+    """(offset, bytes) of every chunk of an export; an empty export is one empty chunk."""
+    return [(offset, data[offset:offset + EXPORT_CHUNK_BYTES])
+            for offset in range(0, max(len(data), 1), EXPORT_CHUNK_BYTES)]
 
 
 def _full(view: int) -> bool:
@@ -113,10 +120,12 @@ class DatasetServicer(_Servicer, dataset_pb2_grpc.DatasetServiceServicer):
 
 
 class JobServicer(_Servicer, job_pb2_grpc.JobServiceServicer):
-    def __init__(self, handler: JobHandler, hub: EventHub, principals: Principals) -> None:
+    def __init__(self, handler: JobHandler, hub: EventHub, principals: Principals,
+                 plots: PlotHandler) -> None:
         super().__init__(principals)
         self.handler = handler
         self.hub = hub
+        self.plots = plots
 
     @unary
     async def SubmitJob(self, request: job_pb2.SubmitJobRequest, context: Context) -> job_pb2.Job:
@@ -169,6 +178,19 @@ class JobServicer(_Servicer, job_pb2_grpc.JobServiceServicer):
                                                  client=who.name or _peer_host(context)):
             yield converters.event_to_proto(event, final)
 
+    @streaming
+    async def ExportJobPlot(self, request: job_pb2.ExportJobPlotRequest,
+                            context: Context) -> AsyncIterator[job_pb2.ExportJobPlotResponse]:
+        content_type, filename, data = await asyncio.to_thread(
+            self.plots.job_plot, parse_name(request.name, "jobs"), request.plot, request.format,
+            self.who(context))
+        for offset, chunk in _chunks(data):
+            if offset == 0:
+                yield job_pb2.ExportJobPlotResponse(content_type=content_type, filename=filename,
+                                                    data=chunk)
+            else:
+                yield job_pb2.ExportJobPlotResponse(data=chunk)
+
 
 class CircuitServicer(_Servicer, circuit_pb2_grpc.CircuitServiceServicer):
     def __init__(self, handler: CircuitHandler, jobs: JobHandler, principals: Principals) -> None:
@@ -198,9 +220,8 @@ class CircuitServicer(_Servicer, circuit_pb2_grpc.CircuitServiceServicer):
                             context: Context) -> AsyncIterator[circuit_pb2.ExportCircuitResponse]:
         circuit_id = parse_circuit_name(request.name)
         content_type, filename, data = await asyncio.to_thread(self.handler.export, circuit_id,
-                                                               request.format, self.who(context))
-        for offset in range(0, max(len(data), 1), EXPORT_CHUNK_BYTES):
-            chunk = data[offset:offset + EXPORT_CHUNK_BYTES]
+                                                               request, self.who(context))
+        for offset, chunk in _chunks(data):
             if offset == 0:
                 yield circuit_pb2.ExportCircuitResponse(content_type=content_type,
                                                         filename=filename, data=chunk)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from edgeprune.engine import contract
 from edgeprune.service.config import Config
 from edgeprune.service.errors import FailedPrecondition, InvalidArgument
 from edgeprune.service.principals import Principal
@@ -19,22 +22,62 @@ from edgeprune.storage import (
 from edgeprune.storage.limits import MAX_INTEGER
 from edgeprune.v1 import circuit_pb2, common_pb2
 
+if TYPE_CHECKING:
+    from edgeprune.engine.drawing import DrawOptions
+
 EXPORT_CHUNK_BYTES = 256 * 1024
 # format -> (engine export format, file suffix, media type)
 EXPORTS = {
     circuit_pb2.EXPORT_FORMAT_JSON: ("json", "json", "application/json"),
     circuit_pb2.EXPORT_FORMAT_DOT: ("dot", "dot", "text/vnd.graphviz"),
     circuit_pb2.EXPORT_FORMAT_SVG: ("svg", "svg", "image/svg+xml"),
+    circuit_pb2.EXPORT_FORMAT_PNG: ("png", "png", "image/png"),
 }
+DRAWINGS = (circuit_pb2.EXPORT_FORMAT_DOT, circuit_pb2.EXPORT_FORMAT_SVG,
+            circuit_pb2.EXPORT_FORMAT_PNG)
+VIEWS = {circuit_pb2.DRAWING_VIEW_UNSPECIFIED: "edges", circuit_pb2.DRAWING_VIEW_EDGES: "edges",
+         circuit_pb2.DRAWING_VIEW_NODES: "nodes"}
+PLOTS = {circuit_pb2.CIRCUIT_PLOT_UNSPECIFIED: "drawing", circuit_pb2.CIRCUIT_PLOT_DRAWING: "drawing",
+         circuit_pb2.CIRCUIT_PLOT_PER_LAYER: "per_layer"}
+LAYOUTS = {circuit_pb2.DRAWING_LAYOUT_UNSPECIFIED: "auto",
+           circuit_pb2.DRAWING_LAYOUT_GRAPHVIZ: "graphviz",
+           circuit_pb2.DRAWING_LAYOUT_BUILTIN: "builtin"}
 
 
-def render(record: CircuitRecord, fmt: str) -> str:
+def render(record: CircuitRecord, fmt: str, options: DrawOptions | None = None) -> bytes:
     """A stored circuit through the engine's exporter (the same files the library writes)."""
     from edgeprune.engine.export import export_circuit  # imports torch: only on first export
 
     circuit = circuit_from_record(record)
     circuit.provenance.update(circuit=record.id, job=record.job_id)
-    return export_circuit(circuit, fmt)
+    data = export_circuit(circuit, fmt, options=options)
+    return data.encode() if isinstance(data, str) else data
+
+
+def draw_options(request: circuit_pb2.ExportCircuitRequest) -> DrawOptions | None:
+    """The drawing options of an export request (None: none given); INVALID_ARGUMENT naming
+    the field for a bad one, or for one the format does not take."""
+    v = Violations()
+    given = [name for name in ("top_k", "nodes", "view", "plot", "layout")
+             if getattr(request, name)]
+    if given and request.format not in DRAWINGS:
+        v.bad(given[0], "applies to the DOT, SVG and PNG formats only")
+    v.number("top_k", request.top_k, 0, contract.MAX_DRAWING_EDGES)
+    if len(request.nodes) > contract.MAX_DRAWING_NODES:
+        v.bad("nodes", f"at most {contract.MAX_DRAWING_NODES} names")
+    for field, table in (("view", VIEWS), ("plot", PLOTS), ("layout", LAYOUTS)):
+        if getattr(request, field) not in table:
+            v.bad(field, f"unknown value {getattr(request, field)}")
+    if request.format == circuit_pb2.EXPORT_FORMAT_DOT and (request.plot or request.layout):
+        v.bad("plot" if request.plot else "layout", "applies to SVG and PNG only")
+    v.raise_if_any()
+    if not given:
+        return None
+    from edgeprune.engine.drawing import DrawOptions  # imports torch: only on first export
+
+    return DrawOptions(top_k=request.top_k or None, nodes=tuple(request.nodes),
+                       view=VIEWS[request.view], layout=LAYOUTS[request.layout],
+                       plot=PLOTS[request.plot])
 
 
 class CircuitHandler:
@@ -105,11 +148,14 @@ class CircuitHandler:
         return self.circuits.list(filter, page_size=size, page_token=request.page_token or None,
                                   full=full, max_bytes=self.config.limits.reply_bytes if full else None)
 
-    def export(self, circuit_id: str, fmt: int, who: Principal) -> tuple[str, str, bytes]:
+    def export(self, circuit_id: str, request: circuit_pb2.ExportCircuitRequest,
+               who: Principal) -> tuple[str, str, bytes]:
         """(content type, file name, bytes) of a circuit in an export format."""
+        fmt = request.format
         if fmt == circuit_pb2.EXPORT_FORMAT_UNSPECIFIED or fmt not in circuit_pb2.ExportFormat.values():
-            raise InvalidArgument("one of JSON, DOT, SVG or SAFETENSORS is required",
+            raise InvalidArgument("one of JSON, DOT, SVG, PNG or SAFETENSORS is required",
                                   field="format")
+        options = draw_options(request)
         record = self._owned(circuit_id, who, full=True)
         stem = f"circuit-{record.id}"
         if fmt == circuit_pb2.EXPORT_FORMAT_SAFETENSORS:
@@ -118,7 +164,9 @@ class CircuitHandler:
                                          reason="NO_MASKS")
             return "application/octet-stream", f"{stem}.safetensors", self.blobs.get(record.mask_blob)
         kind, suffix, content_type = EXPORTS[fmt]
-        return content_type, f"{stem}.{suffix}", render(record, kind).encode()
+        if options is not None and options.plot == "per_layer":
+            stem += "-per-layer"
+        return content_type, f"{stem}.{suffix}", render(record, kind, options)
 
     def compare(self, request: circuit_pb2.CompareCircuitsRequest,
                 who: Principal) -> circuit_pb2.CompareCircuitsResponse:
