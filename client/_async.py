@@ -308,6 +308,21 @@ class AsyncClient:
         request = _spec.compare_request(first, second)
         return await self._unary(self._circuits.CompareCircuits, request, timeout)
 
+    async def import_circuit(
+        self,
+        source: str | os.PathLike[str] | bytes | Mapping[str, Any],
+        *,
+        model: str,
+        method: str | int | None = None,
+        task: str = "",
+        request_id: str | None = None,
+        timeout: float | None = _UNSET,
+    ) -> circuit_pb2.Circuit:
+        """See :meth:`Client.import_circuit`."""
+        request = _spec.import_request(source, model=model, method=method, task=task,
+                                       request_id=request_id or new_request_id())
+        return await self._unary(self._circuits.ImportCircuit, request, timeout)
+
     async def delete_circuit(self, name: str, *, timeout: float | None = _UNSET) -> None:
         """See :meth:`Client.delete_circuit`."""
         request = _spec.delete_circuit_request(name)

@@ -199,7 +199,8 @@ def _data_spec(
         if task_seed is not None:
             data.task.seed = _number(task_seed, int, "task_seed")
         for key, value in (task_params or {}).items():
-            data.task.params[str(key)] = str(value)
+            # the server reads booleans as true / false (Python's str gives True / False)
+            data.task.params[str(key)] = str(value).lower() if isinstance(value, bool) else str(value)
     elif dataset is not None:
         data.dataset = resource_name("datasets", dataset, field="dataset")
     else:
@@ -386,7 +387,8 @@ def load_job_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def export_format(value: str | int) -> int:
-    """An ExportFormat number from ``"svg"``, ``"json"``, ``"dot"`` or ``"safetensors"``."""
+    """An ExportFormat number from ``"svg"``, ``"json"``, ``"dot"``, ``"png"``,
+    ``"safetensors"`` or ``"mib"``."""
     return enum_value(circuit_pb2.ExportFormat, value, prefix="EXPORT_FORMAT_", field="format")
 
 
@@ -455,6 +457,7 @@ def evaluate_request(
     task: str | None = None,
     task_examples: int | None = None,
     task_seed: int | None = None,
+    task_params: Mapping[str, Any] | None = None,
     dataset: str | None = None,
     examples: str | os.PathLike[str] | Iterable[Any] | None = None,
     all_positions: bool = False,
@@ -469,7 +472,7 @@ def evaluate_request(
     spec = job_pb2.EvaluationSpec(circuit=resource_name("circuits", circuit, field="circuit"))
     spec.data.CopyFrom(
         _data_spec(
-            task=task, task_examples=task_examples, task_seed=task_seed, task_params=None,
+            task=task, task_examples=task_examples, task_seed=task_seed, task_params=task_params,
             dataset=dataset, examples=examples, all_positions=all_positions, eval_fraction=None,
         )
     )
@@ -532,6 +535,30 @@ def export_request(name: str, format: str | int) -> circuit_pb2.ExportCircuitReq
     return circuit_pb2.ExportCircuitRequest(
         name=resource_name("circuits", name), format=export_format(format)
     )
+
+
+def import_request(
+    source: str | os.PathLike[str] | bytes | Mapping[str, Any],
+    *,
+    model: str,
+    method: str | int | None = None,
+    task: str = "",
+    request_id: str = "",
+) -> circuit_pb2.ImportCircuitRequest:
+    """An ImportCircuitRequest from a MIB circuit file: its path, its bytes, or the parsed object."""
+    if isinstance(source, bytes):
+        data = source
+    elif isinstance(source, Mapping):
+        data = json.dumps(source).encode()
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except OSError as err:
+            raise InvalidArgument(f"cannot read {source}: {err.strerror}", field="mib_json") from None
+    return circuit_pb2.ImportCircuitRequest(
+        model=model, mib_json=data, task=task, request_id=request_id,
+        method=0 if method is None else enum_value(common_pb2.Method, method, prefix="METHOD_",
+                                                   field="method"))
 
 
 def compare_request(first: str, second: str) -> circuit_pb2.CompareCircuitsRequest:

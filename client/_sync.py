@@ -327,6 +327,23 @@ class Client:
         request = _spec.compare_request(first, second)
         return self._unary(self._circuits.CompareCircuits, request, timeout)
 
+    def import_circuit(
+        self,
+        source: str | os.PathLike[str] | bytes | Mapping[str, Any],
+        *,
+        model: str,
+        method: str | int | None = None,
+        task: str = "",
+        request_id: str | None = None,
+        timeout: float | None = _UNSET,
+    ) -> circuit_pb2.Circuit:
+        """Store a circuit found elsewhere from a MIB / EAP-IG circuit file (a path, its bytes
+        or the parsed JSON object) as a circuit of allow-listed ``model``, owned by the caller;
+        ``method`` and ``task`` label where it came from. Retries reuse one request id."""
+        request = _spec.import_request(source, model=model, method=method, task=task,
+                                       request_id=request_id or new_request_id())
+        return self._unary(self._circuits.ImportCircuit, request, timeout)
+
     def delete_circuit(self, name: str, *, timeout: float | None = _UNSET) -> None:
         """Delete a circuit with its edges and nodes. FailedPrecondition while a pending or
         running job is to evaluate it."""

@@ -4,7 +4,7 @@
     edgeprune submit [JOB_FILE] [--model ...] [--watch | --wait]
     edgeprune jobs list | get | cancel | watch | delete
     edgeprune datasets upload | list | get | delete
-    edgeprune circuits list | show | export | compare | evaluate | delete
+    edgeprune circuits list | show | export | import | compare | evaluate | delete
     edgeprune info                                 the server's models, devices and limits
     edgeprune demo                                 a whole run on the default model
 
@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from edgeprune.v1 import common_pb2
+from edgeprune.v1 import common_pb2, server_pb2
 
 from ._core import DEFAULT_TARGET, DEFAULT_TIMEOUT, LB_POLICIES, check_finished
 from ._output import (
@@ -54,14 +54,19 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def _labels(pairs: Sequence[str] | None) -> dict[str, str]:
+def _labels(pairs: Sequence[str] | None, *, field: str = "label") -> dict[str, str]:
     out = {}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise InvalidArgument(f"labels are KEY=VALUE, got {pair!r}", field="label")
+            raise InvalidArgument(f"{field}s are KEY=VALUE, got {pair!r}", field=field)
         out[key] = value
     return out
+
+
+def _task_params(pairs: Sequence[str] | None) -> dict[str, str] | None:
+    """--task-param KEY=VALUE flags (None when there are none, so a job file's stay)."""
+    return _labels(pairs, field="task_param") or None
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -96,7 +101,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     options: dict[str, Any] = load_job_file(args.job_file) if args.job_file else {}
     flags = {
         "model": args.model, "task": args.task, "task_examples": args.task_examples,
-        "task_seed": args.task_seed, "dataset": args.dataset, "examples": args.examples,
+        "task_seed": args.task_seed, "task_params": _task_params(args.task_param),
+        "dataset": args.dataset, "examples": args.examples,
         "method": args.method, "sparsity": args.sparsity, "edges": args.edges,
         "steps": args.steps, "warmup_steps": args.warmup_steps, "lr": args.lr,
         "batch_size": args.batch_size, "seed": args.seed, "warm_start": args.warm_start,
@@ -251,6 +257,14 @@ def cmd_circuits_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_circuits_import(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        circuit = client.import_circuit(args.file, model=args.model, method=args.method,
+                                        task=args.task, request_id=args.request_id)
+    print_json(circuit) if args.json else print_table([circuit], CIRCUIT_COLUMNS)
+    return EXIT_OK
+
+
 def cmd_circuits_delete(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.delete_circuit(args.circuit)
@@ -281,7 +295,8 @@ def cmd_circuits_compare(args: argparse.Namespace) -> int:
 
 def cmd_circuits_evaluate(args: argparse.Namespace) -> int:
     options = {
-        "task": args.task, "task_examples": args.task_examples, "dataset": args.dataset,
+        "task": args.task, "task_examples": args.task_examples,
+        "task_params": _task_params(args.task_param), "dataset": args.dataset,
         "examples": args.examples, "ablation": args.ablation, "batch_size": args.batch_size,
     }
     with _client(args) as client:
@@ -305,6 +320,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             ("version", info.version),
             ("models", ", ".join(m.name for m in info.models) or "-"),
             ("tasks", ", ".join(info.tasks) or "-"),
+            *((f"task {t.name}", _task_summary(t)) for t in info.task_details),
             ("methods", ", ".join(enum_name(common_pb2.Method, m, "METHOD_").lower() for m in info.methods)),
             ("devices", ", ".join(d.name for d in info.devices) or "-"),
             ("max steps", str(info.limits.max_steps)),
@@ -313,6 +329,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         ]
     )
     return EXIT_OK
+
+
+def _task_summary(task: server_pb2.TaskInfo) -> str:
+    """One task's metric and parameters, e.g. "logit_diff; n_choices: int in [2, 4], default 4"."""
+    params = [f"{p.name}: {_param_values(p)}, default {p.default}" for p in task.params]
+    return "; ".join([task.metric, *params]) if params else f"{task.metric}; no parameters"
+
+
+def _param_values(param: server_pb2.TaskParam) -> str:
+    if param.choices:
+        return "one of " + ", ".join(param.choices)
+    if param.type == "bool":
+        return "true or false"
+    bounds = [f"{v:g}" if param.HasField(f) else "" for f, v in
+              (("minimum", param.minimum), ("maximum", param.maximum))]
+    return f"{param.type} in [{bounds[0]}, {bounds[1]}]"
 
 
 SERVICE_COMMANDS = ("serve", "worker", "migrate")  # handed to edgeprune.service.cli
@@ -344,8 +376,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", help="built-in task: ioi, gendered_pronoun, greater_than, ...")
+    parser.add_argument("--task", help="built-in task: ioi, gendered_pronoun, greater_than, "
+                        "mcqa, arithmetic, ... (edgeprune info lists them)")
     parser.add_argument("--task-examples", type=int, metavar="N", help="examples to generate")
+    parser.add_argument("--task-param", action="append", metavar="KEY=VALUE",
+                        help="a parameter of the task's generator, e.g. n_choices=2 (repeat; "
+                        "edgeprune info lists each task's)")
     parser.add_argument("--dataset", help="an uploaded dataset (datasets/ID or ID)")
     parser.add_argument("--examples", metavar="JSONL", help="inline examples from a JSONL file")
 
@@ -474,8 +510,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = circuits.add_parser("export", parents=[common], help="export a circuit to a file")
     p.add_argument("circuit")
     p.add_argument("path", help="output file (or a directory for the server's file name)")
-    p.add_argument("--format", default="json", help="json (default), dot, svg or safetensors")
+    p.add_argument("--format", default="json",
+                   help="json (default), dot, svg, png, safetensors or mib (MIB's circuit file)")
     p.set_defaults(func=cmd_circuits_export)
+    p = circuits.add_parser("import", parents=[common],
+                            help="store a circuit from a MIB / EAP-IG circuit file (JSON)")
+    p.add_argument("file", help="the circuit file (EAP-IG's Graph.to_json)")
+    p.add_argument("--model", required=True, help="the allow-listed model it belongs to")
+    p.add_argument("--method", help="the method that found it (e.g. eap_ig), if known")
+    p.add_argument("--task", default="", help="the task it was found on, as a label")
+    p.add_argument("--request-id", help="idempotency key (default: a new one)")
+    p.set_defaults(func=cmd_circuits_import)
     p = circuits.add_parser("delete", parents=[common], help="delete a circuit with its edges")
     p.add_argument("circuit", help="circuits/ID or ID")
     p.set_defaults(func=cmd_circuits_delete)

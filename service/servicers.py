@@ -241,6 +241,12 @@ class CircuitServicer(_Servicer, circuit_pb2_grpc.CircuitServiceServicer):
         return await asyncio.to_thread(self.handler.compare, request, self.who(context))
 
     @unary
+    async def ImportCircuit(self, request: circuit_pb2.ImportCircuitRequest,
+                            context: Context) -> circuit_pb2.Circuit:
+        record = await asyncio.to_thread(self.handler.import_circuit, request, self.who(context))
+        return converters.circuit_to_proto(record)
+
+    @unary
     async def DeleteCircuit(self, request: circuit_pb2.DeleteCircuitRequest,
                             context: Context) -> empty_pb2.Empty:
         await asyncio.to_thread(self.handler.delete, parse_circuit_name(request.name),

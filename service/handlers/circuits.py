@@ -1,4 +1,4 @@
-"""Circuits: get, list with filters, export, compare, delete."""
+"""Circuits: get, list with filters, export, compare, delete, import."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from edgeprune.engine import contract
 from edgeprune.service.config import Config
 from edgeprune.service.errors import FailedPrecondition, InvalidArgument
+from edgeprune.service.handlers import mib
 from edgeprune.service.principals import Principal
 from edgeprune.service.translate import METHODS, circuit_from_record
 from edgeprune.service.validation import Violations, check_page, parse_circuit_name, parse_name
@@ -32,6 +33,7 @@ EXPORTS = {
     circuit_pb2.EXPORT_FORMAT_DOT: ("dot", "dot", "text/vnd.graphviz"),
     circuit_pb2.EXPORT_FORMAT_SVG: ("svg", "svg", "image/svg+xml"),
     circuit_pb2.EXPORT_FORMAT_PNG: ("png", "png", "image/png"),
+    circuit_pb2.EXPORT_FORMAT_MIB: ("mib", "mib.json", "application/json"),
 }
 DRAWINGS = (circuit_pb2.EXPORT_FORMAT_DOT, circuit_pb2.EXPORT_FORMAT_SVG,
             circuit_pb2.EXPORT_FORMAT_PNG)
@@ -153,7 +155,7 @@ class CircuitHandler:
         """(content type, file name, bytes) of a circuit in an export format."""
         fmt = request.format
         if fmt == circuit_pb2.EXPORT_FORMAT_UNSPECIFIED or fmt not in circuit_pb2.ExportFormat.values():
-            raise InvalidArgument("one of JSON, DOT, SVG, PNG or SAFETENSORS is required",
+            raise InvalidArgument("one of JSON, DOT, SVG, PNG, SAFETENSORS or MIB is required",
                                   field="format")
         options = draw_options(request)
         record = self._owned(circuit_id, who, full=True)
@@ -164,9 +166,16 @@ class CircuitHandler:
                                          reason="NO_MASKS")
             return "application/octet-stream", f"{stem}.safetensors", self.blobs.get(record.mask_blob)
         kind, suffix, content_type = EXPORTS[fmt]
+        if fmt == circuit_pb2.EXPORT_FORMAT_MIB:  # on the model's graph, with its width
+            return content_type, f"{stem}.{suffix}", mib.export_mib(record, self.config)
         if options is not None and options.plot == "per_layer":
             stem += "-per-layer"
         return content_type, f"{stem}.{suffix}", render(record, kind, options)
+
+    def import_circuit(self, request: circuit_pb2.ImportCircuitRequest,
+                       who: Principal) -> CircuitRecord:
+        """ImportCircuit: a MIB circuit file, checked against the model's graph (see `mib`)."""
+        return mib.import_circuit(self.circuits, self.config, request, who)
 
     def compare(self, request: circuit_pb2.CompareCircuitsRequest,
                 who: Principal) -> circuit_pb2.CompareCircuitsResponse:

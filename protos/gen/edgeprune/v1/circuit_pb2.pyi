@@ -41,6 +41,10 @@ class _ExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportFo
     """Edge and node masks as a safetensors file."""
     EXPORT_FORMAT_PNG: _ExportFormat.ValueType  # 5
     """PNG picture: the drawing, or the plot named by ExportCircuitRequest.plot."""
+    EXPORT_FORMAT_MIB: _ExportFormat.ValueType  # 6
+    """MIB's circuit format (EAP-IG's `Graph.to_json`): every edge of the model's graph with its
+    score and `in_graph`, as MIB's circuit track reads it.
+    """
 
 class ExportFormat(_ExportFormat, metaclass=_ExportFormatEnumTypeWrapper):
     """An export format."""
@@ -57,6 +61,10 @@ EXPORT_FORMAT_SAFETENSORS: ExportFormat.ValueType  # 4
 """Edge and node masks as a safetensors file."""
 EXPORT_FORMAT_PNG: ExportFormat.ValueType  # 5
 """PNG picture: the drawing, or the plot named by ExportCircuitRequest.plot."""
+EXPORT_FORMAT_MIB: ExportFormat.ValueType  # 6
+"""MIB's circuit format (EAP-IG's `Graph.to_json`): every edge of the model's graph with its
+score and `in_graph`, as MIB's circuit track reads it.
+"""
 Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
 
 class _DrawingView:
@@ -652,3 +660,43 @@ class CompareCircuitsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompareCircuitsResponse: _TypeAlias = CompareCircuitsResponse  # noqa: Y015
+
+@_typing.final
+class ImportCircuitRequest(_message.Message):
+    """Request of ImportCircuit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MIB_JSON_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Short name of the model on the server's allow-list that the circuit belongs to."""
+    mib_json: _builtins.bytes
+    """The MIB circuit file (JSON: `cfg`, `nodes`, `edges`); its edges with `in_graph` true are
+    the circuit. At most the server's message limit.
+    """
+    method: _common_pb2.Method.ValueType
+    """The method that found it, if known (unset: the circuit's method is unspecified)."""
+    task: _builtins.str
+    """The task it was found on, as a label (e.g. `ioi`)."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155)."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        mib_json: _builtins.bytes = ...,
+        method: _common_pb2.Method.ValueType = ...,
+        task: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "mib_json", b"mib_json", "model", b"model", "request_id", b"request_id", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportCircuitRequest: _TypeAlias = ImportCircuitRequest  # noqa: Y015

@@ -67,6 +67,11 @@ class CircuitServiceStub:
                 request_serializer=edgeprune_dot_v1_dot_circuit__pb2.DeleteCircuitRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.ImportCircuit = channel.unary_unary(
+                '/edgeprune.v1.CircuitService/ImportCircuit',
+                request_serializer=edgeprune_dot_v1_dot_circuit__pb2.ImportCircuitRequest.SerializeToString,
+                response_deserializer=edgeprune_dot_v1_dot_circuit__pb2.Circuit.FromString,
+                _registered_method=True)
 
 
 class CircuitServiceServicer:
@@ -116,6 +121,15 @@ class CircuitServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportCircuit(self, request, context):
+        """Stores a circuit found elsewhere, from a MIB / EAP-IG circuit file, owned by the caller.
+        It can then be read, exported, evaluated and compared like a job's circuit. A repeated
+        request with the same `request_id` returns the same circuit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CircuitServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +162,11 @@ def add_CircuitServiceServicer_to_server(servicer, server):
                     servicer.DeleteCircuit,
                     request_deserializer=edgeprune_dot_v1_dot_circuit__pb2.DeleteCircuitRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'ImportCircuit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportCircuit,
+                    request_deserializer=edgeprune_dot_v1_dot_circuit__pb2.ImportCircuitRequest.FromString,
+                    response_serializer=edgeprune_dot_v1_dot_circuit__pb2.Circuit.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +332,33 @@ class CircuitService:
             '/edgeprune.v1.CircuitService/DeleteCircuit',
             edgeprune_dot_v1_dot_circuit__pb2.DeleteCircuitRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportCircuit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeprune.v1.CircuitService/ImportCircuit',
+            edgeprune_dot_v1_dot_circuit__pb2.ImportCircuitRequest.SerializeToString,
+            edgeprune_dot_v1_dot_circuit__pb2.Circuit.FromString,
             options,
             channel_credentials,
             insecure,

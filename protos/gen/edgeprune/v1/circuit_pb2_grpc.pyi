@@ -49,6 +49,11 @@ class CircuitServiceStub:
     """Deletes a circuit with its edges and nodes. Its mask blob is freed by the server's
     scheduled cleanup once nothing else refers to it (blobs are shared by content).
     """
+    ImportCircuit: _grpc.UnaryUnaryMultiCallable[_circuit_pb2.ImportCircuitRequest, _circuit_pb2.Circuit]
+    """Stores a circuit found elsewhere, from a MIB / EAP-IG circuit file, owned by the caller.
+    It can then be read, exported, evaluated and compared like a job's circuit. A repeated
+    request with the same `request_id` returns the same circuit.
+    """
 
 @_typing.type_check_only
 class CircuitServiceAsyncStub(CircuitServiceStub):
@@ -68,6 +73,11 @@ class CircuitServiceAsyncStub(CircuitServiceStub):
     DeleteCircuit: _aio.UnaryUnaryMultiCallable[_circuit_pb2.DeleteCircuitRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a circuit with its edges and nodes. Its mask blob is freed by the server's
     scheduled cleanup once nothing else refers to it (blobs are shared by content).
+    """
+    ImportCircuit: _aio.UnaryUnaryMultiCallable[_circuit_pb2.ImportCircuitRequest, _circuit_pb2.Circuit]  # type: ignore[assignment]
+    """Stores a circuit found elsewhere, from a MIB / EAP-IG circuit file, owned by the caller.
+    It can then be read, exported, evaluated and compared like a job's circuit. A repeated
+    request with the same `request_id` returns the same circuit.
     """
 
 class CircuitServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -121,6 +131,17 @@ class CircuitServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
         """Deletes a circuit with its edges and nodes. Its mask blob is freed by the server's
         scheduled cleanup once nothing else refers to it (blobs are shared by content).
+        """
+
+    @_abc_1.abstractmethod
+    def ImportCircuit(
+        self,
+        request: _circuit_pb2.ImportCircuitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_circuit_pb2.Circuit, _abc.Awaitable[_circuit_pb2.Circuit]]:
+        """Stores a circuit found elsewhere, from a MIB / EAP-IG circuit file, owned by the caller.
+        It can then be read, exported, evaluated and compared like a job's circuit. A repeated
+        request with the same `request_id` returns the same circuit.
         """
 
 def add_CircuitServiceServicer_to_server(servicer: CircuitServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
