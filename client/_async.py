@@ -268,11 +268,30 @@ class AsyncClient:
         *,
         format: str | int = "json",
         timeout: float | None = _UNSET,
+        **drawing: Any,
     ) -> Path:
         """See :meth:`Client.export_circuit`."""
-        request = _spec.export_request(name, format)
+        request = _spec.export_request(name, format, **drawing)
+        return await self._export(self._circuits.ExportCircuit, request, path, timeout)
+
+    async def export_job_plot(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        plot: str | int | None = None,
+        format: str | int = "svg",
+        timeout: float | None = _UNSET,
+    ) -> Path:
+        """See :meth:`Client.export_job_plot`."""
+        request = _spec.job_plot_request(name, plot, format)
+        return await self._export(self._jobs.ExportJobPlot, request, path, timeout)
+
+    async def _export(self, method: Any, request: Any, path: str | os.PathLike[str],
+                      timeout: float | None) -> Path:
+        """See :meth:`Client._export`."""
         sink = ExportFile(path)
-        stream = self._circuits.ExportCircuit(
+        stream = method(
             request,
             timeout=self.settings.stream_timeout if timeout is _UNSET else timeout,
             metadata=self._md,

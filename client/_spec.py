@@ -530,11 +530,46 @@ def get_circuit_request(name: str, *, full: bool = False) -> circuit_pb2.GetCirc
     return circuit_pb2.GetCircuitRequest(name=resource_name("circuits", name), view=view_value(full))
 
 
-def export_request(name: str, format: str | int) -> circuit_pb2.ExportCircuitRequest:
-    """An ExportCircuitRequest; ``format`` is json, dot, svg or safetensors."""
-    return circuit_pb2.ExportCircuitRequest(
-        name=resource_name("circuits", name), format=export_format(format)
+def export_request(
+    name: str,
+    format: str | int,
+    *,
+    top_k: int | None = None,
+    nodes: Iterable[str] = (),
+    view: str | int | None = None,
+    plot: str | int | None = None,
+    layout: str | int | None = None,
+) -> circuit_pb2.ExportCircuitRequest:
+    """An ExportCircuitRequest; ``format`` is json, dot, svg, png, safetensors or mib. Drawings
+    (dot, svg, png) take ``top_k`` (the k most important edges), ``nodes`` (only edges touching
+    them), ``view`` (edges or nodes), ``plot`` (drawing or per_layer; svg and png) and
+    ``layout`` (graphviz or builtin)."""
+    request = circuit_pb2.ExportCircuitRequest(
+        name=resource_name("circuits", name), format=export_format(format),
+        top_k=top_k or 0, nodes=list(nodes),
     )
+    if view is not None:
+        request.view = enum_value(circuit_pb2.DrawingView, view, prefix="DRAWING_VIEW_",
+                                  field="view")
+    if plot is not None:
+        request.plot = enum_value(circuit_pb2.CircuitPlot, plot, prefix="CIRCUIT_PLOT_",
+                                  field="plot")
+    if layout is not None:
+        request.layout = enum_value(circuit_pb2.DrawingLayout, layout, prefix="DRAWING_LAYOUT_",
+                                    field="layout")
+    return request
+
+
+def job_plot_request(name: str, plot: str | int | None = None,
+                     format: str | int = "svg") -> job_pb2.ExportJobPlotRequest:
+    """An ExportJobPlotRequest: ``plot`` training or faithfulness (None: the server picks
+    training for Edge Pruning jobs), ``format`` svg or png."""
+    request = job_pb2.ExportJobPlotRequest(
+        name=resource_name("jobs", name),
+        format=enum_value(job_pb2.ImageFormat, format, prefix="IMAGE_FORMAT_", field="format"))
+    if plot is not None:
+        request.plot = enum_value(job_pb2.JobPlot, plot, prefix="JOB_PLOT_", field="plot")
+    return request
 
 
 def import_request(

@@ -285,12 +285,35 @@ class Client:
         *,
         format: str | int = "json",
         timeout: float | None = _UNSET,
+        **drawing: Any,
     ) -> Path:
-        """Write a circuit as JSON, DOT, SVG or safetensors masks to ``path`` (a file, or a
-        directory for the server's file name); returns the file written."""
-        request = _spec.export_request(name, format)
+        """Write a circuit as JSON, DOT, SVG, PNG, safetensors masks or MIB's file to ``path``
+        (a file, or a directory for the server's file name); returns the file written.
+        ``drawing``: top_k, nodes, view, plot and layout of a drawing (see
+        :func:`~edgeprune.client._spec.export_request`)."""
+        request = _spec.export_request(name, format, **drawing)
+        return self._export(self._circuits.ExportCircuit, request, path, timeout)
+
+    def export_job_plot(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        plot: str | int | None = None,
+        format: str | int = "svg",
+        timeout: float | None = _UNSET,
+    ) -> Path:
+        """Write a plot of a job to ``path`` (a file, or a directory for the server's file
+        name): ``plot`` training (an Edge Pruning job's curves; the default for those) or
+        faithfulness (its circuits against their size), ``format`` svg or png."""
+        request = _spec.job_plot_request(name, plot, format)
+        return self._export(self._jobs.ExportJobPlot, request, path, timeout)
+
+    def _export(self, method: Any, request: Any, path: str | os.PathLike[str],
+                timeout: float | None) -> Path:
+        """Stream an export into a file beside ``path``, moved into place once whole."""
         sink = ExportFile(path)
-        stream = self._circuits.ExportCircuit(
+        stream = method(
             request,
             timeout=self.settings.stream_timeout if timeout is _UNSET else timeout,
             metadata=self._md,

@@ -2,9 +2,9 @@
 
     edgeprune serve | worker | migrate [options]   run the service (needs the server extra)
     edgeprune submit [JOB_FILE] [--model ...] [--watch | --wait]
-    edgeprune jobs list | get | cancel | watch | delete
+    edgeprune jobs list | get | cancel | watch | delete | plot
     edgeprune datasets upload | list | get | delete
-    edgeprune circuits list | show | export | import | compare | evaluate | delete
+    edgeprune circuits list | show | plot | export | import | compare | evaluate | delete
     edgeprune info                                 the server's models, devices and limits
     edgeprune demo                                 a whole run on the default model
 
@@ -235,12 +235,42 @@ def cmd_circuits_show(args: argparse.Namespace) -> int:
         print_json(circuit)
     else:
         print_pairs(describe_circuit(circuit))
-        edges = sorted(circuit.edges, key=lambda e: -abs(e.score))[: args.edges]
+        edges = top_edges(circuit)[: args.edges]
         if edges:
-            print(f"\ntop {len(edges)} edges by |score|:")
+            print(f"\ntop {len(edges)} edges by {importance_name(circuit)}:")
             print_table(edges, [("EDGE", lambda e: e.name), ("SCORE", lambda e: f"{e.score:.4g}")])
     if svg is not None:
         print(f"wrote {svg}", file=sys.stderr)
+    return EXIT_OK
+
+
+def top_edges(circuit: Any) -> list[Any]:
+    """The edges most important first, as the server's drawings rank them: Edge Pruning's
+    scores are log-alphas (a higher one keeps the edge more often, a very negative one is
+    firmly off), the other methods' are attributions (larger magnitude matters more)."""
+    if circuit.method == common_pb2.METHOD_EDGE_PRUNING:
+        return sorted(circuit.edges, key=lambda e: -e.score)
+    return sorted(circuit.edges, key=lambda e: -abs(e.score))
+
+
+def importance_name(circuit: Any) -> str:
+    return ("log-alpha (keep probability)" if circuit.method == common_pb2.METHOD_EDGE_PRUNING
+            else "|score|")
+
+
+def cmd_circuits_plot(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        path = client.export_circuit(args.circuit, args.output, format=args.format,
+                                     plot=args.kind, top_k=args.top_k, nodes=args.node or (),
+                                     view=args.view, layout=args.layout)
+    print_json({"path": str(path)}) if args.json else print(path)
+    return EXIT_OK
+
+
+def cmd_jobs_plot(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        path = client.export_job_plot(args.job, args.output, plot=args.kind, format=args.format)
+    print_json({"path": str(path)}) if args.json else print(path)
     return EXIT_OK
 
 
@@ -447,6 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--after", type=int, default=0, metavar="SEQ", help="skip events up to SEQ")
         p.set_defaults(func=func)
 
+    p = jobs.add_parser("plot", parents=[common],
+                        help="plot a job: training curves or faithfulness against size (SVG or PNG)")
+    p.add_argument("job", help="jobs/ID or ID")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="output file (or a directory for the server's file name)")
+    p.add_argument("--kind", choices=("training", "faithfulness"),
+                   help="default: training for Edge Pruning jobs, else faithfulness")
+    p.add_argument("--format", choices=("svg", "png"), default="svg")
+    p.set_defaults(func=cmd_jobs_plot)
+
     datasets = sub.add_parser("datasets", help="upload and list datasets").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )
@@ -479,6 +519,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--svg", metavar="FILE", help="write the circuit's picture (SVG) to FILE")
     p.add_argument("--edges", type=int, default=0, metavar="N", help="list the N top-scoring edges")
     p.set_defaults(func=cmd_circuits_show)
+    p = circuits.add_parser("plot", parents=[common],
+                            help="draw a circuit, or plot its kept edges per layer (SVG or PNG)")
+    p.add_argument("circuit")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="output file (or a directory for the server's file name)")
+    p.add_argument("--kind", choices=("drawing", "per-layer"), default="drawing")
+    p.add_argument("--format", choices=("svg", "png"), default="svg")
+    p.add_argument("--top-k", type=int, metavar="N",
+                   help="only the N most important edges (Edge Pruning: keep probability)")
+    p.add_argument("--node", action="append", metavar="NODE",
+                   help="only edges touching NODE, e.g. a3.h1 or m2 (repeatable)")
+    p.add_argument("--view", choices=("edges", "nodes"),
+                   help="one line per edge (default) or per pair of nodes")
+    p.add_argument("--layout", choices=("graphviz", "builtin"),
+                   help="who lays the drawing out (default: graphviz where the server has it)")
+    p.set_defaults(func=cmd_circuits_plot)
     p = circuits.add_parser("export", parents=[common], help="export a circuit to a file")
     p.add_argument("circuit")
     p.add_argument("path", help="output file (or a directory for the server's file name)")
