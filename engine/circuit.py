@@ -343,4 +343,4 @@ def circuit_from_keep(
 def graph_shape(graph: Graph) -> dict[str, Any]:
     """The numbers that rebuild ``graph`` with :meth:`Graph.build`."""
     return {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "n_kv_heads": graph.n_kv_heads,
-            "has_pos": graph.has_pos}
+            "has_pos": graph.has_pos, "parallel_attn_mlp": graph.parallel_attn_mlp}

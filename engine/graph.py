@@ -11,9 +11,12 @@ Readers (inputs that read from it), in this order::
 
 Every reader's upstream writers are a prefix ``writers[:n_upstream[r]]``: the attention readers of
 layer l see the embeddings and every head and MLP of layers < l, the MLP of layer l also sees the
-heads of layer l, and ``logits`` sees every writer. Edges are named ``"{writer}->{reader}"`` and are
-listed reader-major: ``for r in readers: for w in writers[:n_upstream[r]]``. So the edges into one
-reader, and into all readers of a layer's attention (which share one prefix), are contiguous.
+heads of layer l, and ``logits`` sees every writer. In a model whose layers run attention and MLP
+in parallel on the layer's input (``parallel_attn_mlp``: GPT-NeoX / Pythia), the MLP of layer l
+sees what its layer's attention sees and not its heads: those edges do not exist. Edges are named
+``"{writer}->{reader}"`` and are listed reader-major: ``for r in readers: for w in
+writers[:n_upstream[r]]``. So the edges into one reader, and into all readers of a layer's
+attention (which share one prefix), are contiguous.
 """
 
 from __future__ import annotations
@@ -54,10 +57,15 @@ class Graph:
     readers: tuple[str, ...]
     n_upstream: tuple[int, ...]  # per reader: it reads writers[:n_upstream[r]]
     reader_offsets: tuple[int, ...]  # per reader: index of its first edge; len = n_readers + 1
+    parallel_attn_mlp: bool = False  # MLP l reads the layer's input, not layer l's heads
 
     @classmethod
-    def build(cls, n_layers: int, n_heads: int, n_kv_heads: int, has_pos: bool) -> Graph:
-        """The graph of a model with ``n_layers`` layers of ``n_heads`` query / ``n_kv_heads`` KV heads."""
+    def build(
+        cls, n_layers: int, n_heads: int, n_kv_heads: int, has_pos: bool,
+        parallel_attn_mlp: bool = False,
+    ) -> Graph:
+        """The graph of a model with ``n_layers`` layers of ``n_heads`` query / ``n_kv_heads`` KV heads
+        (``parallel_attn_mlp``: every layer's MLP reads the layer's input, as its attention does)."""
         if n_layers < 1 or n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
             raise InvalidArgument(
                 f"bad graph shape: {n_layers} layers, {n_heads} heads, {n_kv_heads} KV heads",
@@ -71,9 +79,10 @@ class Graph:
             attn += [f"a{layer}.h{g}.{kind}" for kind in "kv" for g in range(n_kv_heads)]
             readers += attn
             n_upstream += [len(writers)] * len(attn)
+            layer_input = len(writers)
             writers += [f"a{layer}.h{h}" for h in range(n_heads)]
             readers.append(f"m{layer}")
-            n_upstream.append(len(writers))
+            n_upstream.append(layer_input if parallel_attn_mlp else len(writers))
             writers.append(f"m{layer}")
         readers.append("logits")
         n_upstream.append(len(writers))
@@ -89,6 +98,7 @@ class Graph:
             readers=tuple(readers),
             n_upstream=tuple(n_upstream),
             reader_offsets=tuple(offsets),
+            parallel_attn_mlp=parallel_attn_mlp,
         )
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -199,7 +209,7 @@ class Graph:
         return self._group(first, self.n_heads + 2 * self.n_kv_heads)
 
     def mlp_group(self, layer: int) -> ReaderGroup:
-        """The MLP reader of ``layer``."""
+        """The MLP reader of ``layer`` (over the layer's heads too, unless ``parallel_attn_mlp``)."""
         return self._group((layer + 1) * (self.n_heads + 2 * self.n_kv_heads + 1) - 1, 1)
 
     def logits_group(self) -> ReaderGroup:

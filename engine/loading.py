@@ -8,7 +8,8 @@ References:
     as safetensors (+ config and tokenizer) under the cache folder; later loads read the cache.
 ``hf:<dir-or-id>``
     A Hugging Face checkpoint folder, or a model id already in the local Hugging Face cache
-    (nothing is downloaded): GPT-2 family, LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM.
+    (nothing is downloaded): GPT-2 family, LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM,
+    GPTNeoXForCausalLM (Pythia).
     Safetensors weights only, never remote code.
 ``tracr:<dir>``
     A compiled RASP program in the ``tracr-npz/1`` format (see ``edgeprune.engine.tracr_model``).
@@ -35,6 +36,7 @@ from torch import nn
 from transformers import (
     AutoTokenizer,
     GPT2LMHeadModel,
+    GPTNeoXForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
     PreTrainedModel,
@@ -64,10 +66,11 @@ HF_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llama": LlamaForCausalLM,
     "qwen2": Qwen2ForCausalLM,
     "mistral": MistralForCausalLM,
+    "gpt_neox": GPTNeoXForCausalLM,
 }
 SUPPORTED = (
     "GPT-2 family (gpt2), LlamaForCausalLM (llama), Qwen2ForCausalLM (qwen2), "
-    "MistralForCausalLM (mistral)"
+    "MistralForCausalLM (mistral), GPTNeoXForCausalLM (gpt_neox)"
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -143,10 +143,40 @@ def _attend(
 ) -> torch.Tensor:
     """Scaled dot-product attention: q [B, H, Tq, K], k and v [B, KV, T, K], mask [B, 1, Tq, T]
     -> [B, H, Tq, K]."""
+    cap = adapter.attn_softcap(layer)
+    if cap is not None:
+        return softcapped_attention(q, k, v, mask, adapter.attn_scale(layer), cap)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=adapter.attn_scale(layer),
         enable_gqa=adapter.n_heads != adapter.n_kv_heads,
     )
+
+
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, cap: float
+) -> torch.Tensor:
+    """Attention whose logits are soft-capped, ``tanh(s / cap) * cap`` before the mask (which the
+    fused kernel cannot do, so the scores are formed here): shapes as :func:`_attend`.
+
+    Query heads are grouped by their key/value head (head h uses KV head h // (H / KV)), so keys
+    and values are never repeated per query head.
+    """
+    B, H, Tq, K = q.shape
+    KV = k.shape[1]
+    qg = q.view(B, KV, H // KV, Tq, K)  # [B, KV, G, Tq, K]
+    scores = qg @ k[:, :, None].transpose(-1, -2) * scale  # [B, KV, G, Tq, T]
+    scores = torch.tanh(scores / cap) * cap
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # mask [B, 1, 1, Tq, T]
+    probs = scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    return (probs @ v[:, :, None]).view(B, H, Tq, K)  # [B, H, Tq, K]
+
+
+def head_shares(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Every head's output ``z_h @ W_O[h] + b_O / H`` as a differentiable tensor (for a norm to
+    follow; ``write_heads`` computes it straight into the buffer otherwise): z [B, H, T, K],
+    weight [H, K, D], bias [D] or None -> [H, B, T, D]."""
+    y = torch.einsum("bhtk,hkd->hbtd", z, weight)  # [H, B, T, D]
+    return y if bias is None else y + bias / z.shape[1]
 
 
 def _call(fn: Callable[..., torch.Tensor], *args: object, recompute: bool) -> torch.Tensor:
@@ -243,17 +273,23 @@ class Readers:
         heads = g.layer_start(layer)
         m_attn = _group_weights(self.weights, g.attn_group(layer))  # [H + 2KV, heads]
         self.m_mlp = _group_weights(self.weights, g.mlp_group(layer))  # [1, heads + H]
+        parallel = g.parallel_attn_mlp  # the MLP reader is finished here: it reads no heads
         if self._at_answers(layer):
-            # keys and values in the block; queries over every writer before the layer, there
+            # keys and values in the block; queries (and a parallel MLP reader) over every
+            # writer before the layer, there
             (x_kv,) = self._read(token, m_attn[H:, first:], self.row, first, self.block_base)
-            x_q = self.answers.mix(token, m_attn[:H])  # [H, N, D]
+            m = torch.cat([m_attn[:H], self.m_mlp]) if parallel else m_attn[:H]
+            x_q = self.answers.mix(token, m)  # [H(+1), N, D]
+            x_q, self.x_mlp = x_q[:H], x_q[H:, None]  # [H, N, D], [1 | 0, 1, N, D]
             grad_into = (None, GradInto(self.block, self.row, 2 * KV))
             rows = self.answers.rows
         else:
             # the q/k/v readers and the MLP reader over the block's writers before the layer,
             # in one matmul; the MLP reader adds the layer's heads once they are written
             m = torch.cat([m_attn[:, first:], self.m_mlp[:, first:heads]])
-            x_q, x_kv = self._read(token, m, self.row, first, self.block_base, (H, 2 * KV))
+            returned = (H, 2 * KV, 1) if parallel else (H, 2 * KV)
+            x_q, x_kv, *x_mlp = self._read(token, m, self.row, first, self.block_base, returned)
+            self.x_mlp = x_mlp[0] if parallel else None  # [1, B, T, D]
             grad_into = (GradInto(self.block, self.row, H),
                          GradInto(self.block, self.row + H, 2 * KV))
             rows = None
@@ -263,6 +299,8 @@ class Readers:
     def mlp(self, token: torch.Tensor, layer: int) -> torch.Tensor:
         """The input of layer ``layer``'s MLP reader (after :meth:`attention` and the heads'
         write): [1, B, T, D], or [1, 1, N, D] at the answer rows."""
+        if self.graph.parallel_attn_mlp:
+            return self.x_mlp  # read with the layer's attention readers
         if self._at_answers(layer):
             return self.answers.mix(token, self.m_mlp)[:, None]
         heads = self.graph.layer_start(layer)
@@ -347,7 +385,11 @@ def masked_forward(
         )
         z = _call(attend, x.q, x.kv, recompute=checkpoint_layers)  # [B, H, T, K] | [1, H, N, K]
         weight, bias = adapter.out_proj(layer)  # [H, K, D], [D] or None
-        token = write_heads(buf, token, heads, z, weight, bias, ablation(heads, heads + H))
+        if adapter.post_attention_norm:  # each head's share of the normalised layer output
+            y = adapter.normalise_heads(layer, head_shares(z, weight, bias))  # [H, B, T, D]
+            token = write(buf, token, heads, y, ablation(heads, heads + H))
+        else:
+            token = write_heads(buf, token, heads, z, weight, bias, ablation(heads, heads + H))
         # MLP: gather its reader's input, run it, write its output
         x_mlp = readers.mlp(token, layer)  # [1, B, T, D] | [1, 1, N, D]
         y = _call(adapter.mlp, layer, x_mlp, recompute=checkpoint_layers)  # x_mlp's shape
@@ -387,8 +429,12 @@ def writer_outputs(
         x_q, x_kv = resid.expand(H, B, T, D), resid.expand(2 * KV, B, T, D)  # every reader's input
         z = attention_heads(adapter, layer, x_q, x_kv, position_ids, mask_of(layer))  # [B, H, T, K]
         head_outputs(z, *adapter.out_proj(layer), out[heads : heads + H])  # [H, B, T, D]
+        if adapter.post_attention_norm:
+            out[heads : heads + H] = adapter.normalise_heads(layer, out[heads : heads + H])
+        layer_input = resid
         resid = resid + out[heads : heads + H].sum(0)  # [B, T, D]
-        out[heads + H] = adapter.mlp(layer, resid)  # [B, T, D]
+        mlp_input = layer_input if graph.parallel_attn_mlp else resid
+        out[heads + H] = adapter.mlp(layer, mlp_input)  # [B, T, D]
         resid = resid + out[heads + H]
     return out
 
@@ -396,9 +442,10 @@ def writer_outputs(
 class CircuitModel(nn.Module):
     """A frozen language model whose every edge can be masked between clean and ablated values.
 
-    ``CircuitModel(module, tokenizer)`` takes a Hugging Face causal LM (gpt2, llama, qwen2, mistral)
-    or an ``edgeprune.engine.tracr_model.TracrModel``. The module's weights are frozen and used in
-    place. docs/architecture.md gives the graph's names and the mask and ablation conventions.
+    ``CircuitModel(module, tokenizer)`` takes a Hugging Face causal LM of a family in
+    ``edgeprune.engine.adapters.ADAPTERS`` or an ``edgeprune.engine.tracr_model.TracrModel``. The
+    module's weights are frozen and used in place. docs/architecture.md gives the graph's names
+    and the mask and ablation conventions.
 
     ``checkpoint_layers`` (also settable, or on for a ``with model.checkpointing():`` block) trades
     compute for memory: every layer's attention and MLP intermediates are recomputed during the
@@ -424,7 +471,8 @@ class CircuitModel(nn.Module):
         self.arch = a.arch
         self.n_layers, self.n_heads, self.n_kv_heads = a.n_layers, a.n_heads, a.n_kv_heads
         self.d_model, self.vocab_size = a.d_model, a.vocab_size
-        self.graph = Graph.build(a.n_layers, a.n_heads, a.n_kv_heads, a.has_pos)
+        self.graph = Graph.build(a.n_layers, a.n_heads, a.n_kv_heads, a.has_pos,
+                                 a.parallel_attn_mlp)
         self.checkpoint_layers = checkpoint_layers
         # the big tensors of a masked forward, reused by the next one (release_workspace frees them)
         self.workspace = Workspace()

@@ -120,6 +120,7 @@ class ModelShape:
     tied_embeddings: bool = True
     gated_mlp: bool = True  # LLaMA-style gate/up/down; False: GPT-2 style fc/proj
     attn_bias: bool = False
+    parallel_attn_mlp: bool = False  # MLP l reads the layer's input, not its heads (GPT-NeoX)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -151,7 +152,7 @@ class ModelShape:
         embed = 1 + int(self.has_pos)
         upstream = [embed + layer * (H + 1) for layer in range(L)]  # writers before layer l
         attn = sum((H + 2 * KV) * n for n in upstream)
-        mlp = sum(n + H for n in upstream)
+        mlp = sum(upstream) if self.parallel_attn_mlp else sum(n + H for n in upstream)
         return attn + mlp + self.n_writers
 
     @property
@@ -289,6 +290,23 @@ def _llama_shape(get: ConfigGetter, name: str) -> ModelShape:
     )
 
 
+def _gpt_neox_shape(get: ConfigGetter, name: str) -> ModelShape:
+    heads = get("num_attention_heads")
+    return ModelShape(
+        n_layers=get("num_hidden_layers"),
+        n_heads=heads,
+        n_kv_heads=heads,
+        d_model=get("hidden_size"),
+        d_ff=get("intermediate_size"),
+        vocab_size=get("vocab_size"),
+        tied_embeddings=bool(get("tie_word_embeddings", False)),
+        gated_mlp=False,
+        attn_bias=bool(get("attention_bias", True)),
+        parallel_attn_mlp=bool(get("use_parallel_residual", True)),
+        name=name,
+    )
+
+
 def _tracr_shape(get: ConfigGetter, name: str) -> ModelShape:
     heads = get("num_heads")
     vocab = len(get("input_vocab") or ()) or 1
@@ -316,6 +334,7 @@ SHAPE_READERS: dict[str, Callable[[ConfigGetter, str], ModelShape]] = {
     "llama": _llama_shape,
     "qwen2": _llama_shape,
     "mistral": _llama_shape,
+    "gpt_neox": _gpt_neox_shape,
     "tracr": _tracr_shape,
 }
 

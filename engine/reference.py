@@ -76,9 +76,14 @@ def reference_forward(
             q = f.q(l, h, read(f"a{l}.h{h}.q"))
             k, v = kv[h // group]
             heads[f"a{l}.h{h}"] = f.head_out(l, h, f.attend(l, q, k, v, valid))
+        heads = f.post_attention(l, heads)
+        if f.parallel:  # the MLP reads the layer's input, as the attention does
+            x_mlp = read(f"m{l}")
         ys.update(heads)  # a layer's heads all read before any of them writes
         order += list(heads)
-        ys[f"m{l}"] = f.mlp(l, read(f"m{l}"))  # the MLP reads its own layer's heads too
+        if not f.parallel:  # the MLP reads its own layer's heads too
+            x_mlp = read(f"m{l}")
+        ys[f"m{l}"] = f.mlp(l, x_mlp)
         order.append(f"m{l}")
     return f.unembed(read("logits")), ys
 
@@ -117,6 +122,7 @@ class _Heads:
     D: int
     K: int
     causal = True
+    parallel = False  # attention and MLP both read the layer's input (GPT-NeoX)
 
     def embeddings(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The embedding writers' outputs {"tok": [B, T, D], ["pos": [B, T, D]]}."""
@@ -137,10 +143,17 @@ class _Heads:
     def window(self, l: int) -> int | None:
         return None
 
+    def softcap(self, l: int) -> float | None:
+        """Attention logits s become tanh(s / c) * c for this c (None: they stay s)."""
+        return None
+
     def attend(self, l: int, q, k, v, valid: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T * scale + mask) v for one head: [B, T, K] each."""
         T = q.shape[1]
         scores = q @ k.transpose(1, 2) * self.scale(l)  # [B, T, T]
+        cap = self.softcap(l)
+        if cap is not None:
+            scores = torch.tanh(scores / cap) * cap
         allowed = valid[:, None, :].expand(-1, T, T)  # real keys only
         if self.causal:
             allowed = allowed & torch.ones(T, T, dtype=torch.bool).tril()
@@ -154,6 +167,11 @@ class _Heads:
     def head_out(self, l: int, h: int, z: torch.Tensor) -> torch.Tensor:
         """Head h's output z_h @ W_O[h] + b_O / H: its share of the attention output."""
         raise NotImplementedError
+
+    def post_attention(self, l: int, heads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The heads' outputs {name: [B, T, D]} after what the layer does to its attention output
+        before the residual (nothing here)."""
+        return heads
 
     def mlp(self, l: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -290,7 +308,65 @@ class _TracrHeads(_Heads):
         return self.model.unembed(x)
 
 
+class _NeoXHeads(_Heads):
+    """GPT-NeoX / Pythia: LayerNorm, one fused query_key_value whose rows are head h's q, k and v
+    in turn, rotary on the first ``rotary_ndims`` dimensions of every head, and (with
+    ``use_parallel_residual``) attention and MLP both on the layer's input."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        c = model.config
+        self.L, self.H, self.D = c.num_hidden_layers, c.num_attention_heads, c.hidden_size
+        self.KV, self.K = self.H, self.D // self.H
+        self.parallel = bool(c.use_parallel_residual)
+
+    def layer(self, l: int) -> nn.Module:
+        return self.model.gpt_neox.layers[l]
+
+    def embeddings(self, ids):
+        return {"tok": self.model.gpt_neox.embed_in(ids)}
+
+    def q(self, l, h, x):
+        return self._proj(l, 0, h, x)
+
+    def k(self, l, g, x):
+        return self._proj(l, 1, g, x)
+
+    def v(self, l, g, x):
+        return self._proj(l, 2, g, x)
+
+    def _proj(self, l: int, which: int, h: int, x: torch.Tensor) -> torch.Tensor:
+        """One head's q (which=0), k (1) or v (2): rows (3h + which) * K .. + K of the fused
+        projection (the model views its output as [..., H, 3K])."""
+        block, K = self.layer(l), self.K
+        fused = block.attention.query_key_value
+        rows = slice((3 * h + which) * K, (3 * h + which + 1) * K)
+        out = block.input_layernorm(x) @ fused.weight[rows].T
+        if fused.bias is not None:
+            out = out + fused.bias[rows]
+        if which < 2:  # rotary on q and k, on the first r dimensions only
+            r = block.attention.rotary_ndims
+            cos, sin = self.model.gpt_neox.rotary_emb(out, torch.arange(x.shape[1])[None])
+            turned = out[..., :r] * cos + _rotate_half(out[..., :r]) * sin
+            out = torch.cat([turned, out[..., r:]], dim=-1)
+        return out
+
+    def head_out(self, l, h, z):
+        dense = self.layer(l).attention.dense
+        out = z @ dense.weight[:, h * self.K : (h + 1) * self.K].T
+        return out if dense.bias is None else out + dense.bias / self.H
+
+    def mlp(self, l, x):
+        block = self.layer(l)
+        return block.mlp(block.post_attention_layernorm(x))
+
+    def unembed(self, x):
+        return self.model.lm_head(self.model.gpt_neox.final_layer_norm(x))
+
+
 def _heads_of(model: nn.Module) -> _Heads:
     if type(model).__name__ == "TracrModel":
         return _TracrHeads(model)
+    if model.config.model_type == "gpt_neox":
+        return _NeoXHeads(model)
     return _HuggingFaceHeads(model)

@@ -132,13 +132,16 @@ def worker_main(argv: list[str] | None = None) -> int:
             return 2
     _setup_logging(config.log_level, config.log_format)
     prepare_metrics_dir(fresh=not child)
-    from edgeprune.service import metrics
+    from edgeprune.service import metrics, probes
+
+    if not child and config.metrics_port >= 0:  # `serve` answers for the workers it starts
+        # up before torch is imported: probes answer (not ready) while the worker starts
+        _, port = metrics.serve(config.metrics_port, config.metrics_host,
+                                probes=probes.routes(1, config.liveness_timeout_s))
+        print(f'{{"metrics_port": {port}}}', flush=True)
     from edgeprune.service.worker import run_worker
     from edgeprune.storage import StorageError
 
-    if not child and config.metrics_port >= 0:
-        _, port = metrics.serve(config.metrics_port, config.metrics_host)
-        print(f'{{"metrics_port": {port}}}', flush=True)
     try:
         code = run_worker(config)
     except StorageError as err:

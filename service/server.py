@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edgeprune.service import cleanup, metrics, reflection
+from edgeprune.service import cleanup, metrics, probes, reflection, tracing
 from edgeprune.service.config import Config, check_transport
 from edgeprune.service.handlers import CircuitHandler, DatasetHandler, JobHandler, ServerHandler
 from edgeprune.service.handlers.plots import PlotHandler
@@ -39,6 +39,7 @@ from edgeprune.service.interceptors import (
     AuthInterceptor,
     MetricsInterceptor,
     RequestCheckInterceptor,
+    TracingInterceptor,
 )
 from edgeprune.service.principals import Principals
 from edgeprune.service.servicers import (
@@ -102,6 +103,8 @@ def build(config: Config, db: Database) -> Api:
     check_transport(config)  # library callers skip load_config: refuse plaintext tokens here too
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
     principals = Principals(config.auth_tokens)
+    if tracing.enabled():  # outside authentication: a refused call is traced too
+        interceptors.append(TracingInterceptor(principals))
     if principals.enabled:
         interceptors.append(AuthInterceptor(principals))
         if not config.tls:
@@ -239,6 +242,7 @@ async def serve(config: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tracing.enable(config, "edgeprune-api")
     # Storage calls run in threads; enough of them to keep the database connection pool busy.
     loop.set_default_executor(ThreadPoolExecutor(max_workers=DB_THREADS,
                                                  thread_name_prefix="storage"))
@@ -246,8 +250,10 @@ async def serve(config: Config) -> None:
     queue = Queue(db)
     metrics_server = None
     if config.metrics_port >= 0:
-        metrics_server, metrics_port = metrics.serve(config.metrics_port, config.metrics_host,
-                                                     queue.pending_count)
+        metrics_server, metrics_port = metrics.serve(
+            config.metrics_port, config.metrics_host, queue.pending_count,
+            oldest_age=queue.oldest_pending_age,
+            probes=probes.routes(config.workers, config.liveness_timeout_s))
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, metrics_port)
         _announce("metrics_port", metrics_port)
     api = build(config, db)  # binds the port first: a taken port must not leave workers behind
@@ -278,6 +284,7 @@ async def serve(config: Config) -> None:
     if metrics_server is not None:
         metrics_server.shutdown()
     db.dispose()
+    tracing.shutdown()
     log.info("stopped")
 
 

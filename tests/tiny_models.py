@@ -17,6 +17,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -160,5 +162,26 @@ def tiny_llama(
         kwargs.update(attention_bias=True, mlp_bias=True)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs))
+    _randomize(model, seed, std)
+    return _save(model, tokenizer, directory)
+
+
+def tiny_gpt_neox(
+    directory: str | Path, *, parallel: bool = True, n_layer: int = 3, n_head: int = 4,
+    d_model: int = 32, rotary_pct: float = 0.25, seed: int = 0, std: float = 0.2,
+) -> Path:
+    """A tiny GPT-NeoX (Pythia) checkpoint: LayerNorm with biases, fused q/k/v, partial rotary
+    (``rotary_pct`` of every head's dimensions), an untied unembedding, and attention and MLP in
+    parallel on each layer's input unless ``parallel`` is False."""
+    directory = Path(directory)
+    tokenizer = build_tokenizer(directory)
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=d_model, num_hidden_layers=n_layer,
+        num_attention_heads=n_head, intermediate_size=2 * d_model, max_position_embeddings=64,
+        rotary_pct=rotary_pct, use_parallel_residual=parallel, tie_word_embeddings=False,
+        attn_implementation="eager", **_special_ids(tokenizer),
+    )
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(config)
     _randomize(model, seed, std)
     return _save(model, tokenizer, directory)

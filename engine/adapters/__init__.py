@@ -10,12 +10,14 @@ from torch import nn
 
 from edgeprune.engine.adapters.base import Adapter
 from edgeprune.engine.adapters.gpt2 import GPT2Adapter
+from edgeprune.engine.adapters.gpt_neox import GPTNeoXAdapter
 from edgeprune.engine.adapters.llama import LlamaAdapter
 from edgeprune.engine.adapters.tracr import TracrAdapter
 from edgeprune.engine.errors import UnsupportedArchitecture
 
 ADAPTERS: dict[str, type[Adapter]] = {
     "gpt2": GPT2Adapter,
+    "gpt_neox": GPTNeoXAdapter,
     "llama": LlamaAdapter,
     "qwen2": LlamaAdapter,
     "mistral": LlamaAdapter,

@@ -37,6 +37,12 @@ class Adapter(ABC):
     input_vocab_size: int  # rows of the token embedding
     causal: bool = True
     max_positions: int | None = None  # longest sequence the model accepts, where it has a limit
+    # every layer's MLP reads the layer's input, as its attention does, not the attention's output
+    # (GPT-NeoX's parallel residual): the graph has no edges from a layer's heads to its MLP
+    parallel_attn_mlp: bool = False
+    # the layer's attention output is normalised before it joins the residual (Gemma-2): the
+    # masked forward passes the heads' outputs through :meth:`normalise_heads`
+    post_attention_norm: bool = False
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -73,6 +79,17 @@ class Adapter(ABC):
     def sliding_window(self, layer: int) -> int | None:
         """Keys further back than this many positions are masked out (None: no window)."""
         return None
+
+    def attn_softcap(self, layer: int) -> float | None:
+        """Attention logits s become ``tanh(s / c) * c`` (after the scale, before the mask) for
+        this c; None: no soft-capping (and attention by the fused kernel)."""
+        return None
+
+    def normalise_heads(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs after the post-attention norm, where ``post_attention_norm``: y
+        [H, ..., D] (head h's share z_h @ W_O[h] + b_O / H of the layer's output) -> [H, ..., D],
+        each head's share of the normalised layer output, so that they still sum to it."""
+        return y
 
     @abstractmethod
     def out_proj(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:

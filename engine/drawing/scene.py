@@ -73,13 +73,15 @@ class Scene:
 
 def graph_of(circuit: Circuit) -> Graph | None:
     """The graph recorded in ``circuit.provenance["graph"]`` ({n_layers, n_heads, n_kv_heads,
-    has_pos}), or None where the circuit does not record one."""
+    has_pos, parallel_attn_mlp (absent: False, as circuits recorded before it)}), or None where
+    the circuit does not record one."""
     shape = circuit.provenance.get("graph")
     if not isinstance(shape, dict):
         return None
     try:
         return Graph.build(int(shape["n_layers"]), int(shape["n_heads"]),
-                           int(shape["n_kv_heads"]), bool(shape["has_pos"]))
+                           int(shape["n_kv_heads"]), bool(shape["has_pos"]),
+                           bool(shape.get("parallel_attn_mlp", False)))
     except (KeyError, TypeError, ValueError, InvalidArgument):
         return None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import OPTConfig, OPTForCausalLM
 
 from edgeprune.engine.errors import InvalidArgument, UnsupportedArchitecture
 from edgeprune.engine.masked import CircuitModel
@@ -96,20 +96,21 @@ def test_ablation_outputs_into_a_given_tensor(model):
 
 
 def test_unsupported_architecture_names_the_supported_ones():
-    neox = GPTNeoXForCausalLM(
-        GPTNeoXConfig(
+    opt = OPTForCausalLM(
+        OPTConfig(
             hidden_size=16,
             num_hidden_layers=1,
             num_attention_heads=2,
-            intermediate_size=16,
+            ffn_dim=16,
             vocab_size=20,
+            word_embed_proj_dim=16,
         )
     )
     with pytest.raises(UnsupportedArchitecture) as err:
-        CircuitModel(neox)
+        CircuitModel(opt)
     message = str(err.value)
-    assert "gpt_neox" in message
-    for name in ("gpt2", "llama", "qwen2", "mistral", "tracr"):
+    assert "'opt'" in message
+    for name in ("gpt2", "gpt_neox", "llama", "qwen2", "mistral", "tracr"):
         assert name in message
     with pytest.raises(UnsupportedArchitecture):
         CircuitModel(nn.Linear(2, 2))

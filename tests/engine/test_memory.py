@@ -29,14 +29,20 @@ GiB = 1024**3
 
 
 @pytest.mark.parametrize(
-    ("layers", "heads", "kv", "pos"), [(2, 4, 4, True), (3, 6, 2, False), (12, 12, 12, True)]
+    ("layers", "heads", "kv", "pos", "parallel"),
+    [(2, 4, 4, True, False), (3, 6, 2, False, False), (12, 12, 12, True, False),
+     (3, 4, 4, False, True)],
 )
 def test_writer_and_edge_counts_match_the_graph(
-    layers: int, heads: int, kv: int, pos: bool
+    layers: int, heads: int, kv: int, pos: bool, parallel: bool
 ) -> None:
-    shape = ModelShape(layers, heads, kv, 64, 128, 100, has_pos=pos)
-    graph = Graph.build(layers, heads, kv, pos)
+    shape = ModelShape(layers, heads, kv, 64, 128, 100, has_pos=pos, parallel_attn_mlp=parallel)
+    graph = Graph.build(layers, heads, kv, pos, parallel_attn_mlp=parallel)
     assert (shape.n_writers, shape.n_edges) == (graph.n_writers, graph.n_edges)
+    # parallel attention and MLP (GPT-NeoX): no edges from a layer's heads into its MLP
+    assert graph.parallel_attn_mlp == parallel
+    sequential = Graph.build(layers, heads, kv, pos)
+    assert sequential.n_edges - graph.n_edges == (layers * heads if parallel else 0)
 
 
 def test_documented_graph_sizes() -> None:
