@@ -135,10 +135,15 @@ def _is_current(folder: Path, source: dict) -> bool:
         return False
 
 
+def _stamp(gguf: Path) -> dict:
+    """What a conversion's ``source.json`` records of the GGUF file it was made from."""
+    return {"gguf": gguf.name, "bytes": gguf.stat().st_size}
+
+
 def _smollm2_cached(cache_dir: str | os.PathLike | None) -> Path:
     """The safetensors cache of SmolLM2-135M, converted from the GGUF file on first use."""
     gguf = smollm2_gguf()
-    source = {"gguf": gguf.name, "bytes": gguf.stat().st_size}
+    source = _stamp(gguf)
     folder = cache_root(cache_dir) / DEFAULT_MODEL
     if _is_current(folder, source):
         return folder
@@ -242,6 +247,36 @@ def _hf_tokenizer(source: str, target: str) -> object:
                                              trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"no tokenizer for {target!r}: {exc}") from exc
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def check_model(ref: str) -> None:
+    """Raise what ``load_model(ref)`` would for files that are missing or of an unsupported
+    family (ModelNotFound, UnsupportedArchitecture, InvalidArgument), without reading weights;
+    ``smollm2-135m`` needs its package's GGUF file (see `convert_default_model`)."""
+    parsed = parse_ref(ref)
+    if parsed.kind == "smollm2":
+        smollm2_gguf()
+        return
+    if parsed.kind == "tracr":
+        load_tracr(Path(parsed.target).expanduser())  # a compiled program: a few small arrays
+        return
+    source = _hf_source(parsed.target)
+    _model_type(source, parsed.target)
+    if not any(_local_file(source, name) for name in WEIGHT_FILES):
+        raise ModelNotFound(f"no safetensors weights for {parsed.target!r} "
+                            f"({' or '.join(WEIGHT_FILES)})")
+    _hf_tokenizer(source, parsed.target)
+
+
+def convert_default_model(cache_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    """The safetensors folder of ``smollm2-135m`` under the cache folder, converted from its
+    GGUF file unless a complete conversion of that file is there, and whether this call
+    converted it."""
+    present = _is_current(cache_root(cache_dir) / DEFAULT_MODEL, _stamp(smollm2_gguf()))
+    return _smollm2_cached(cache_dir), not present
 
 
 def load_tokenizer(ref: str, *, cache_dir: str | os.PathLike | None = None) -> object | None:

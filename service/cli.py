@@ -4,6 +4,9 @@
     worker_main(argv)   one worker against the same database (Kubernetes worker Deployment)
     migrate_main(argv)  migrate the configured database to the newest schema and exit
                         (idempotent; the Kubernetes migration Job)
+    provision_main(argv)  check the allow-listed models on the model volume, convert the
+                        default model's GGUF file there once, exit 1 if any is missing
+                        (idempotent; the GPU workers' init container)
 
 Both read flags > EDGEPRUNE_* environment > --config file (see `config.py`) and exit with 2 on a
 bad setting or a missing server extra, 1 when the database cannot be reached, with a one-line
@@ -181,3 +184,28 @@ def migrate_main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps({"revision": revision}), flush=True)
     return 0
+
+
+def provision_main(argv: list[str] | None = None) -> int:
+    """`python -m edgeprune.service provision-models`: one line per allow-listed model; exit 1
+    when any is missing, disagrees with its recorded config or could not be converted."""
+    prog = "edgeprune provision-models"
+    args = _parser(prog, "Check the allow-listed models on the model volume (the cache folder, "
+                         "$EDGEPRUNE_CACHE_DIR) and convert the default model there once; "
+                         "nothing is downloaded.").parse_args(argv)
+    if not _check_server_extra(prog):
+        return 2
+    config = _config(prog, args)
+    if config is None:
+        return 2
+    _setup_logging(config.log_level, config.log_format)
+    from edgeprune.service.provision import provision
+
+    try:
+        states = provision(config)
+    except OSError as err:  # the cache folder itself cannot be created or locked
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 1
+    for state in states:
+        print(state, flush=True)
+    return 0 if all(state.ok for state in states) else 1

@@ -31,6 +31,7 @@ SCHEMAS = Path(__file__).parent / "schemas"
 OVERLAYS = ("dev", "gpu")
 KUBERNETES_VERSION = "1.30"  # the oldest version we support: native gRPC probes are GA since 1.27
 GPU = "nvidia.com/gpu"
+PROVISION = "provision-models"  # the GPU workers' init container: reads files, no database, no GPU
 
 Doc = dict[str, Any]
 
@@ -207,6 +208,9 @@ def test_gpu_limits_only_on_gpu_workers(overlay: tuple[str, list[Doc]]) -> None:
     for workload, container in containers(docs):
         resources = container["resources"]
         gpus = int(resources.get("limits", {}).get(GPU, 0))
+        if container["name"] == PROVISION:
+            assert gpus == 0
+            continue
         if name == "gpu" and workload["metadata"]["name"] == "edgeprune-worker":
             assert gpus >= 1, "GPU workers must request nvidia.com/gpu"
             assert int(resources["requests"].get(GPU, gpus)) == gpus, "GPU request != limit"
@@ -281,6 +285,9 @@ def test_database_url_comes_from_a_secret_never_inlined(overlay: tuple[str, list
         env = {e["name"]: e for e in container.get("env", [])}
         for item in env.values():
             assert not credential_url.search(str(item.get("value", ""))), item
+        if container["name"] == PROVISION:
+            assert "EDGEPRUNE_DATABASE_URL" not in env
+            continue
         ref = env["EDGEPRUNE_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "edgeprune-database", "key": "url"}
         users += 1
@@ -431,6 +438,37 @@ def test_migration_job_migrates_a_database(overlay: tuple[str, list[Doc]], tmp_p
     with sqlite3.connect(tmp_path / "edgeprune.db") as db:
         (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
     assert revision
+
+
+def test_gpu_workers_provision_the_model_volume_before_they_start(tmp_path: Path) -> None:
+    """The init container's own command, environment and config on an empty volume where the
+    default model was converted before: that is found, every hf: folder is missing (exit 1)."""
+    from tests.service.test_provision import converted_default_model
+
+    docs = render(DEPLOY / "overlays" / "gpu")
+    pod = one(docs, "Deployment", "edgeprune-worker")["spec"]["template"]["spec"]
+    (init,), worker = pod["initContainers"], pod["containers"][0]
+    assert init["name"] == PROVISION and init["image"] == worker["image"]
+    assert init["command"] == ["python", "-m", "edgeprune.service", "provision-models"]
+    mounts = [{m["name"]: m["mountPath"] for m in c["volumeMounts"]} for c in (init, worker)]
+    env = container_env(docs, init)
+    assert mounts[0]["model-cache"] == mounts[1]["model-cache"] == env["EDGEPRUNE_CACHE_DIR"]
+    assert mounts[0]["config"] == mounts[1]["config"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "model-cache")
+    assert volume["persistentVolumeClaim"]["claimName"]  # one volume: converted once for all
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(generated(docs, "edgeprune-config")["data"]["config.yaml"])
+    converted_default_model(tmp_path / "models")
+    env.update(EDGEPRUNE_CONFIG=str(config_file), EDGEPRUNE_CACHE_DIR=str(tmp_path / "models"))
+    out = subprocess.run(
+        [sys.executable, *init["command"][1:]],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")}, **env},
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert out.returncode == 1, out.stderr
+    states = dict(line.split()[1::-1] for line in out.stdout.splitlines())
+    assert states.pop("smollm2-135m") == "present"
+    assert set(states.values()) == {"missing"} and len(states) == 4, out.stdout
 
 
 def test_headless_api_service_lists_every_api_pod_for_client_round_robin(
