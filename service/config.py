@@ -114,6 +114,10 @@ class Config:
     progress_interval_s: float = 0.2  # at most one progress event per interval (and the last step)
     poll_s: float = 0.2  # idle workers look for jobs, watchers for events, this often
     max_attempts: int = 3
+    # /livez fails when a worker's job loop has not beaten for this long (see probes.py): above
+    # the slowest model load and evaluation pass, and the database's longest wait.
+    liveness_timeout_s: float = 600.0
+    warm_models: Sequence[str] = ()  # allow-listed names a worker loads before it is ready
     drain_grace_s: float = 20.0  # SIGTERM: in-flight calls and running jobs get this long
     # Storage upkeep, run by the API process every cleanup_interval_s (0: never).
     cleanup_interval_s: float = 3600.0
@@ -122,6 +126,9 @@ class Config:
     # have stored it for the circuit it is about to store)
     log_level: str = "INFO"
     log_format: str = "text"  # "json": one JSON object a line, for log collectors
+    # OpenTelemetry traces go to this OTLP/gRPC collector ("": OTEL_EXPORTER_OTLP_ENDPOINT, and
+    # without that too, tracing is off; see tracing.py)
+    otlp_endpoint: str = ""
 
     @property
     def effective_database_url(self) -> str:
@@ -144,6 +151,7 @@ class Config:
         data = json.loads(text)
         limits = Limits(**data.pop("limits"))
         data["auth_tokens"] = tuple(data["auth_tokens"])
+        data["warm_models"] = tuple(data.get("warm_models", ()))
         config = cls(limits=limits, **data)
         validate(config)
         return config
@@ -287,6 +295,12 @@ HELP = {
     "poll_s": "how often idle workers and watchers poll the database",
     "max_attempts": "attempts before a job whose workers keep dying fails",
     "drain_grace_s": "SIGTERM: time for calls and jobs to wind down",
+    "liveness_timeout_s": "a worker whose job loop shows no progress this long fails /livez "
+                          "(above the slowest model load or evaluation pass)",
+    "warm_models": "allow-listed models a worker loads at start, before /readyz succeeds "
+                   "(comma-separated; default none: models load on their first job)",
+    "otlp_endpoint": "OpenTelemetry OTLP/gRPC collector for traces, e.g. http://otel:4317 "
+                     "(default: OTEL_EXPORTER_OTLP_ENDPOINT; neither: no tracing)",
     "cleanup_interval_s": "how often the API deletes expired jobs and unreferenced blobs (0: never)",
     "job_retention_days": "delete finished jobs (with their events) this many days after they "
                           "ended (0: keep them forever); their circuits stay",
@@ -435,7 +449,7 @@ def validate(config: Config) -> None:
         value = getattr(config, name)
         if value < 0 or (value == 0 and name not in zero_allowed):
             raise ConfigError(f"{name}: must be positive, got {value}")
-    for name in ("lease_s", "heartbeat_s", "poll_s", "drain_grace_s"):
+    for name in ("lease_s", "heartbeat_s", "poll_s", "drain_grace_s", "liveness_timeout_s"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name}: must be positive, got {getattr(config, name)}")
     for name in ("cleanup_interval_s", "job_retention_days", "blob_grace_s"):
@@ -446,6 +460,12 @@ def validate(config: Config) -> None:
         raise ConfigError(f"log_format: {config.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
     if config.heartbeat_s >= config.lease_s:
         raise ConfigError("heartbeat_s must be shorter than lease_s")
+    if config.liveness_timeout_s <= config.poll_s:
+        raise ConfigError("liveness_timeout_s must be longer than poll_s (an idle worker beats "
+                          "once a poll)")
+    unknown = [name for name in config.warm_models if name not in config.models]
+    if unknown:
+        raise ConfigError(f"warm_models: {', '.join(map(repr, unknown))} not on the allow-list")
     for name, value in dataclasses.asdict(config.limits).items():
         if value <= 0:
             raise ConfigError(f"{name}: must be positive, got {value}")

@@ -1,6 +1,7 @@
-"""Server interceptors: Prometheus RPC metrics (outermost) and bearer-token authentication.
+"""Server interceptors: Prometheus RPC metrics (outermost), OpenTelemetry spans (with tracing
+on) and bearer-token authentication.
 
-Both wrap the method handler grpc found for a call, whatever its kind (unary or streaming on
+Each wraps the method handler grpc found for a call, whatever its kind (unary or streaming on
 either side), so every service — ours, health and reflection — is covered the same way.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 import grpc
 from grpc_status import rpc_status
 
-from edgeprune.service import decoding, metrics
+from edgeprune.service import decoding, metrics, tracing
 from edgeprune.service.errors import Unauthenticated, to_status
 from edgeprune.service.principals import Principals, bearer_token
 
@@ -117,6 +118,67 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 finish(start, context, error)
+
+        return _replace(handler, unary)
+
+
+class TracingInterceptor(grpc.aio.ServerInterceptor):
+    """A server span per call (installed only with tracing on): method, principal, status
+    code; a call whose metadata carries a W3C ``traceparent`` continues the caller's trace."""
+
+    def __init__(self, principals: Principals) -> None:
+        self.principals = principals
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        service, method = _split(details.method)
+        metadata = tuple(details.invocation_metadata or ())
+        principal = self.principals.of_metadata(metadata)
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+        if principal is not None and principal.name:  # a server without tokens has no names
+            attributes["enduser.id"] = principal.name
+        parent = {k: v for k, v in metadata if k in ("traceparent", "tracestate")
+                  and isinstance(v, str)}
+        inner = getattr(handler, _behavior_name(handler))
+
+        def open_span() -> Any:
+            return tracing.span(details.method.lstrip("/"), parent=parent, server=True,
+                                **attributes)
+
+        def close(span: Any, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+            tracing.set_attributes(span, **{"rpc.grpc.status_code": _code(context, exc)})
+
+        if handler.response_streaming and inspect.isasyncgenfunction(inner):
+            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with open_span() as span:
+                    error = None
+                    try:
+                        async for item in inner(request, context):
+                            yield item
+                    except BaseException as exc:
+                        error = exc
+                        raise
+                    finally:
+                        close(span, context, error)
+
+            return _replace(handler, streaming)
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with open_span() as span:
+                error = None
+                try:
+                    return await inner(request, context)
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    close(span, context, error)
 
         return _replace(handler, unary)
 

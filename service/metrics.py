@@ -11,14 +11,21 @@ Families:
       (grpc_type, grpc_service, grpc_method [, grpc_code]) — by the metrics interceptor
   edgeprune_jobs_submitted_total{kind}, edgeprune_jobs_finished_total{kind,state},
   edgeprune_job_duration_seconds{kind,state}, edgeprune_queue_pending_jobs,
+  edgeprune_queue_oldest_pending_seconds, edgeprune_lease_expiries_total{state},
   edgeprune_steps_per_second, edgeprune_step_seconds, edgeprune_model_load_seconds{model},
-  edgeprune_workers, edgeprune_workers_busy, edgeprune_device_memory_bytes{device}
+  edgeprune_workers, edgeprune_workers_busy, edgeprune_device_memory_bytes{device},
+  edgeprune_worker_last_beat_timestamp_seconds{worker,pid}, edgeprune_worker_ready{worker,pid}
+
+The metrics port also answers the worker probes /livez and /readyz (see probes.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from http import HTTPStatus
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -64,6 +71,17 @@ MODEL_LOAD_SECONDS = Histogram("edgeprune_model_load_seconds",
 WORKERS = Gauge("edgeprune_workers", "Live worker processes.", multiprocess_mode="livesum")
 WORKERS_BUSY = Gauge("edgeprune_workers_busy", "Workers running a job.",
                      multiprocess_mode="livesum")
+LEASE_EXPIRIES = Counter("edgeprune_lease_expiries_total",
+                         "Running jobs whose lease expired (their worker died or stalled), by "
+                         "the state the job went to: PENDING (run again), FAILED (attempts "
+                         "used up) or CANCELLED.", ("state",))
+# One sample per worker process ("liveall" adds its pid): the probes read them across processes.
+WORKER_BEAT = Gauge("edgeprune_worker_last_beat_timestamp_seconds",
+                    "When the worker's job loop last showed progress (Unix time).", ("worker",),
+                    multiprocess_mode="liveall")
+WORKER_READY = Gauge("edgeprune_worker_ready",
+                     "1 when the worker is warm and its last look at the queue reached the "
+                     "database.", ("worker",), multiprocess_mode="liveall")
 DEVICE_MEMORY = Gauge("edgeprune_device_memory_bytes",
                       "Memory in use on each device by the live workers (CUDA: allocated "
                       "tensors; CPU: resident set size).", ("device",),
@@ -71,10 +89,13 @@ DEVICE_MEMORY = Gauge("edgeprune_device_memory_bytes",
 
 
 class _QueueCollector:
-    """Reads the queue depth from the database at scrape time."""
+    """Reads the queue depth and the oldest pending job's age from the database at scrape
+    time (every API process reports the same values)."""
 
-    def __init__(self, pending: Callable[[], int]) -> None:
+    def __init__(self, pending: Callable[[], int],
+                 oldest_age: Callable[[], float] | None = None) -> None:
         self.pending = pending
+        self.oldest_age = oldest_age
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("edgeprune_queue_pending_jobs", "Jobs waiting for a worker.")
@@ -83,10 +104,21 @@ class _QueueCollector:
         except Exception:  # noqa: BLE001 - a scrape must not fail because the DB is down
             return
         yield family
+        if self.oldest_age is None:
+            return
+        age = GaugeMetricFamily("edgeprune_queue_oldest_pending_seconds",
+                                "Seconds since the oldest pending job was submitted (0: none "
+                                "pending).")
+        try:
+            age.add_metric([], float(self.oldest_age()))
+        except Exception:  # noqa: BLE001 - as above
+            return
+        yield age
 
 
-def registry(pending: Callable[[], int] | None = None) -> CollectorRegistry:
-    """A registry that aggregates every process's samples (plus the queue depth)."""
+def registry(pending: Callable[[], int] | None = None,
+             oldest_age: Callable[[], float] | None = None) -> CollectorRegistry:
+    """A registry that aggregates every process's samples (plus the queue's depth and age)."""
     out = CollectorRegistry()
     if os.environ.get(MULTIPROC_ENV):
         multiprocess.MultiProcessCollector(out)
@@ -95,14 +127,39 @@ def registry(pending: Callable[[], int] | None = None) -> CollectorRegistry:
 
         out = REGISTRY
     if pending is not None:
-        out.register(_QueueCollector(pending))
+        out.register(_QueueCollector(pending, oldest_age))
     return out
 
 
-def serve(port: int, host: str, pending: Callable[[], int] | None = None) -> tuple[object, int]:
-    """Start the /metrics HTTP endpoint in a thread; returns (http server, bound port)."""
-    httpd, _ = start_http_server(port, addr=host, registry=registry(pending))
+#: A probe: (HTTP status, JSON body), called on each request of its path.
+Probe = Callable[[], tuple[int, dict[str, Any]]]
+
+
+def serve(port: int, host: str, pending: Callable[[], int] | None = None, *,
+          oldest_age: Callable[[], float] | None = None,
+          probes: Mapping[str, Probe] | None = None) -> tuple[object, int]:
+    """Start the /metrics HTTP endpoint in a thread, with ``probes`` on their own paths
+    (``{"/livez": ...}``); returns (http server, bound port)."""
+    httpd, _ = start_http_server(port, addr=host, registry=registry(pending, oldest_age))
+    if probes:
+        httpd.set_app(_with_probes(httpd.get_app(), dict(probes)))
     return httpd, httpd.server_port
+
+
+def _with_probes(metrics_app: Callable[..., Any], probes: dict[str, Probe]) -> Callable[..., Any]:
+    """A WSGI app that answers the probe paths and hands every other path to prometheus."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        probe = probes.get(environ.get("PATH_INFO", ""))
+        if probe is None:
+            return metrics_app(environ, start_response)
+        code, body = probe()
+        data = json.dumps(body).encode()
+        start_response(f"{code} {HTTPStatus(code).phrase}",
+                       [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+        return [data]
+
+    return app
 
 
 def process_dead(pid: int) -> None:

@@ -29,7 +29,7 @@ from edgeprune.engine.metrics import evaluate_many
 from edgeprune.engine.prune import PruneConfig, prune
 from edgeprune.engine.sweep import cmd, cpr
 from edgeprune.engine.tasks import TaskDataset
-from edgeprune.service import memory_check, translate
+from edgeprune.service import memory_check, tracing, translate
 from edgeprune.service.job_checkpoint import (
     checkpoint_discarded,
     pack_checkpoint,
@@ -211,7 +211,8 @@ def _loaded(ref: str, models: ModelCache, device: str, dtype: int,
             hooks: Hooks) -> Iterator[CircuitModel]:
     """The job's model from the cache; it keeps no step buffers once the job is done."""
     hooks.progress(translate.phase("load_model"))
-    model = models.get(ref, device, translate.dtype_name(dtype, device))
+    with tracing.span("model.load", **{"model.ref": ref, "model.device": device}):
+        model = models.get(ref, device, translate.dtype_name(dtype, device))
     try:
         yield model
     finally:

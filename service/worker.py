@@ -17,6 +17,7 @@ backs off, doubling its wait, until the database answers. A checkpoint that cann
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -24,10 +25,10 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from edgeprune.service import logs, metrics, runner, translate
+from edgeprune.service import logs, metrics, probes, runner, tracing, translate
 from edgeprune.service.config import Config
 from edgeprune.service.converters import EVENT_PROGRESS, EVENT_WARNING
 from edgeprune.service.errors import FailedPrecondition, classify
@@ -40,6 +41,7 @@ from edgeprune.storage import (
     Claim,
     Database,
     DatasetRepo,
+    EventRepo,
     JobState,
     LeaseLost,
     Queue,
@@ -95,7 +97,7 @@ class Heartbeat(threading.Thread):
 class Worker:
     def __init__(self, config: Config, db: Database, *, worker_id: str | None = None) -> None:
         self.config = config
-        self.queue = Queue(db, max_attempts=config.max_attempts)
+        self.queue = Queue(db, max_attempts=config.max_attempts, on_reclaim=_lease_expired)
         self.blobs = BlobStore(db)
         self.circuits = CircuitRepo(db)
         self.datasets = DatasetRepo(db)
@@ -105,6 +107,8 @@ class Worker:
         self.models = ModelCache(on_load=self._model_loaded)
         self.draining = threading.Event()
         self.parent_pid = int(os.environ.get("EDGEPRUNE_PARENT_PID", "0"))
+        self.loop = probes.LoopBeat(self.worker_id)
+        self.warm = not config.warm_models
 
     def drain(self, *_: Any) -> None:
         """Stop after the current step (signal handler)."""
@@ -118,26 +122,58 @@ class Worker:
         log.info("worker %s on %s", self.worker_id, self.device)
         backoff = Backoff(self.config.poll_s)
         try:
+            self.warm_up()
             while not self.draining.is_set():
+                self.loop.beat()
                 if self.parent_gone():
                     log.warning("the serving process is gone; stopping")
                     break
                 try:
+                    claim_ns = time.time_ns()
                     claim = self.queue.claim(self.worker_id, self.config.lease_s)
+                    self.loop.ready(self.warm)  # the database answered
                     if claim is not None:
-                        with logs.job_context(claim.job_id, claim.attempt):
+                        with logs.job_context(claim.job_id, claim.attempt), \
+                                self._job_span(claim, claim_ns):
                             self.run_job(claim)
                 except Exception as err:  # the worker outlives any database fault
+                    self.loop.ready(False)
                     delay = backoff.next()
                     log.warning("the job queue failed (%s); trying again in %.1f s",
                                 _describe(err), delay, exc_info=not isinstance(err, StorageError))
-                    self.draining.wait(delay)
+                    self.idle(delay)
                     continue
                 backoff.reset()
                 if claim is None:
-                    self.draining.wait(self.config.poll_s)
+                    self.idle(self.config.poll_s)
         finally:
+            self.loop.ready(False)
             metrics.WORKERS.dec()
+
+    def idle(self, seconds: float) -> None:
+        """Wait (a drain ends it), beating at least once a second: a back-off wait is not a
+        stall."""
+        deadline = time.monotonic() + seconds
+        while not self.draining.is_set() and (left := deadline - time.monotonic()) > 0:
+            self.draining.wait(min(left, 1.0))
+            self.loop.beat()
+
+    def warm_up(self) -> None:
+        """Load ``warm_models`` into the model cache (the worker is not ready before). A model
+        that fails to load is logged and keeps the worker unready; jobs still run."""
+        try:
+            for name in self.config.warm_models:
+                self.loop.beat()
+                if self.draining.is_set():
+                    return
+                # the dtype of jobs that name none: the one their cache key asks for
+                self.models.get(self._ref(name), self.device,
+                                translate.dtype_name(0, self.device, self.config.worker_dtype))
+                log.info("warmed up %s", name)
+            self.warm = True
+        except Exception as err:  # noqa: BLE001 - a bad model must not stop the worker
+            log.error("warm-up failed: %s; the worker stays unready", err)
+        self.loop.beat()
 
     # ------------------------------------------------------------------------------------ job
 
@@ -150,10 +186,11 @@ class Worker:
         reporter = _Reporter(self.queue, claim, self.config.progress_interval_s, self.device)
         try:
             hooks = runner.Hooks(
-                progress=reporter.progress,
+                progress=self._beating(reporter.progress),
                 checkpoint=lambda data: self.queue.checkpoint(claim, data),
-                should_stop=lambda: (self.draining.is_set() or beat.cancelled.is_set()
-                                     or beat.lost.is_set() or self.parent_gone()),
+                should_stop=self._beating(lambda: (
+                    self.draining.is_set() or beat.cancelled.is_set() or beat.lost.is_set()
+                    or self.parent_gone())),
                 resume=load_checkpoint(
                     lambda: self.blobs.get(job.checkpoint_blob), reporter.warning,
                 ) if job.checkpoint_blob else None,
@@ -183,6 +220,32 @@ class Worker:
             beat.done.set()
             metrics.WORKERS_BUSY.dec()
             metrics.STEPS_PER_SECOND.set(0)
+
+    @contextlib.contextmanager
+    def _job_span(self, claim: Claim, claim_ns: int) -> Iterator[None]:
+        """The span of a job attempt, in the trace of the call that submitted the job, from
+        the claim that leased it."""
+        if not tracing.enabled():
+            yield
+            return
+        claimed_ns = time.time_ns()
+        first = EventRepo(self.queue.db).after(claim.job_id, 0, limit=1)
+        parent = first[0].payload.get("trace") if first else None
+        with tracing.span("job.run", parent=parent if isinstance(parent, dict) else None,
+                          start_ns=claim_ns, **{"job.id": claim.job_id, "job.kind": claim.job.kind,
+                                                "job.attempt": claim.attempt,
+                                                "worker.id": self.worker_id}):
+            tracing.record_span("storage.queue.claim", claim_ns, claimed_ns)
+            yield
+
+    def _beating(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        """``hook``, beating the job loop first (the job calls it before every step)."""
+
+        def beating(*args: Any) -> Any:
+            self.loop.beat()
+            return hook(*args)
+
+        return beating
 
     def _execute(self, claim: Claim, hooks: runner.Hooks) -> runner.Outcome:
         job = claim.job
@@ -229,7 +292,8 @@ class Worker:
             result["warnings"] = outcome.warnings
         if isinstance(spec, job_pb2.EvaluationSpec):
             result["circuits"] = [spec.circuit.removeprefix("circuits/")]
-        _, records = self.queue.complete(claim, news, result=result)
+        with tracing.span("storage.queue.complete", circuits=len(news)):
+            _, records = self.queue.complete(claim, news, result=result)
         self._observe(claim, JobState.SUCCEEDED)
         log.info("job %s succeeded (%d circuits)", job.id, len(records))
 
@@ -286,11 +350,15 @@ class _Reporter:
         self.queue, self.claim, self.interval_s, self.device = queue, claim, interval_s, device
         self.last_sent = 0.0
         self.pending: job_pb2.JobProgress | None = None
+        self.phase = ""
 
     def progress(self, progress: job_pb2.JobProgress) -> None:
         if progress.steps_per_second > 0:
             metrics.STEP_SECONDS.observe(1.0 / progress.steps_per_second)
             metrics.STEPS_PER_SECOND.set(progress.steps_per_second)
+        if progress.phase != self.phase:  # a phase begins: an event on the job's span
+            self.phase = progress.phase
+            tracing.event(f"phase {progress.phase}", total_steps=progress.total_steps)
         now = time.monotonic()
         phase_end = progress.step == progress.total_steps
         if now - self.last_sent < self.interval_s and not phase_end:
@@ -315,6 +383,11 @@ class _Reporter:
         self.queue.report(self.claim, EVENT_WARNING, fields)
 
 
+def _lease_expired(job_id: str, state: JobState) -> None:
+    log.warning("job %s: its lease expired; now %s", job_id, state.value)
+    metrics.LEASE_EXPIRIES.labels(state.value).inc()
+
+
 def _describe(err: BaseException) -> str:
     """An error for the log: an Unavailable with the driver's own words (they stay here)."""
     detail = getattr(err, "detail", "")
@@ -328,6 +401,7 @@ def run_worker(config: Config) -> int:
 
         torch.set_num_threads(config.threads)
     db = Database(config.effective_database_url)
+    tracing.enable(config, "edgeprune-worker")
     worker = Worker(config, db)
     signal.signal(signal.SIGTERM, worker.drain)
     signal.signal(signal.SIGINT, worker.drain)
@@ -335,4 +409,5 @@ def run_worker(config: Config) -> int:
         worker.run_forever()
     finally:
         db.dispose()
+        tracing.shutdown()
     return 0

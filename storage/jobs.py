@@ -44,7 +44,8 @@ class JobRepo:
         self.db = db
 
     def create(self, new: NewJob, *, max_pending: int | None = None,
-               max_pending_per_owner: int | None = None) -> JobRecord:
+               max_pending_per_owner: int | None = None,
+               trace: Mapping[str, str] | None = None) -> JobRecord:
         """Store a PENDING job (and its first "state" event).
 
         With a request_id: the same (owner, request_id) and the same spec returns the job
@@ -53,6 +54,8 @@ class JobRepo:
         the count and the insert are one serialised step, so concurrent creates never admit
         more than the cap (a repeated request_id still returns its job).
         `max_pending_per_owner` caps the PENDING jobs of `new.owner` the same way.
+        `trace`: the W3C trace context (``traceparent``) of the submission, stored with the
+        job's first event, so the worker's spans join the submitter's trace.
         """
         _validate(new)
         try:
@@ -83,7 +86,10 @@ class JobRepo:
                 )
                 session.add(job)
                 session.flush()
-                append_event(session, job.id, "state", {"state": JobState.PENDING.value})
+                first: dict[str, Any] = {"state": JobState.PENDING.value}
+                if trace:
+                    first["trace"] = dict(trace)
+                append_event(session, job.id, "state", first)
                 return job_record(job)
         except exc.IntegrityError:
             # A concurrent duplicate (same owner and request_id) committed first.

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import Select, func, select, update
@@ -32,7 +32,7 @@ from edgeprune.storage.db import Database
 from edgeprune.storage.errors import InvalidArgument, LeaseLost
 from edgeprune.storage.events import append_event
 from edgeprune.storage.jobs import job_record
-from edgeprune.storage.models import Job
+from edgeprune.storage.models import Job, utcnow
 from edgeprune.storage.records import (
     CircuitRecord,
     Claim,
@@ -56,14 +56,17 @@ class Queue:
         *,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         reclaim_interval_s: float = DEFAULT_RECLAIM_INTERVAL_S,
+        on_reclaim: Callable[[str, JobState], None] | None = None,
     ) -> None:
         """max_attempts: claims a job may use before an expired lease fails it.
-        reclaim_interval_s: claim() looks for expired leases at most this often."""
+        reclaim_interval_s: claim() looks for expired leases at most this often.
+        on_reclaim: called with (job id, new state) for each expired lease, once committed."""
         if max_attempts < 1:
             raise InvalidArgument("must be at least 1", field="max_attempts")
         self.db = db
         self.max_attempts = max_attempts
         self.reclaim_interval_s = reclaim_interval_s
+        self.on_reclaim = on_reclaim
         self._next_reclaim = 0.0  # time.monotonic() of the next reclaim check
 
     def claim(
@@ -209,8 +212,21 @@ class Queue:
                 session.flush()
                 append_event(session, job.id, "state",
                              {"state": state.value, "reclaimed_from": previous_owner})
-                reclaimed.append(job.id)
-        return reclaimed
+                reclaimed.append((job.id, state))
+        if self.on_reclaim is not None:
+            for job_id, state in reclaimed:
+                self.on_reclaim(job_id, state)
+        return [job_id for job_id, _ in reclaimed]
+
+    def oldest_pending_age(self) -> float:
+        """Seconds since the oldest PENDING job was created, 0 when none waits (a metric).
+        Measured on this process's clock, the one `JobRepo.create` stamps jobs with."""
+        with self.db.session(write=False) as session:
+            oldest = session.scalar(select(func.min(Job.created_at))
+                                    .where(Job.state == JobState.PENDING))
+        if oldest is None:
+            return 0.0
+        return max((utcnow() - _aware(oldest)).total_seconds(), 0.0)
 
     def pending_count(self) -> int:
         """How many jobs wait (for the queue-depth metric)."""
@@ -235,6 +251,11 @@ class Queue:
             append_event(session, job.id, "state", payload, claim.attempt)
             session.refresh(job)
             return job_record(job)
+
+
+def _aware(when: datetime) -> datetime:
+    """A stored time as UTC-aware (SQLite hands them back naive)."""
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
 
 
 def _leave_running(state: JobState, now: Any) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+from edgeprune.service import tracing
 from edgeprune.service.config import Config
 from edgeprune.service.errors import ResourceExhausted
 from edgeprune.service.principals import Principal
@@ -57,7 +58,8 @@ class DatasetHandler:
                          labels=dict(metadata.labels))
         with self._storing:  # counted again where uploads are stored one at a time
             self._check_quota(metadata, who)
-            return self.datasets.create(new, upload.examples())
+            with tracing.span("storage.dataset.create", **{"dataset.bytes": upload.size}):
+                return self.datasets.create(new, upload.examples())
 
     def _check_quota(self, metadata: dataset_pb2.DatasetMetadata, who: Principal) -> None:
         """RESOURCE_EXHAUSTED when a non-admin principal already keeps its share of datasets

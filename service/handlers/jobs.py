@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf import json_format
 
+from edgeprune.service import tracing
 from edgeprune.service.config import Config
 from edgeprune.service.converters import KIND_DISCOVERY, KIND_EVALUATION, STATES_BY_PROTO
 from edgeprune.service.dataset_check import DatasetChecks, model_tokenizer
@@ -158,9 +159,11 @@ class JobHandler:
         # (and everyone on a server without tokens) share only the queue's cap.
         limits = self.config.limits
         try:
-            return self.jobs.create(new, max_pending=limits.max_pending_jobs,
-                                    max_pending_per_owner=None if who.admin
-                                    else limits.max_pending_jobs_per_principal)
+            with tracing.span("storage.job.create", **{"job.kind": kind}):
+                return self.jobs.create(new, max_pending=limits.max_pending_jobs,
+                                        max_pending_per_owner=None if who.admin
+                                        else limits.max_pending_jobs_per_principal,
+                                        trace=tracing.carrier())
         except QueueFull as err:
             reason = "QUEUE_FULL" if err.owner is None else "PRINCIPAL_QUEUE_FULL"
             raise ResourceExhausted(str(err), reason=reason) from err
