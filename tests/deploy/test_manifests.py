@@ -183,16 +183,29 @@ def test_api_has_native_grpc_probes_on_its_serving_port(overlay: tuple[str, list
     assert patience > float(setting(docs, api, "drain_grace_s"))
 
 
-def test_workers_have_liveness_probes_on_their_metrics_port(overlay: tuple[str, list[Doc]]) -> None:
-    """Workers serve no gRPC; their probes use the metrics endpoint."""
+def test_worker_probes_read_the_job_loop_on_the_metrics_port(
+    overlay: tuple[str, list[Doc]], tmp_path: Path
+) -> None:
+    """Workers serve no gRPC; their probes are the metrics port's /livez (the job loop is not
+    stalled; /metrics alone answers for a hung loop too) and /readyz (warm, database reached),
+    and the stall limit leaves room for a long model load."""
+    config_module = pytest.importorskip("edgeprune.service.config")
     _, docs = overlay
     worker = one(docs, "Deployment", "edgeprune-worker")["spec"]["template"]["spec"]["containers"][
         0
     ]
     metrics = next(p for p in worker["ports"] if p["name"] == "metrics")
     assert int(setting(docs, worker, "metrics_port")) == metrics["containerPort"]
-    for probe in ("livenessProbe", "startupProbe"):
-        assert worker[probe]["httpGet"]["port"] == "metrics", probe
+    paths = {probe: worker[probe]["httpGet"] for probe in
+             ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert {p["port"] for p in paths.values()} == {"metrics"}
+    assert paths["startupProbe"]["path"] == paths["livenessProbe"]["path"] == "/livez"
+    assert paths["readinessProbe"]["path"] == "/readyz"
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(generated(docs, "edgeprune-config")["data"]["config.yaml"])
+    env = {**container_env(docs, worker), "EDGEPRUNE_CONFIG": str(config_file)}
+    config = config_module.load_config(None, environ=env)
+    assert config.liveness_timeout_s >= 300, "a model load must not look like a stalled loop"
 
 
 def test_metrics_listen_on_the_pod_network(overlay: tuple[str, list[Doc]]) -> None:

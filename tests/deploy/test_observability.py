@@ -39,9 +39,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
                 for f in m.describe()]
     with pytest.MonkeyPatch.context() as patch:  # a registry of its own, not the global one
         patch.setenv(metrics.MULTIPROC_ENV, str(tmp_path_factory.mktemp("metrics")))
-        families += list(metrics.registry(pending=lambda: 3).collect())
+        families += list(metrics.registry(pending=lambda: 3, oldest_age=lambda: 60.0).collect())
     names = {f.name + suffix for f in families for suffix in _SUFFIXES[f.type]}
-    assert "edgeprune_queue_pending_jobs" in names and "grpc_server_handled_total" in names
+    assert {"edgeprune_queue_pending_jobs", "edgeprune_queue_oldest_pending_seconds",
+            "grpc_server_handled_total"} <= names
     return names
 
 
@@ -93,7 +94,8 @@ def test_rules_pass_promtool_and_read_exported_metrics(
         assert metric_names(alert["expr"]) <= exported | EXTERNAL, name
         assert alert["labels"]["severity"] in ("warning", "critical"), name
     assert {"EdgepruneNoWorkerForPendingJobs", "EdgepruneQueueGrowing", "EdgepruneJobsFailing",
-            "EdgepruneApiErrors", "EdgepruneWorkerRestarting"} <= set(alerts)
+            "EdgepruneApiErrors", "EdgepruneWorkerRestarting", "EdgepruneQueueStalled",
+            "EdgepruneJobWaitingLong", "EdgepruneLeasesExpiring"} <= set(alerts)
 
 
 def _series(name: str, values: str, **labels: str) -> dict[str, str]:
@@ -105,12 +107,14 @@ def test_alerts_fire_on_their_conditions(docs: list[dict[str, Any]], tmp_path: P
     """promtool's rule unit tests: each alert fires on its condition and stays quiet otherwise."""
     rules_file(docs, tmp_path, annotations=False)
     pending = _series("edgeprune_queue_pending_jobs", "3+0x60", pod="api-0")
+    waiting = _series("edgeprune_queue_oldest_pending_seconds", "0+60x200", pod="api-0")
     unary = {"grpc_type": "unary", "grpc_service": "edgeprune.v1.JobService",
              "grpc_method": "GetJob"}
     tests = [
         {   # pending jobs, no worker at all (scaled to zero and never back)
-            "interval": "1m", "input_series": [pending],
+            "interval": "1m", "input_series": [pending, waiting],
             "alert_rule_test": [
+                {"eval_time": "33m", "alertname": "EdgepruneQueueStalled", "exp_alerts": []},
                 {"eval_time": "10m", "alertname": "EdgepruneNoWorkerForPendingJobs", "exp_alerts": []},
                 {"eval_time": "20m", "alertname": "EdgepruneNoWorkerForPendingJobs", "exp_alerts": [
                     {"exp_labels": {"severity": "critical", "namespace": "edgeprune"}}]},
@@ -118,15 +122,34 @@ def test_alerts_fire_on_their_conditions(docs: list[dict[str, Any]], tmp_path: P
                     {"exp_labels": {"severity": "warning", "namespace": "edgeprune"}}]},
             ],
         },
-        {   # a worker is up and jobs finish: quiet
+        {   # a worker is up and jobs finish: quiet, until the oldest job has waited 2 h
             "interval": "1m",
-            "input_series": [pending, _series("edgeprune_workers", "1+0x60", pod="worker-0"),
-                             _series("edgeprune_jobs_finished_total", "0+1x60", kind="prune",
-                                     state="SUCCEEDED")],
+            "input_series": [pending, waiting,
+                             _series("edgeprune_workers", "1+0x200", pod="worker-0"),
+                             _series("edgeprune_jobs_finished_total", "0+1x200", kind="prune",
+                                     state="SUCCEEDED"),
+                             _series("edgeprune_lease_expiries_total", "0+0x60", state="PENDING")],
             "alert_rule_test": [
                 {"eval_time": "40m", "alertname": "EdgepruneNoWorkerForPendingJobs", "exp_alerts": []},
                 {"eval_time": "40m", "alertname": "EdgepruneQueueStalled", "exp_alerts": []},
                 {"eval_time": "40m", "alertname": "EdgepruneJobsFailing", "exp_alerts": []},
+                {"eval_time": "60m", "alertname": "EdgepruneLeasesExpiring", "exp_alerts": []},
+                {"eval_time": "130m", "alertname": "EdgepruneJobWaitingLong", "exp_alerts": []},
+                {"eval_time": "140m", "alertname": "EdgepruneJobWaitingLong", "exp_alerts": [
+                    {"exp_labels": {"severity": "warning", "namespace": "edgeprune"}}]},
+            ],
+        },
+        {   # a lease expires every 10 min (workers keep dying mid-job), per worker pod
+            "interval": "1m",
+            "input_series": [
+                _series("edgeprune_lease_expiries_total", "0+0.1x120", state="PENDING",
+                        pod="worker-0"),
+                _series("edgeprune_lease_expiries_total", "0+0.05x120", state="FAILED",
+                        pod="worker-1")],
+            "alert_rule_test": [
+                {"eval_time": "10m", "alertname": "EdgepruneLeasesExpiring", "exp_alerts": []},
+                {"eval_time": "90m", "alertname": "EdgepruneLeasesExpiring", "exp_alerts": [
+                    {"exp_labels": {"severity": "warning", "namespace": "edgeprune"}}]},
             ],
         },
         {   # 10 % of unary calls fail with INTERNAL, half of the jobs fail, the queue grows
@@ -206,7 +229,8 @@ def test_dashboard_reads_exported_metrics(
             exprs[f"{panel['title']} {target['refId']}"] = target["expr"]
             assert metric_names(target["expr"]) <= exported, (panel["title"], target["expr"])
     read = set().union(*map(metric_names, exprs.values()))
-    for family in ("edgeprune_queue_pending_jobs", "edgeprune_job_duration_seconds_bucket",
+    for family in ("edgeprune_queue_pending_jobs", "edgeprune_queue_oldest_pending_seconds",
+                   "edgeprune_lease_expiries_total", "edgeprune_job_duration_seconds_bucket",
                    "grpc_server_handling_seconds_bucket", "grpc_server_handled_total",
                    "edgeprune_workers_busy", "edgeprune_workers"):
         assert family in read, family
