@@ -9,6 +9,7 @@ References:
 ``hf:<dir-or-id>``
     A Hugging Face checkpoint folder, or a model id already in the local Hugging Face cache
     (nothing is downloaded): GPT-2 family, LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM,
+    Qwen3ForCausalLM, Phi3ForCausalLM, OlmoForCausalLM, GemmaForCausalLM,
     GPTNeoXForCausalLM (Pythia).
     Safetensors weights only, never remote code.
 ``tracr:<dir>``
@@ -35,12 +36,16 @@ import torch
 from torch import nn
 from transformers import (
     AutoTokenizer,
+    GemmaForCausalLM,
     GPT2LMHeadModel,
     GPTNeoXForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
+    OlmoForCausalLM,
+    Phi3ForCausalLM,
     PreTrainedModel,
     Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
 )
 from transformers.utils import cached_file
 
@@ -66,11 +71,17 @@ HF_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llama": LlamaForCausalLM,
     "qwen2": Qwen2ForCausalLM,
     "mistral": MistralForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+    "phi3": Phi3ForCausalLM,
+    "olmo": OlmoForCausalLM,
+    "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
 }
 SUPPORTED = (
     "GPT-2 family (gpt2), LlamaForCausalLM (llama), Qwen2ForCausalLM (qwen2), "
-    "MistralForCausalLM (mistral), GPTNeoXForCausalLM (gpt_neox)"
+    "MistralForCausalLM (mistral), Qwen3ForCausalLM (qwen3), Phi3ForCausalLM (phi3), "
+    "OlmoForCausalLM (olmo), GemmaForCausalLM (gemma), "
+    "GPTNeoXForCausalLM (gpt_neox)"
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

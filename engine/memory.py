@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import numbers
 import re
@@ -120,6 +121,8 @@ class ModelShape:
     tied_embeddings: bool = True
     gated_mlp: bool = True  # LLaMA-style gate/up/down; False: GPT-2 style fc/proj
     attn_bias: bool = False
+    qk_norm: bool = False  # an RMSNorm [K] on every query and key head (Qwen3)
+    norm_weights: bool = True  # False: norms without parameters (OLMo's LayerNorm)
     parallel_attn_mlp: bool = False  # MLP l reads the layer's input, not its heads (GPT-NeoX)
     name: str = ""
 
@@ -163,8 +166,11 @@ class ModelShape:
         attn = D * K * (H + 2 * KV) + H * K * D
         if self.attn_bias:
             attn += K * (H + 2 * KV) + D
+        if self.qk_norm:
+            attn += 2 * K
         mlp = 3 * D * F if self.gated_mlp else 2 * D * F + F + D
         norm = D if self.gated_mlp else 2 * D  # RMSNorm (LLaMA family) or LayerNorm with bias
+        norm *= self.norm_weights
         embed = self.vocab_size * D * (1 if self.tied_embeddings else 2) + self.n_positions * D
         return embed + self.n_layers * (attn + mlp + 2 * norm) + norm
 
@@ -274,7 +280,11 @@ def _gpt2_shape(get: ConfigGetter, name: str) -> ModelShape:
     )
 
 
-def _llama_shape(get: ConfigGetter, name: str) -> ModelShape:
+def _llama_shape(
+    get: ConfigGetter, name: str, *, tied: bool = False, **features: bool
+) -> ModelShape:
+    """LLaMA-layout families; ``tied`` is the family's default where a config.json leaves
+    ``tie_word_embeddings`` out (Gemma's is True), ``features`` the ModelShape flags it has."""
     heads = get("num_attention_heads")
     return ModelShape(
         n_layers=get("num_hidden_layers"),
@@ -284,9 +294,10 @@ def _llama_shape(get: ConfigGetter, name: str) -> ModelShape:
         d_ff=get("intermediate_size"),
         vocab_size=get("vocab_size"),
         head_dim=get("head_dim") or 0,
-        tied_embeddings=bool(get("tie_word_embeddings", False)),
+        tied_embeddings=bool(get("tie_word_embeddings", tied)),
         attn_bias=bool(get("attention_bias", get("model_type") == "qwen2")),
         name=name,
+        **features,
     )
 
 
@@ -334,6 +345,10 @@ SHAPE_READERS: dict[str, Callable[[ConfigGetter, str], ModelShape]] = {
     "llama": _llama_shape,
     "qwen2": _llama_shape,
     "mistral": _llama_shape,
+    "qwen3": functools.partial(_llama_shape, qk_norm=True),
+    "phi3": _llama_shape,  # fused q/k/v and gate/up projections: the same parameters
+    "olmo": functools.partial(_llama_shape, norm_weights=False),
+    "gemma": functools.partial(_llama_shape, tied=True),
     "gpt_neox": _gpt_neox_shape,
     "tracr": _tracr_shape,
 }

@@ -192,14 +192,19 @@ class _HuggingFaceHeads(_Heads):
         else:
             self.L, self.H = c.num_hidden_layers, c.num_attention_heads
             self.KV, self.D = c.num_key_value_heads, c.hidden_size
-        self.K = self.D // self.H
+        self.K = getattr(c, "head_dim", None) or self.D // self.H  # Qwen3, Gemma: set apart
 
     def embeddings(self, ids):
         T = ids.shape[1]
         if self.gpt2:
             t = self.model.transformer
             return {"tok": t.wte(ids), "pos": t.wpe(torch.arange(T)).expand(ids.shape[0], T, -1)}
-        return {"tok": self.model.model.embed_tokens(ids)}
+        embed = self.model.model.embed_tokens
+        tok = embed(ids)
+        if self.model.config.model_type == "gemma" and not hasattr(embed, "embed_scale"):
+            # Gemma's sqrt(D) factor, which transformers before 5 applies outside embed_tokens
+            tok = tok * torch.tensor(self.D**0.5, dtype=tok.dtype)
+        return {"tok": tok}
 
     def layer(self, l: int) -> nn.Module:
         return self.model.transformer.h[l] if self.gpt2 else self.model.model.layers[l]
@@ -224,13 +229,27 @@ class _HuggingFaceHeads(_Heads):
                 block.ln_1(x) @ w[:, off + cols.start : off + cols.stop]
                 + b[off + cols.start : off + cols.stop]
             )
-        lin = [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj][which]
+        attn = block.self_attn
+        if hasattr(attn, "qkv_proj"):  # Phi-3: one projection, the q heads' rows, k's, then v's
+            lin = attn.qkv_proj
+            start = [0, self.H, self.H + self.KV][which] * K + cols.start
+            cols = slice(start, start + K)
+        else:
+            lin = [attn.q_proj, attn.k_proj, attn.v_proj][which]
         out = block.input_layernorm(x) @ lin.weight[cols].T
         if lin.bias is not None:
             out = out + lin.bias[cols]
-        if which < 2:  # rotary on q and k
+        clip = getattr(self.model.config, "clip_qkv", None)
+        if clip is not None:  # OLMo clamps every q, k and v projection
+            out = out.clamp(-clip, clip)
+        if which < 2:  # rotary on q and k, after Qwen3's per-head RMSNorm of each
+            head_norm = getattr(attn, "q_norm" if which == 0 else "k_norm", None)
+            if head_norm is not None:
+                out = head_norm(out)
             cos, sin = self.model.model.rotary_emb(out, torch.arange(x.shape[1])[None])
-            out = out * cos + _rotate_half(out) * sin
+            r = cos.shape[-1]  # partial rotary (Phi-3's partial_rotary_factor): the rest stays
+            turned = out[..., :r] * cos + _rotate_half(out[..., :r]) * sin
+            out = torch.cat([turned, out[..., r:]], dim=-1)
         return out
 
     def scale(self, l):
@@ -242,7 +261,11 @@ class _HuggingFaceHeads(_Heads):
 
     def window(self, l):
         c = self.model.config
-        return c.sliding_window if c.model_type == "mistral" else None
+        if self.gpt2:
+            return None
+        if c.model_type in ("mistral", "phi3"):  # the config's window on every layer
+            return c.sliding_window
+        return getattr(self.layer(l).self_attn, "sliding_window", None)  # Qwen3's, per layer
 
     def head_out(self, l, h, z):
         block, K = self.layer(l), self.K

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
@@ -23,10 +25,16 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    OlmoConfig,
+    OlmoForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from edgeprune.engine.tasks import mcqa
@@ -134,6 +142,20 @@ _LLAMA_FAMILY = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "phi3": (Phi3Config, Phi3ForCausalLM),
+    "olmo": (OlmoConfig, OlmoForCausalLM),
+    "gemma": (GemmaConfig, GemmaForCausalLM),
+}
+# What each family's tiny config sets beyond the shared shape, so that every feature its adapter
+# handles changes the logits: a head width apart from D / H (Qwen3, Gemma), partial rotary, a
+# sliding window and an untied unembedding (Phi-3), clamped q/k/v (OLMo: 1.0 clips a good share
+# of this model's projections), one KV head (Gemma-2B's multi-query attention).
+_FAMILY_FEATURES: dict[str, dict] = {
+    "qwen3": {"head_dim": 16},
+    "phi3": {"partial_rotary_factor": 0.5, "sliding_window": 4, "tie_word_embeddings": False},
+    "olmo": {"clip_qkv": 1.0, "num_key_value_heads": 4},
+    "gemma": {"head_dim": 16, "num_key_value_heads": 1, "hidden_act": "gelu_pytorch_tanh"},
 }
 
 
@@ -144,8 +166,9 @@ def tiny_llama(
 ) -> Path:
     """A tiny LLaMA-family checkpoint: GQA, RoPE (optionally scaled), RMSNorm, optional biases.
 
-    ``kind`` is "llama", "qwen2" (q/k/v biases, as Qwen2 has) or "mistral". ``bias`` adds attention and
-    MLP biases to a LLaMA config (``attention_bias`` / ``mlp_bias``).
+    ``kind`` is "llama", "qwen2" (q/k/v biases, as Qwen2 has), "mistral", or one of the families
+    with their features in ``_FAMILY_FEATURES`` ("qwen3", "phi3", "olmo", "gemma"). ``bias`` adds
+    attention and MLP biases to a LLaMA config (``attention_bias`` / ``mlp_bias``).
     """
     directory = Path(directory)
     tokenizer = build_tokenizer(directory)
@@ -160,6 +183,7 @@ def tiny_llama(
         kwargs["rope_scaling"] = rope_scaling
     if kind == "llama" and bias:
         kwargs.update(attention_bias=True, mlp_bias=True)
+    kwargs.update(_FAMILY_FEATURES.get(kind, {}))
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs))
     _randomize(model, seed, std)

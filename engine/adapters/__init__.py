@@ -9,9 +9,13 @@ from __future__ import annotations
 from torch import nn
 
 from edgeprune.engine.adapters.base import Adapter
+from edgeprune.engine.adapters.gemma import GemmaAdapter
 from edgeprune.engine.adapters.gpt2 import GPT2Adapter
 from edgeprune.engine.adapters.gpt_neox import GPTNeoXAdapter
 from edgeprune.engine.adapters.llama import LlamaAdapter
+from edgeprune.engine.adapters.olmo import OlmoAdapter
+from edgeprune.engine.adapters.phi3 import Phi3Adapter
+from edgeprune.engine.adapters.qwen3 import Qwen3Adapter
 from edgeprune.engine.adapters.tracr import TracrAdapter
 from edgeprune.engine.errors import UnsupportedArchitecture
 
@@ -21,6 +25,10 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "llama": LlamaAdapter,
     "qwen2": LlamaAdapter,
     "mistral": LlamaAdapter,
+    "qwen3": Qwen3Adapter,
+    "phi3": Phi3Adapter,
+    "olmo": OlmoAdapter,
+    "gemma": GemmaAdapter,
     "tracr": TracrAdapter,
 }
 

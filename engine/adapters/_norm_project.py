@@ -25,7 +25,13 @@ from torch import nn
 from edgeprune.engine.adapters.base import GradInto
 
 # Norm classes known to compute weight * x * rsqrt(mean(x^2) + variance_epsilon)
-STANDARD_RMS_NORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"})
+STANDARD_RMS_NORMS = frozenset(
+    {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
+)
+# Norm classes known to compute (1 + weight) * x * rsqrt(mean(x^2) + eps): Gemma stores the scale's
+# offset from 1 (and multiplies in float32 before rounding, which the fused product does too)
+OFFSET_RMS_NORMS = frozenset({"GemmaRMSNorm"})
+RMS_NORMS = STANDARD_RMS_NORMS | OFFSET_RMS_NORMS
 
 
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
@@ -118,13 +124,16 @@ def rms_norm_project(
     """``norm(x[r]) @ weight[r]^T + bias[r]`` for every reader r: x [R, B, T, D], weight [R, K, D],
     bias [R, K] or None -> [B, R, T, K].
 
-    ``norm`` is one of STANDARD_RMS_NORMS (its ``weight`` and ``variance_epsilon`` are used).
+    ``norm`` is one of RMS_NORMS (its ``weight`` and ``variance_epsilon``, or for
+    OFFSET_RMS_NORMS ``1 + weight`` in at least float32 and ``eps``, are used).
     ``grad_into``: where x's gradient may be written during the backward pass (see
     ``Adapter.queries``).
     """
-    return _NormProject.apply(
-        x, norm.weight, None, norm.variance_epsilon, weight, bias, False, grad_into
-    )
+    if type(norm).__name__ in OFFSET_RMS_NORMS:
+        scale, eps = 1 + norm.weight.to(_stats_dtype(norm.weight)), norm.eps  # [D]
+    else:
+        scale, eps = norm.weight, norm.variance_epsilon  # [D]
+    return _NormProject.apply(x, scale, None, eps, weight, bias, False, grad_into)
 
 
 def layer_norm_project(
@@ -135,3 +144,13 @@ def layer_norm_project(
     dimension: x [R, B, T, D], weight [R, K, D], bias [R, K] or None -> [B, R, T, K]
     (``grad_into``: as in :func:`rms_norm_project`)."""
     return _NormProject.apply(x, norm.weight, norm.bias, norm.eps, weight, bias, True, grad_into)
+
+
+def plain_layer_norm_project(
+    x: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
+    grad_into: GradInto | None = None,
+) -> torch.Tensor:
+    """:func:`layer_norm_project` for a LayerNorm without weight or bias (OLMo's), whose
+    epsilon is ``eps``: x [R, B, T, D], weight [R, K, D], bias [R, K] or None -> [B, R, T, K]."""
+    ones = weight.new_ones(x.shape[-1])  # [D]
+    return _NormProject.apply(x, ones, None, eps, weight, bias, True, grad_into)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from edgeprune.engine.adapters._norm_project import STANDARD_RMS_NORMS, rms_norm_project
+from edgeprune.engine.adapters._norm_project import RMS_NORMS, rms_norm_project
 from edgeprune.engine.adapters.base import (
     Adapter,
     GradInto,
@@ -42,33 +42,44 @@ class LlamaAdapter(Adapter):
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.body.embed_tokens(input_ids)[None]  # [1, B, T, D]
 
+    def _projections(self, layer: int, part: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The heads of the query (``part`` "q") or of the key then value ("kv") projections:
+        weight [R, K, D] and bias [R, K] or None (see ``linear_heads``)."""
+        attn = self.body.layers[layer].self_attn
+        projs = (attn.q_proj,) if part == "q" else (attn.k_proj, attn.v_proj)
+        return linear_heads(projs, self.head_dim)
+
     def _heads(
-        self, layer: int, x: torch.Tensor, projs: tuple[nn.Linear, ...],
-        grad_into: GradInto | None,
+        self, layer: int, x: torch.Tensor, part: str, grad_into: GradInto | None
     ) -> torch.Tensor:
-        """Per-reader RMSNorm and projection by the heads of ``projs``: x [R, B, T, D] ->
-        [B, R, T, K]."""
-        block = self.body.layers[layer]
-        w, b = linear_heads(projs, self.head_dim)  # [R, K, D] and [R, K] or None
-        norm = block.input_layernorm
-        if type(norm).__name__ in STANDARD_RMS_NORMS:
+        """Per-reader RMSNorm and projection by the heads of ``part`` ("q" or "kv"):
+        x [R, B, T, D] -> [B, R, T, K]."""
+        w, b = self._projections(layer, part)  # [R, K, D] and [R, K] or None
+        norm = self.body.layers[layer].input_layernorm
+        if type(norm).__name__ in RMS_NORMS:
             return rms_norm_project(x, norm, w, b, grad_into)  # [B, R, T, K]
         return project_heads(norm(x), w, b)  # [B, R, T, K]
 
     def _rotate(self, t: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding by the model's own rotary module: t [B, R, T, K] -> [B, R, T, K]."""
-        cos, sin = self.body.rotary_emb(t, position_ids)  # [B|1, T, K] each
-        cos, sin = cos[:, None], sin[:, None]  # [B|1, 1, T, K]
-        return t * cos + rotate_half(t) * sin  # as the model's apply_rotary_pos_emb
+        """Rotary embedding by the model's own rotary module: t [B, R, T, K] -> [B, R, T, K].
+
+        The rotary module's width may be less than K (partial rotary, e.g. Phi-3's
+        ``partial_rotary_factor``): then, as the model does, only the first dimensions of every
+        head turn and the rest pass through."""
+        cos, sin = self.body.rotary_emb(t, position_ids)  # [B|1, T, Kr] each, Kr <= K
+        cos, sin = cos[:, None], sin[:, None]  # [B|1, 1, T, Kr]
+        r = cos.shape[-1]
+        if r == t.shape[-1]:
+            return t * cos + rotate_half(t) * sin  # as the model's apply_rotary_pos_emb
+        turned, kept = t[..., :r], t[..., r:]  # [B, R, T, Kr], [B, R, T, K - Kr]
+        return torch.cat([turned * cos + rotate_half(turned) * sin, kept], dim=-1)
 
     def queries(self, layer, x, position_ids, grad_into=None):
-        q_proj = self.body.layers[layer].self_attn.q_proj
-        q = self._heads(layer, x, (q_proj,), grad_into)  # [B, H, T, K]
+        q = self._heads(layer, x, "q", grad_into)  # [B, H, T, K]
         return self._rotate(q, position_ids)
 
     def keys_values(self, layer, x, position_ids, grad_into=None):
-        attn = self.body.layers[layer].self_attn
-        kv = self._heads(layer, x, (attn.k_proj, attn.v_proj), grad_into)  # [B, 2KV, T, K]
+        kv = self._heads(layer, x, "kv", grad_into)  # [B, 2KV, T, K]
         k, v = kv.split(self.n_kv_heads, dim=1)
         return self._rotate(k, position_ids), v  # [B, KV, T, K] each
 

@@ -7,7 +7,14 @@ import torch
 
 from edgeprune.engine.masked import CircuitModel, masked_forward
 from edgeprune.engine.reference import reference_run
-from tests.engine.masked_models import batch, tiny_models
+from tests.engine.masked_models import (
+    batch,
+    check_all_masks_one_equal_hf,
+    check_all_masks_zero_equal_corrupted,
+    check_random_masks_match_reference,
+    random_masks,
+    tiny_models,
+)
 
 MODELS = tiny_models()
 
@@ -26,33 +33,11 @@ def test_rope_scaling_configs_are_really_scaled():
 
 
 def test_all_masks_one_equals_hf(model):
-    ids, corrupted, mask = batch()
-    valid = mask.bool()
-    expected = model.reference_logits(ids, attention_mask=mask)  # [B, T, V]
-    got = model.logits(ids, attention_mask=mask, corrupted_ids=corrupted)
-    assert got.shape == expected.shape
-    assert (got - expected)[valid].abs().max() <= 1e-4
-    # the module's own forward, not our reference_logits wrapper
-    direct = model.module(input_ids=ids, attention_mask=mask).logits
-    assert torch.equal(direct, expected)
+    check_all_masks_one_equal_hf(model)
 
 
 def test_all_masks_zero_equals_hf_on_corrupted_ids(model):
-    ids, corrupted, mask = batch(1)
-    valid = mask.bool()
-    expected = model.reference_logits(corrupted, attention_mask=mask)
-    g = model.graph
-    zeros = torch.zeros(g.n_edges)
-    got = model.logits(ids, attention_mask=mask, corrupted_ids=corrupted, edge_mask=zeros)
-    assert (got - expected)[valid].abs().max() <= 1e-4
-    # node masks at 0 on every writer ablate every edge too
-    got = model.logits(
-        ids, attention_mask=mask, corrupted_ids=corrupted, node_mask=torch.zeros(g.n_writers)
-    )
-    assert (got - expected)[valid].abs().max() <= 1e-4
-    # and the clean run really differs from the corrupted one
-    clean = model.reference_logits(ids, attention_mask=mask)
-    assert (clean - expected)[valid].abs().max() > 1e-2
+    check_all_masks_zero_equal_corrupted(model)
 
 
 def test_positions_unembed_only_there(model):
@@ -123,46 +108,9 @@ def test_padding_does_not_leak(model):
     torch.testing.assert_close(out[2, :3], alone[0], atol=1e-5, rtol=1e-5)
 
 
-def _random_masks(model: CircuitModel, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    g = model.graph
-    edge = torch.rand(g.n_edges, generator=gen)
-    node = torch.rand(g.n_writers, generator=gen)
-    edge_d = {
-        (w, r): float(edge[i]) for i, (w, _, r) in enumerate(e.partition("->") for e in g.edges)
-    }
-    node_d = {w: float(node[i]) for i, w in enumerate(g.writers)}
-    return edge, node, edge_d, node_d
-
-
 @pytest.mark.parametrize("ablation", ["corrupted", "zero", "mean"])
 def test_random_masks_match_slow_reference(model, ablation):
-    ids, corrupted, mask = batch(4)
-    valid = mask.bool()
-    edge, node, edge_d, node_d = _random_masks(model, 5)
-    hf = model.module
-    if ablation == "corrupted":
-        _, ablated = reference_run(hf, corrupted, valid)
-    elif ablation == "mean":
-        _, outs = reference_run(hf, corrupted, valid)
-        weight = valid[:, :, None].float()
-        count = weight.sum(0).clamp(min=1)
-        ablated = {w: (y * weight).sum(0, keepdim=True) / count for w, y in outs.items()}
-    else:
-        ablated = None
-    expected, _ = reference_run(hf, ids, valid, edge_d, node_d, ablated)
-    got = model.logits(
-        ids,
-        attention_mask=mask,
-        corrupted_ids=corrupted,
-        edge_mask=edge,
-        node_mask=node,
-        ablation=ablation,
-    )
-    assert (got - expected)[valid].abs().max() <= 1e-4
-    # the all-ones reference is HF itself: the reference is right where HF can check it
-    ref_full, _ = reference_run(hf, ids, valid)
-    assert (ref_full - model.reference_logits(ids, attention_mask=mask))[valid].abs().max() <= 1e-4
+    check_random_masks_match_reference(model, ablation)
 
 
 def test_ablation_outputs_are_writer_outputs(model):
@@ -185,7 +133,7 @@ def test_ablation_outputs_are_writer_outputs(model):
 
 def test_precomputed_ablated_equals_corrupted_ids(model):
     ids, corrupted, mask = batch(7)
-    edge, node, _, _ = _random_masks(model, 8)
+    edge, node, _, _ = random_masks(model, 8)
     ablated = model.ablation_outputs(corrupted, attention_mask=mask)
     a = model.logits(
         ids, attention_mask=mask, corrupted_ids=corrupted, edge_mask=edge, node_mask=node

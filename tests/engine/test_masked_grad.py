@@ -1,8 +1,5 @@
-"""Gradients of the masked forward w.r.t. edge and node masks, against finite differences (float64).
-
-Central differences along random directions, one per block of edges that share a reader group
-(so an error confined to one layer's edges cannot hide in the sum) and one over the node masks.
-"""
+"""Gradients of the masked forward w.r.t. edge and node masks, against finite differences (float64;
+see ``masked_models.check_mask_gradients``)."""
 
 from __future__ import annotations
 
@@ -11,7 +8,7 @@ import torch
 from torch import nn
 
 from edgeprune.engine.masked import CircuitModel
-from tests.engine.masked_models import batch, float64, tiny_models
+from tests.engine.masked_models import batch, check_mask_gradients, float64, tiny_models
 
 MODELS = tiny_models()
 
@@ -23,52 +20,9 @@ def model(request) -> CircuitModel:
     return CircuitModel(float64(MODELS[request.param]))
 
 
-def _blocks(model: CircuitModel) -> list[slice]:
-    g = model.graph
-    groups = [f(layer) for layer in range(g.n_layers) for f in (g.attn_group, g.mlp_group)]
-    return [group.edges for group in groups + [g.logits_group()]]
-
-
 @pytest.mark.parametrize("ablation", ["corrupted", "zero", "mean"])
 def test_mask_gradients_match_finite_differences(model, ablation):
-    ids, corrupted, mask = batch(0, B=2, T=5)
-    last = mask.sum(1) - 1
-    g = model.graph
-    gen = torch.Generator().manual_seed(1)
-    edge = torch.rand(g.n_edges, generator=gen, dtype=torch.float64).requires_grad_()
-    node = torch.rand(g.n_writers, generator=gen, dtype=torch.float64).requires_grad_()
-    proj = torch.randn(2, model.vocab_size, generator=gen, dtype=torch.float64)
-
-    def f(e: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        out = model.logits(
-            ids,
-            attention_mask=mask,
-            corrupted_ids=corrupted,
-            edge_mask=e,
-            node_mask=n,
-            ablation=ablation,
-            positions=last,
-        )  # [B, V]
-        return (out * proj).sum()
-
-    g_edge, g_node = torch.autograd.grad(f(edge, node), (edge, node))
-    directions = []
-    for block in _blocks(model):
-        u = torch.zeros_like(edge)
-        u[block] = torch.randn(u[block].shape, generator=gen, dtype=torch.float64)
-        directions.append((u, torch.zeros_like(node)))
-    directions.append(
-        (torch.zeros_like(edge), torch.randn(node.shape, generator=gen, dtype=torch.float64))
-    )
-    eps = 1e-6
-    with torch.no_grad():
-        for u, v in directions:
-            numeric = (f(edge + eps * u, node + eps * v) - f(edge - eps * u, node - eps * v)) / (
-                2 * eps
-            )
-            analytic = g_edge @ u + g_node @ v
-            torch.testing.assert_close(analytic, numeric, atol=1e-7, rtol=1e-6)
-            assert analytic.abs() > 1e-4  # the check is not vacuous
+    check_mask_gradients(model, ablation)
 
 
 def test_kl_gradient_and_repeated_backward(model):
