@@ -3,7 +3,9 @@
 A hung job loop (a stuck collective, a driver call that never returns) leaves the process and
 its metrics endpoint answering, so the probes read the loop itself. The loop *beats*: every
 round of the idle poll (and every slice of a back-off wait), and while a job runs before every
-step and every pass of the activation cache and the warm start, and at every progress report.
+step and every pass of the activation cache and the warm start, and at every progress report
+(a data-parallel job only at its ranks' progress reports: it polls for a stop while it waits
+on them, stuck or not).
 The lease heartbeat does not count: it runs on a thread of its own and renews the lease just
 as well while the job thread is stuck. /livez fails (503) when a worker's loop has not beaten
 for ``liveness_timeout_s``; the one long call that beats nowhere inside is a model load (and

@@ -185,12 +185,18 @@ class Worker:
         beat.start()
         reporter = _Reporter(self.queue, claim, self.config.progress_interval_s, self.device)
         try:
+            def should_stop() -> bool:
+                return (self.draining.is_set() or beat.cancelled.is_set() or beat.lost.is_set()
+                        or self.parent_gone())
+
+            spec = translate.parse_spec(job)
+            # a data-parallel job polls should_stop while it waits for its ranks, stuck or not:
+            # only their progress reports show that it moves
+            parallel = isinstance(spec, job_pb2.JobSpec) and spec.data_parallel_workers > 1
             hooks = runner.Hooks(
                 progress=self._beating(reporter.progress),
                 checkpoint=lambda data: self.queue.checkpoint(claim, data),
-                should_stop=self._beating(lambda: (
-                    self.draining.is_set() or beat.cancelled.is_set() or beat.lost.is_set()
-                    or self.parent_gone())),
+                should_stop=should_stop if parallel else self._beating(should_stop),
                 resume=load_checkpoint(
                     lambda: self.blobs.get(job.checkpoint_blob), reporter.warning,
                 ) if job.checkpoint_blob else None,
