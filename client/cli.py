@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from edgeprune.v1 import common_pb2
+from edgeprune.v1 import common_pb2, server_pb2
 
 from ._core import DEFAULT_TARGET, DEFAULT_TIMEOUT, LB_POLICIES, check_finished
 from ._output import (
@@ -54,14 +54,19 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def _labels(pairs: Sequence[str] | None) -> dict[str, str]:
+def _labels(pairs: Sequence[str] | None, *, field: str = "label") -> dict[str, str]:
     out = {}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise InvalidArgument(f"labels are KEY=VALUE, got {pair!r}", field="label")
+            raise InvalidArgument(f"{field}s are KEY=VALUE, got {pair!r}", field=field)
         out[key] = value
     return out
+
+
+def _task_params(pairs: Sequence[str] | None) -> dict[str, str] | None:
+    """--task-param KEY=VALUE flags (None when there are none, so a job file's stay)."""
+    return _labels(pairs, field="task_param") or None
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -96,7 +101,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     options: dict[str, Any] = load_job_file(args.job_file) if args.job_file else {}
     flags = {
         "model": args.model, "task": args.task, "task_examples": args.task_examples,
-        "task_seed": args.task_seed, "dataset": args.dataset, "examples": args.examples,
+        "task_seed": args.task_seed, "task_params": _task_params(args.task_param),
+        "dataset": args.dataset, "examples": args.examples,
         "method": args.method, "sparsity": args.sparsity, "edges": args.edges,
         "steps": args.steps, "warmup_steps": args.warmup_steps, "lr": args.lr,
         "batch_size": args.batch_size, "seed": args.seed, "warm_start": args.warm_start,
@@ -319,7 +325,8 @@ def cmd_circuits_compare(args: argparse.Namespace) -> int:
 
 def cmd_circuits_evaluate(args: argparse.Namespace) -> int:
     options = {
-        "task": args.task, "task_examples": args.task_examples, "dataset": args.dataset,
+        "task": args.task, "task_examples": args.task_examples,
+        "task_params": _task_params(args.task_param), "dataset": args.dataset,
         "examples": args.examples, "ablation": args.ablation, "batch_size": args.batch_size,
     }
     with _client(args) as client:
@@ -343,6 +350,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             ("version", info.version),
             ("models", ", ".join(m.name for m in info.models) or "-"),
             ("tasks", ", ".join(info.tasks) or "-"),
+            *((f"task {t.name}", _task_summary(t)) for t in info.task_details),
             ("methods", ", ".join(enum_name(common_pb2.Method, m, "METHOD_").lower() for m in info.methods)),
             ("devices", ", ".join(d.name for d in info.devices) or "-"),
             ("max steps", str(info.limits.max_steps)),
@@ -351,6 +359,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         ]
     )
     return EXIT_OK
+
+
+def _task_summary(task: server_pb2.TaskInfo) -> str:
+    """One task's metric and parameters, e.g. "logit_diff; n_choices: int in [2, 4], default 4"."""
+    params = [f"{p.name}: {_param_values(p)}, default {p.default}" for p in task.params]
+    return "; ".join([task.metric, *params]) if params else f"{task.metric}; no parameters"
+
+
+def _param_values(param: server_pb2.TaskParam) -> str:
+    if param.choices:
+        return "one of " + ", ".join(param.choices)
+    if param.type == "bool":
+        return "true or false"
+    bounds = [f"{v:g}" if param.HasField(f) else "" for f, v in
+              (("minimum", param.minimum), ("maximum", param.maximum))]
+    return f"{param.type} in [{bounds[0]}, {bounds[1]}]"
 
 
 SERVICE_COMMANDS = ("serve", "worker", "migrate")  # handed to edgeprune.service.cli
@@ -382,8 +406,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", help="built-in task: ioi, gendered_pronoun, greater_than, ...")
+    parser.add_argument("--task", help="built-in task: ioi, gendered_pronoun, greater_than, "
+                        "mcqa, arithmetic, ... (edgeprune info lists them)")
     parser.add_argument("--task-examples", type=int, metavar="N", help="examples to generate")
+    parser.add_argument("--task-param", action="append", metavar="KEY=VALUE",
+                        help="a parameter of the task's generator, e.g. n_choices=2 (repeat; "
+                        "edgeprune info lists each task's)")
     parser.add_argument("--dataset", help="an uploaded dataset (datasets/ID or ID)")
     parser.add_argument("--examples", metavar="JSONL", help="inline examples from a JSONL file")
 

@@ -8,6 +8,7 @@ import random
 from typing import Any
 
 from edgeprune.engine.tasks import Example, TaskDataset, build_task, from_examples
+from edgeprune.service.translate import example_from_proto
 from edgeprune.storage import DatasetRepo
 from edgeprune.v1 import job_pb2
 
@@ -18,8 +19,7 @@ def _examples(data: job_pb2.DataSpec, datasets: DatasetRepo) -> tuple[str, list[
         dataset_id = data.dataset.removeprefix("datasets/")
         rows = [row for batch in datasets.iter_examples(dataset_id) for row in batch]
         return data.dataset, [Example(**row) for row in rows]
-    return "custom", [Example(clean=e.clean, corrupted=e.corrupted, target=e.target or None,
-                              distractor=e.distractor or None) for e in data.examples.examples]
+    return "custom", [example_from_proto(e) for e in data.examples.examples]
 
 
 def build_data(data: job_pb2.DataSpec, tokenizer: Any, datasets: DatasetRepo, *,
@@ -30,8 +30,9 @@ def build_data(data: job_pb2.DataSpec, tokenizer: Any, datasets: DatasetRepo, *,
         task = data.task
         n_eval = max(1, round(task.example_count * data.eval_fraction))
         train = build_task(task.name, tokenizer, n=task.example_count, seed=task.seed,
-                           split="train")
-        return train, build_task(task.name, tokenizer, n=n_eval, seed=task.seed, split="validation")
+                           split="train", params=task.params)
+        return train, build_task(task.name, tokenizer, n=n_eval, seed=task.seed, split="validation",
+                                 params=task.params)
     name, examples = _examples(data, datasets)
     # Tokenise and validate all examples at once, so errors name their index in the request.
     full = from_examples(examples, tokenizer, name=name,
@@ -50,7 +51,7 @@ def build_eval_data(data: job_pb2.DataSpec, tokenizer: Any,
     """Every example of the data (a built-in task's validation split)."""
     if data.WhichOneof("source") == "task":
         return build_task(data.task.name, tokenizer, n=data.task.example_count,
-                          seed=data.task.seed, split="validation")
+                          seed=data.task.seed, split="validation", params=data.task.params)
     name, examples = _examples(data, datasets)
     return from_examples(examples, tokenizer, name=name, split="validation",
                          all_positions=data.examples.all_positions)

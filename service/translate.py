@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf import json_format
 
 from edgeprune.engine import contract, defaults
+from edgeprune.engine.examples import Example
+from edgeprune.engine.task_params import format_value
 from edgeprune.storage import CircuitRecord, JobRecord, JobState, NewCircuit
-from edgeprune.v1 import common_pb2, job_pb2
+from edgeprune.v1 import common_pb2, job_pb2, server_pb2
 
 if TYPE_CHECKING:
     from edgeprune.engine.circuit import Circuit
@@ -170,6 +172,30 @@ def evaluation_ablation(spec: job_pb2.EvaluationSpec, circuit: CircuitRecord) ->
     """An evaluation's ablation: the spec's, or where it names none the one the circuit was
     found with (its value depends on the circuit, so validation cannot fill it in)."""
     return ABLATIONS.get(spec.ablation) or circuit.settings.get("ablation", defaults.ABLATION)
+
+
+# ---------------------------------------------------------------------------------------- tasks
+
+
+def task_details() -> list[server_pb2.TaskInfo]:
+    """Every built-in task with its metric and parameters, as GetServerInfo lists them."""
+    return [
+        server_pb2.TaskInfo(
+            name=name, description=task.description, metric=task.metric,
+            params=[server_pb2.TaskParam(
+                name=p.name, type=p.type, default=format_value(p.default),
+                description=p.description, minimum=p.minimum, maximum=p.maximum,
+                choices=p.choices,
+            ) for p in task.params],
+        )
+        for name, task in contract.BUILTIN.items()
+    ]
+
+
+def example_from_proto(ex: common_pb2.Example) -> Example:
+    """An inline example as the engine's (empty answers are unset)."""
+    return Example(clean=ex.clean, corrupted=ex.corrupted, target=ex.target or None,
+                   distractor=ex.distractor or None, multi_token=ex.multi_token)
 
 
 # ------------------------------------------------------------------------------------- circuits

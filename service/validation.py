@@ -9,6 +9,7 @@ what the worker runs. Names, tasks and the engine's limits come from ``edgeprune
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -19,6 +20,7 @@ from google.protobuf.message import Message
 
 from edgeprune.engine import defaults
 from edgeprune.engine.contract import (
+    BUILTIN,
     BUILTIN_TASKS,
     MAX_ACDC_THRESHOLD,
     MAX_EDGE_SPARSITY,
@@ -28,6 +30,7 @@ from edgeprune.engine.contract import (
     MAX_SEED,
     TRACR_TASK_PREFIX,
 )
+from edgeprune.engine.task_params import param_errors, param_field
 from edgeprune.service.config import Config
 from edgeprune.service.errors import InvalidArgument, ResourceExhausted
 from edgeprune.service.translate import (
@@ -44,6 +47,7 @@ MAX_REQUEST_ID = 128
 MAX_PRIORITY = 100
 MAX_TEXT = 4096
 MAX_DISPLAY_NAME = MAX_NAME_LENGTH  # the column's width
+MAX_PARAM_PROBLEMS = 16  # task params reported one by one (a map may hold any number of keys)
 
 
 class Violations:
@@ -179,6 +183,20 @@ def check_example(v: Violations, field: str, ex: common_pb2.Example) -> None:
     for name in ("target", "distractor"):
         if len(getattr(ex, name)) > MAX_TEXT:
             v.bad(f"{field}.{name}", f"is longer than {MAX_TEXT} characters")
+    if ex.multi_token and not ex.target:
+        v.bad(f"{field}.target", "is required with multi_token")
+
+
+def check_task_params(v: Violations, field: str, task: job_pb2.TaskSource) -> None:
+    """``params`` against the task's schema (an unknown task's are not judged): each unknown
+    key or bad value is reported on ``{field}.params['key']``, as the generator would reject it."""
+    info = BUILTIN.get(task.name)
+    if info is None and not task.name.startswith(TRACR_TASK_PREFIX):
+        return
+    schema = info.params if info is not None else ()  # tracr_* tasks take none
+    problems = param_errors(schema, task.params, task=task.name)
+    for key, problem in itertools.islice(problems, MAX_PARAM_PROBLEMS):
+        v.bad(f"{field}.{param_field(key)}", problem)
 
 
 def check_data(v: Violations, field: str, data: job_pb2.DataSpec, config: Config,
@@ -205,7 +223,7 @@ def check_data(v: Violations, field: str, data: job_pb2.DataSpec, config: Config
         v.count(f"{field}.task.example_count", task.example_count, config.limits.max_examples)
         if task.example_count == 0:
             task.example_count = config.default_examples
-        check_labels(v, f"{field}.task.params", task.params, config)
+        check_task_params(v, f"{field}.task", task)
     else:
         examples = data.examples.examples
         if not examples:
@@ -214,6 +232,9 @@ def check_data(v: Violations, field: str, data: job_pb2.DataSpec, config: Config
             v.limit(f"{field}.examples.examples", len(examples), config.limits.max_inline_examples)
         for i, ex in enumerate(examples[: config.limits.max_inline_examples]):
             check_example(v, f"{field}.examples.examples[{i}]", ex)
+            if ex.multi_token and data.examples.all_positions:
+                v.bad(f"{field}.examples.examples[{i}].multi_token",
+                      "a multi-token answer cannot be scored at every position (all_positions)")
     v.number(f"{field}.eval_fraction", data.eval_fraction, 0.0, MAX_EVAL_FRACTION)
     if data.eval_fraction == 0:
         data.eval_fraction = defaults.EVAL_FRACTION

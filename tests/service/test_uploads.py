@@ -126,7 +126,8 @@ def test_every_bad_line_is_reported(big_server: Server) -> None:
                                          "chunk line 8"]
     assert found[0][1].startswith("line 2: not valid JSON")
     assert found[3][1] == ("line 8: unknown field(s) ['x']; allowed: "
-                           "['clean', 'corrupted', 'target', 'distractor', 'good', 'bad']")
+                           "['clean', 'corrupted', 'target', 'distractor', 'good', 'bad', "
+                           "'multi_token']")
     assert "clean must be text or a list of token ids" in found[4][1]
     assert "good must be a non-empty list" in found[5][1]
     assert "clean and corrupted must have the same number of tokens, got 2 and 1" in found[6][1]
@@ -261,7 +262,7 @@ def test_submit_checks_the_dataset_against_the_tokenizer(api_server: Server) -> 
     assert [f for f, _ in found] == ["spec.data.dataset"] * 3
     assert found[0][1].startswith("examples[1].target ' Mary Mary' must be exactly one token")
     assert found[1][1].startswith("examples[2]: clean and corrupted must have the same number")
-    assert found[2][1] == "examples[3].target: token id 1000000 is outside the vocabulary [0, 600)"
+    assert found[2][1] == "examples[3].target: token id 1000000 is outside the vocabulary [0, 700)"
     # The engine gives the first one the same message.
     from edgeprune.engine.examples import Example
     from edgeprune.engine.loading import load_tokenizer

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geprune/v1/common.proto\x12\x0c\x65\x64geprune.v1\"O\n\x07\x45xample\x12\r\n\x05\x63lean\x18\x01 \x01(\t\x12\x11\n\tcorrupted\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x12\n\ndistractor\x18\x04 \x01(\t\"]\n\x0b\x43ircuitSize\x12\x17\n\redge_sparsity\x18\x01 \x01(\x01H\x00\x12\x14\n\nedge_count\x18\x02 \x01(\x03H\x00\x12\x17\n\redge_fraction\x18\x03 \x01(\x01H\x00\x42\x06\n\x04size*;\n\x04View\x12\x14\n\x10VIEW_UNSPECIFIED\x10\x00\x12\x0e\n\nVIEW_BASIC\x10\x01\x12\r\n\tVIEW_FULL\x10\x02*\x86\x01\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x17\n\x13METHOD_EDGE_PRUNING\x10\x01\x12\x0e\n\nMETHOD_EAP\x10\x02\x12\x11\n\rMETHOD_EAP_IG\x10\x03\x12\x0f\n\x0bMETHOD_ACDC\x10\x04\x12\x17\n\x13METHOD_EAP_IG_EDGES\x10\x05*b\n\x08\x41\x62lation\x12\x18\n\x14\x41\x42LATION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x42LATION_CORRUPTED\x10\x01\x12\x11\n\rABLATION_ZERO\x10\x02\x12\x11\n\rABLATION_MEAN\x10\x03*>\n\x04Loss\x12\x14\n\x10LOSS_UNSPECIFIED\x10\x00\x12\x0b\n\x07LOSS_KL\x10\x01\x12\x13\n\x0fLOSS_LOGIT_DIFF\x10\x02*\\\n\x0cPositionMode\x12\x1d\n\x19POSITION_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12POSITION_MODE_LAST\x10\x01\x12\x15\n\x11POSITION_MODE_ALL\x10\x02*X\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x42p\n\x10\x64\x65v.edgeprune.v1B\x0b\x43ommonProtoP\x01Z>github.com/edgeprune/edgeprune/gen/go/edgeprune/v1;edgeprunev1\xaa\x02\x0c\x45\x64geprune.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geprune/v1/common.proto\x12\x0c\x65\x64geprune.v1\"d\n\x07\x45xample\x12\r\n\x05\x63lean\x18\x01 \x01(\t\x12\x11\n\tcorrupted\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x12\n\ndistractor\x18\x04 \x01(\t\x12\x13\n\x0bmulti_token\x18\x05 \x01(\x08\"]\n\x0b\x43ircuitSize\x12\x17\n\redge_sparsity\x18\x01 \x01(\x01H\x00\x12\x14\n\nedge_count\x18\x02 \x01(\x03H\x00\x12\x17\n\redge_fraction\x18\x03 \x01(\x01H\x00\x42\x06\n\x04size*;\n\x04View\x12\x14\n\x10VIEW_UNSPECIFIED\x10\x00\x12\x0e\n\nVIEW_BASIC\x10\x01\x12\r\n\tVIEW_FULL\x10\x02*\x86\x01\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x17\n\x13METHOD_EDGE_PRUNING\x10\x01\x12\x0e\n\nMETHOD_EAP\x10\x02\x12\x11\n\rMETHOD_EAP_IG\x10\x03\x12\x0f\n\x0bMETHOD_ACDC\x10\x04\x12\x17\n\x13METHOD_EAP_IG_EDGES\x10\x05*b\n\x08\x41\x62lation\x12\x18\n\x14\x41\x42LATION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x42LATION_CORRUPTED\x10\x01\x12\x11\n\rABLATION_ZERO\x10\x02\x12\x11\n\rABLATION_MEAN\x10\x03*>\n\x04Loss\x12\x14\n\x10LOSS_UNSPECIFIED\x10\x00\x12\x0b\n\x07LOSS_KL\x10\x01\x12\x13\n\x0fLOSS_LOGIT_DIFF\x10\x02*\\\n\x0cPositionMode\x12\x1d\n\x19POSITION_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12POSITION_MODE_LAST\x10\x01\x12\x15\n\x11POSITION_MODE_ALL\x10\x02*X\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x42p\n\x10\x64\x65v.edgeprune.v1B\x0b\x43ommonProtoP\x01Z>github.com/edgeprune/edgeprune/gen/go/edgeprune/v1;edgeprunev1\xaa\x02\x0c\x45\x64geprune.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,20 +32,20 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgeprune.v1.common_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.edgeprune.v1B\013CommonProtoP\001Z>github.com/edgeprune/edgeprune/gen/go/edgeprune/v1;edgeprunev1\252\002\014Edgeprune.V1'
-  _globals['_VIEW']._serialized_start=219
-  _globals['_VIEW']._serialized_end=278
-  _globals['_METHOD']._serialized_start=281
-  _globals['_METHOD']._serialized_end=415
-  _globals['_ABLATION']._serialized_start=417
-  _globals['_ABLATION']._serialized_end=515
-  _globals['_LOSS']._serialized_start=517
-  _globals['_LOSS']._serialized_end=579
-  _globals['_POSITIONMODE']._serialized_start=581
-  _globals['_POSITIONMODE']._serialized_end=673
-  _globals['_DTYPE']._serialized_start=675
-  _globals['_DTYPE']._serialized_end=763
+  _globals['_VIEW']._serialized_start=240
+  _globals['_VIEW']._serialized_end=299
+  _globals['_METHOD']._serialized_start=302
+  _globals['_METHOD']._serialized_end=436
+  _globals['_ABLATION']._serialized_start=438
+  _globals['_ABLATION']._serialized_end=536
+  _globals['_LOSS']._serialized_start=538
+  _globals['_LOSS']._serialized_end=600
+  _globals['_POSITIONMODE']._serialized_start=602
+  _globals['_POSITIONMODE']._serialized_end=694
+  _globals['_DTYPE']._serialized_start=696
+  _globals['_DTYPE']._serialized_end=784
   _globals['_EXAMPLE']._serialized_start=43
-  _globals['_EXAMPLE']._serialized_end=122
-  _globals['_CIRCUITSIZE']._serialized_start=124
-  _globals['_CIRCUITSIZE']._serialized_end=217
+  _globals['_EXAMPLE']._serialized_end=143
+  _globals['_CIRCUITSIZE']._serialized_start=145
+  _globals['_CIRCUITSIZE']._serialized_end=238
 # @@protoc_insertion_point(module_scope)

@@ -201,6 +201,7 @@ class Example(_message.Message):
     CORRUPTED_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
     DISTRACTOR_FIELD_NUMBER: _builtins.int
+    MULTI_TOKEN_FIELD_NUMBER: _builtins.int
     clean: _builtins.str
     """The clean prompt."""
     corrupted: _builtins.str
@@ -209,6 +210,11 @@ class Example(_message.Message):
     """The correct next token (optional)."""
     distractor: _builtins.str
     """The distractor token for the logit difference (optional)."""
+    multi_token: _builtins.bool
+    """`target` (and `distractor`) may be several tokens: the model is teacher-forced along the
+    target and scored at each of its tokens (the distractor's k-th token against the target's
+    k-th; it may be shorter, never longer).
+    """
     def __init__(
         self,
         *,
@@ -216,10 +222,11 @@ class Example(_message.Message):
         corrupted: _builtins.str = ...,
         target: _builtins.str = ...,
         distractor: _builtins.str = ...,
+        multi_token: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clean", b"clean", "corrupted", b"corrupted", "distractor", b"distractor", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clean", b"clean", "corrupted", b"corrupted", "distractor", b"distractor", "multi_token", b"multi_token", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

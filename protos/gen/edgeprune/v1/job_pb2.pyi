@@ -197,14 +197,18 @@ class TaskSource(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Task name: `ioi`, `gendered_pronoun`, `greater_than` (or a `tracr_*` task for Tracr models)."""
+    """Task name: `ioi`, `gendered_pronoun`, `greater_than`, `mcqa`, `arithmetic` (or a `tracr_*`
+    task for Tracr models).
+    """
     example_count: _builtins.int
     """Number of examples to generate (0: the server's default)."""
     seed: _builtins.int
     """Generator seed."""
     @_builtins.property
     def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Generator-specific parameters."""
+        """Generator-specific parameters, as text; GetServerInfo's `task_details` lists each task's
+        keys, types, ranges and defaults. An unknown key or a bad value is INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,
