@@ -7,7 +7,8 @@ Each line is an object with the fields of :class:`~edgeprune.engine.tasks.base.E
     {"clean": [464, 1110, 33], "corrupted": [464, 1110, 34], "good": [" 5", " 6"], "bad": [" 1"]}
 
 ``clean`` and ``corrupted`` are required (text or token ids); ``target`` / ``distractor`` (one
-token, text or id) and ``good`` / ``bad`` (lists of tokens) are optional. Reading streams the
+token, text or id) and ``good`` / ``bad`` (lists of tokens) are optional; ``"multi_token": true``
+makes the target and distractor answers of several tokens (text or lists of ids, teacher-forced). Reading streams the
 input and stops at :data:`MAX_JSONL_BYTES` or
 :data:`~edgeprune.engine.tasks.base.MAX_EXAMPLES`; every error names the line.
 """
