@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+from bench import bench_families
 from edgeprune.engine.loading import load_model
 from edgeprune.engine.masked import CircuitModel
 from edgeprune.engine.memory import ModelShape
@@ -125,3 +126,24 @@ def test_memory_model_counts_the_parameters(family):
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     assert ModelShape.from_config(config).n_params == n_params
 
+
+# published parameter counts of the models in bench/bench_families.py, from their model cards
+PUBLISHED_PARAMS = {
+    "Qwen3-0.6B": 0.6e9, "Qwen3-32B": 32.8e9, "Phi-3-mini-4k": 3.8e9, "Phi-4": 14.7e9,
+    "OLMo-1B": 1.18e9, "OLMo-7B": 6.89e9, "Gemma-2B": 2.51e9, "Gemma-7B": 8.54e9,
+}
+
+
+def test_the_80gb_table_is_current():
+    """docs/operations.md's table is bench/results/families.md's, which is what the memory
+    model says now, of configs that give the published parameter counts."""
+    rows = bench_families.rows()
+    for row in rows:
+        published = PUBLISHED_PARAMS.get(row["model"])
+        if published is not None:
+            assert row["params_b"] * 1e9 == pytest.approx(published, rel=0.01), row["model"]
+    root = Path(__file__).resolve().parents[2]
+    page = bench_families.page(rows)
+    assert (root / "bench" / "results" / "families.md").read_text() == page, (
+        "run: python -m bench families")
+    assert bench_families.table(rows) in (root / "docs" / "operations.md").read_text()
