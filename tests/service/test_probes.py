@@ -4,8 +4,9 @@ with two workers on SQLite.
 - a standalone worker's /readyz fails until its warm-up model is loaded and the database
   answers its claim; while another process holds SQLite's write lock its job loop is blocked,
   so /livez fails within the limit while its own /metrics still answers;
-- `serve` reports each of its workers: a stopped one fails /livez and /readyz alone;
-- a job left pending shows its age, and a killed worker's expired lease is counted.
+- `serve` reports each of its workers: a stopped one fails /livez and /readyz alone, and
+  passes again once it runs on;
+- a job left pending shows its age, and the stopped worker's expired lease is counted.
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ def metric(text: str, name: str, **labels: str) -> float | None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp("probes")
+    # the long jobs below only keep their workers busy: few progress events and checkpoints
     with running(folder, f"sqlite:///{folder / 'edgeprune.db'}", tiny_gpt2_dir, workers=2,
-                 lease_s=3, liveness_timeout_s=LIVENESS_S, warm_models=MODEL) as server:
+                 lease_s=3, liveness_timeout_s=LIVENESS_S, warm_models=MODEL,
+                 progress_interval_s=0.5, checkpoint_every=10_000) as server:
         yield server
 
 
@@ -154,13 +157,17 @@ def test_serve_reports_each_worker_and_counts_an_expired_lease(server: Server) -
         assert age is not None and age >= time.monotonic() - submitted - 1.0, text
         assert metric(text, "edgeprune_queue_pending_jobs") == 1.0
 
-        os.kill(hung, signal.SIGKILL)  # its lease expires: the other worker, once free, reclaims it
+        # its lease expires (its heartbeat thread is stopped too): the other worker, once
+        # free, reclaims the job and counts the expiry
         server.jobs.CancelJob(job_pb2.CancelJobRequest(name=second.name))
         wait_for(lambda: metric(server.metrics_text(), "edgeprune_lease_expiries_total",
                                 state="PENDING") == 1.0,
                  timeout=60, every=0.2, what="the expired lease to be counted")
-        code, body = probe(port, "/livez")
-        assert code == 200 and str(hung) not in [w["pid"] for w in body["workers"]], body
+        os.kill(hung, signal.SIGCONT)  # it finds its lease lost, drops the job and beats again
+        body = wait_for(lambda: answers(port, "/livez", 200), timeout=30, every=0.2,
+                        what="/livez to recover")
+        assert len(body["workers"]) == 2, body
     finally:
+        os.kill(hung, signal.SIGCONT)
         for job in (first, second, waiting):
             server.jobs.CancelJob(job_pb2.CancelJobRequest(name=job.name))
