@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench protos protos-check lint clean
+.PHONY: install test test-fast demo bench gpu-check protos protos-check lint clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ demo: install
 
 bench: install
 	$(PY) -m bench
+
+# On a CUDA machine: the device tests on cuda, masked vs fine-tune steps in fp32 and bf16, the
+# largest batch of a 1B-class model; report in bench/results/gpu-check.json (docs/operations.md).
+gpu-check: install
+	$(PY) tools/gpu_check.py
 
 protos: install
 	$(PY) tools/gen_protos.py

@@ -24,7 +24,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,14 +70,18 @@ ROUNDS = 2  # processes per kind, alternating hf / masked
 THREADS = int(os.environ.get("BENCH_THREADS", "0"))
 
 
-def _build(shape: str) -> torch.nn.Module:
+def build_module(spec: dict, *, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A randomly initialised model of a shape spec (``SHAPES``' form: family and config),
+    made on ``device`` (a 1B-parameter model is not first built on the CPU) in ``dtype``."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    spec = SHAPES[shape]
     torch.manual_seed(0)
-    if spec["family"] == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(**spec["config"])).eval()
-    return LlamaForCausalLM(LlamaConfig(**spec["config"])).eval()
+    config_class, model_class = ((GPT2Config, GPT2LMHeadModel) if spec["family"] == "gpt2"
+                                 else (LlamaConfig, LlamaForCausalLM))
+    with torch.device(device):
+        module = model_class(config_class(**spec["config"]))
+    return module.to(dtype).eval()
 
 
 def _peak_rss_mb() -> float:
@@ -87,35 +93,37 @@ def _peak_rss_mb() -> float:
 
 
 def _kl_last(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """KL(clean || model) at the last position: logits [B, V], target log-probs [B, V]."""
+    """KL(clean || model) at the last position, in fp32: logits [B, V], target log-probs [B, V]."""
     return torch.nn.functional.kl_div(
-        logits.log_softmax(-1), target, log_target=True, reduction="batchmean"
+        logits.float().log_softmax(-1), target, log_target=True, reduction="batchmean"
     )
 
 
-def measure(shape: str, kind: str) -> dict:
-    """One measurement (run in its own process): median step time and peak memory."""
+def make_step(module: torch.nn.Module, kind: str, *, batch: int,
+              tokens: int) -> tuple[Callable[[], None], Any]:
+    """(one training step of ``kind`` on a batch of random tokens, the CircuitModel), on the
+    module's device and in its dtype; the masks and the KL stay fp32 as in a pruning run."""
     from edgeprune.engine.masked import CircuitModel
 
-    if THREADS:
-        torch.set_num_threads(THREADS)
-    spec = SHAPES[shape]
-    B, T = spec["batch"], spec["tokens"]
-    module = _build(shape)
+    B, T = batch, tokens
+    device = next(module.parameters()).device
     gen = torch.Generator().manual_seed(1)
     vocab = module.config.vocab_size
-    ids = torch.randint(vocab, (B, T), generator=gen)
-    corrupted = torch.randint(vocab, (B, T), generator=gen)
-    mask = torch.ones(B, T, dtype=torch.long)
-    last = torch.full((B,), T - 1)
-    model = CircuitModel(module)
-    target = model.reference_logits(ids, attention_mask=mask, positions=last).log_softmax(-1)
+    ids = torch.randint(vocab, (B, T), generator=gen).to(device)
+    corrupted = torch.randint(vocab, (B, T), generator=gen).to(device)
+    mask = torch.ones(B, T, dtype=torch.long, device=device)
+    last = torch.full((B,), T - 1, device=device)
+    model = CircuitModel(module)  # freezes the weights
+    module.requires_grad_(kind == "hf")  # a fine-tune step trains them, the masked one the masks
+    with torch.no_grad():
+        target = model.reference_logits(ids, attention_mask=mask, positions=last).float()
+        target = target.log_softmax(-1)  # [B, V]
 
     if kind in ("masked", "masked_checkpointed"):
         model.checkpoint_layers = kind == "masked_checkpointed"
         ablated = model.ablation_outputs(corrupted, attention_mask=mask)  # cached corrupted run
-        edge = torch.rand(model.graph.n_edges, generator=gen).requires_grad_()
-        node = torch.rand(model.graph.n_writers, generator=gen).requires_grad_()
+        edge = torch.rand(model.graph.n_edges, generator=gen).to(device).requires_grad_()
+        node = torch.rand(model.graph.n_writers, generator=gen).to(device).requires_grad_()
 
         def step() -> None:
             out = model.logits(
@@ -129,19 +137,37 @@ def measure(shape: str, kind: str) -> dict:
             _kl_last(out, target).backward()
             edge.grad = node.grad = None
     else:
-        module.requires_grad_(True)
 
         def step() -> None:
             out = module(input_ids=ids, attention_mask=mask).logits[:, -1]  # [B, V]
             _kl_last(out, target).backward()
             module.zero_grad(set_to_none=True)
 
-    base_rss = _peak_rss_mb()
+    return step, model
+
+
+def time_steps(step: Callable[[], None], repeats: int, device: torch.device | str) -> list[float]:
+    """Seconds of ``repeats`` + 1 calls of ``step`` (the first a warm-up), waiting for the GPU."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     times = []
-    for _ in range(REPEATS + 1):
+    for _ in range(repeats + 1):
+        sync()
         start = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(shape: str, kind: str) -> dict:
+    """One measurement (run in its own process): median step time and peak memory."""
+    if THREADS:
+        torch.set_num_threads(THREADS)
+    spec = SHAPES[shape]
+    B, T = spec["batch"], spec["tokens"]
+    step, model = make_step(build_module(spec), kind, batch=B, tokens=T)
+    base_rss = _peak_rss_mb()
+    times = time_steps(step, REPEATS, "cpu")
     return {
         "bench": "forward",
         "shape": shape,

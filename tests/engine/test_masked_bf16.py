@@ -1,4 +1,5 @@
-"""bf16 models: the masked forward in bf16 with fp32 masks, gradients and loss; pruning in bf16."""
+"""bf16 models: the masked forward in bf16 with fp32 masks, gradients and loss; pruning in bf16.
+On $EDGEPRUNE_TEST_DEVICE (`make gpu-check`: cuda), as the other ``device``-marked tests."""
 
 from __future__ import annotations
 
@@ -13,38 +14,46 @@ from edgeprune.engine.loading import load_model
 from edgeprune.engine.masked import CircuitModel
 from edgeprune.engine.prune import PruneConfig, prune
 from edgeprune.engine.tasks import build_task
+from tests.devices import TEST_DEVICE, on_device
 from tests.engine.masked_models import batch, tiny_models
 
+pytestmark = pytest.mark.device
 MODELS = tiny_models()
 NAMES = ["gpt2", "gpt2-deep", "llama-gqa", "qwen2", "mistral-window"]
 
 
-def _bf16(name: str) -> CircuitModel:
-    return CircuitModel(copy.deepcopy(MODELS[name]).to(torch.bfloat16))
+def _model(name: str, dtype: torch.dtype = torch.bfloat16) -> CircuitModel:
+    return CircuitModel(copy.deepcopy(MODELS[name]).to(TEST_DEVICE, dtype))
 
 
+# The masked forward sums the same terms in another order, each rounded to the dtype: in bf16
+# (8 bits) about 10 steps of the largest logit, in fp32 far less.
+TOLERANCE = {torch.bfloat16: 0.04, torch.float32: 1e-4}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("name", NAMES)
-def test_all_masks_one_match_the_bf16_model(name: str) -> None:
-    model = _bf16(name)
-    ids, corrupted, mask = batch(0, B=3, T=7)
+def test_all_masks_one_match_the_model_in_its_dtype(name: str, dtype: torch.dtype) -> None:
+    model = _model(name, dtype)
+    ids, corrupted, mask = on_device(*batch(0, B=3, T=7))
     valid = mask.bool()  # [B, T]
     reference = model.reference_logits(ids, attention_mask=mask).float()[valid]  # [n, V]
     out = model.logits(ids, attention_mask=mask, corrupted_ids=corrupted)  # [B, T, V]
-    assert out.dtype == torch.bfloat16
-    # the masked forward sums the same terms in another order, each rounded to bf16 (8 bits):
-    # allow about 10 bf16 steps of the largest logit
+    assert out.dtype == dtype
     scale = reference.abs().max()
-    assert (out.float()[valid] - reference).abs().max() <= 0.04 * scale
+    assert (out.float()[valid] - reference).abs().max() <= TOLERANCE[dtype] * scale
 
 
 def _kl_and_grads(model: CircuitModel, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(full fp32 model || masked model) at the last real token under random fp32 masks, and
     its gradient w.r.t. the edge and node masks together [E + W]."""
-    ids, corrupted, mask = batch(0, B=3, T=7)
+    ids, corrupted, mask = on_device(*batch(0, B=3, T=7))
     last = mask.sum(1) - 1  # [B]
     gen = torch.Generator().manual_seed(1)
-    edge = torch.rand(model.graph.n_edges, generator=gen).requires_grad_()  # [E]
-    node = torch.rand(model.graph.n_writers, generator=gen).requires_grad_()  # [W]
+    edge, node = on_device(torch.rand(model.graph.n_edges, generator=gen),  # [E]
+                           torch.rand(model.graph.n_writers, generator=gen))  # [W]
+    edge.requires_grad_()
+    node.requires_grad_()
     out = model.logits(
         ids,
         attention_mask=mask,
@@ -63,11 +72,11 @@ def _kl_and_grads(model: CircuitModel, clean: torch.Tensor) -> tuple[torch.Tenso
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_mask_gradients_follow_the_fp32_model(name: str) -> None:
-    fp32 = CircuitModel(MODELS[name])
-    ids, _, mask = batch(0, B=3, T=7)
+    fp32 = _model(name, torch.float32)
+    ids, _, mask = on_device(*batch(0, B=3, T=7))
     clean = fp32.reference_logits(ids, attention_mask=mask, positions=mask.sum(1) - 1)  # [B, V]
     kl32, g32 = _kl_and_grads(fp32, clean)
-    kl16, g16 = _kl_and_grads(_bf16(name), clean)
+    kl16, g16 = _kl_and_grads(_model(name), clean)
     assert torch.isfinite(g16).all()
     assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
     assert kl16 == pytest.approx(float(kl32), rel=0.05, abs=1e-3)
@@ -81,7 +90,7 @@ def test_prune_steps_in_bf16_follow_fp32(fixture: str, request: pytest.FixtureRe
     frozen = PruneConfig(steps=1, batch_size=4, seed=3, init_mean=0.0, edge_lr=0.0, node_lr=0.0)
     moved, losses = [], []
     for dtype in (torch.float32, torch.bfloat16):
-        model = load_model(f"hf:{folder}", dtype=dtype)
+        model = load_model(f"hf:{folder}", device=TEST_DEVICE, dtype=dtype)
         ioi = build_task("ioi", model.tokenizer, n=8, seed=0)
         result = prune(model, ioi, config)
         assert result.edge_log_alpha.dtype == torch.float32

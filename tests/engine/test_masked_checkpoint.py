@@ -1,4 +1,5 @@
-"""Activation checkpointing of the masked forward: same loss and mask gradients, less memory."""
+"""Activation checkpointing of the masked forward: same loss and mask gradients (on
+$EDGEPRUNE_TEST_DEVICE, see tests/devices.py), less memory."""
 
 from __future__ import annotations
 
@@ -16,20 +17,27 @@ from edgeprune.engine.loading import load_model
 from edgeprune.engine.masked import CircuitModel
 from edgeprune.engine.prune import PruneConfig, prune
 from edgeprune.engine.tasks import build_task
+from tests.devices import TEST_DEVICE, on_device
 from tests.engine.masked_models import batch, tiny_models
 
 MODELS = tiny_models()
+
+
+def _model(name: str, dtype: torch.dtype = torch.float32) -> CircuitModel:
+    return CircuitModel(copy.deepcopy(MODELS[name]).to(TEST_DEVICE, dtype))
 
 
 def _loss_and_grads(
     model: CircuitModel, ablation: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """KL at the last real token under random masks, and its gradients w.r.t. both masks."""
-    ids, corrupted, mask = batch(0, B=3, T=7)
+    ids, corrupted, mask = on_device(*batch(0, B=3, T=7))
     last = mask.sum(1) - 1  # [B]
     gen = torch.Generator().manual_seed(1)
-    edge = torch.rand(model.graph.n_edges, generator=gen).requires_grad_()  # [E]
-    node = torch.rand(model.graph.n_writers, generator=gen).requires_grad_()  # [W]
+    edge, node = on_device(torch.rand(model.graph.n_edges, generator=gen),  # [E]
+                           torch.rand(model.graph.n_writers, generator=gen))  # [W]
+    edge.requires_grad_()
+    node.requires_grad_()
     clean = model.reference_logits(ids, attention_mask=mask, positions=last)  # [B, V]
     out = model.logits(
         ids,
@@ -45,10 +53,11 @@ def _loss_and_grads(
     return loss.detach(), g_edge, g_node
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-deep", "llama-gqa", "mistral-window"])
 @pytest.mark.parametrize("ablation", ["corrupted", "zero"])
 def test_checkpointing_keeps_loss_and_mask_gradients(name: str, ablation: str) -> None:
-    model = CircuitModel(MODELS[name])
+    model = _model(name)
     plain = _loss_and_grads(model, ablation)
     model.checkpoint_layers = True
     checkpointed = _loss_and_grads(model, ablation)
@@ -57,8 +66,9 @@ def test_checkpointing_keeps_loss_and_mask_gradients(name: str, ablation: str) -
     assert plain[1].abs().max() > 0  # the gradients compared are not all zero
 
 
+@pytest.mark.device
 def test_checkpointing_in_bf16_keeps_mask_gradients() -> None:
-    model = CircuitModel(copy.deepcopy(MODELS["llama-gqa"]).to(torch.bfloat16))
+    model = _model("llama-gqa", torch.bfloat16)
     plain = _loss_and_grads(model, "corrupted")
     with model.checkpointing():
         checkpointed = _loss_and_grads(model, "corrupted")
@@ -79,8 +89,9 @@ def test_checkpointing_context_restores_the_setting() -> None:
     assert model.checkpoint_layers
 
 
+@pytest.mark.device
 def test_prune_with_activation_checkpointing_learns_the_same_masks(tiny_gpt2_dir: Path) -> None:
-    model = load_model(f"hf:{tiny_gpt2_dir}")
+    model = load_model(f"hf:{tiny_gpt2_dir}", device=TEST_DEVICE)
     ioi = build_task("ioi", model.tokenizer, n=8, seed=0)
     config = PruneConfig(steps=3, batch_size=4, seed=3)
     on = dataclasses.replace(config, activation_checkpointing=True)
