@@ -60,6 +60,7 @@ class ServerHandler:
             devices=devices(config.device),
             limits=limits,
             tasks=BUILTIN_TASKS,
+            task_details=translate.task_details(),
             methods=[m for m in common_pb2.Method.values() if m != common_pb2.METHOD_UNSPECIFIED],
             default_dtype=translate.DTYPES_BY_NAME[estimate_dtype(config)],
         )
