@@ -65,14 +65,15 @@ class LlamaAdapter(Adapter):
 
         The rotary module's width may be less than K (partial rotary, e.g. Phi-3's
         ``partial_rotary_factor``): then, as the model does, only the first dimensions of every
-        head turn and the rest pass through."""
+        head turn and the rest pass through. Where the module returns float32 cos and sin for a
+        bf16 model (OLMo's), the rotation runs in float32 and is rounded once, as the model's."""
         cos, sin = self.body.rotary_emb(t, position_ids)  # [B|1, T, Kr] each, Kr <= K
         cos, sin = cos[:, None], sin[:, None]  # [B|1, 1, T, Kr]
         r = cos.shape[-1]
-        if r == t.shape[-1]:
-            return t * cos + rotate_half(t) * sin  # as the model's apply_rotary_pos_emb
+        if r == t.shape[-1]:  # as the model's apply_rotary_pos_emb
+            return (t * cos + rotate_half(t) * sin).to(t.dtype)
         turned, kept = t[..., :r], t[..., r:]  # [B, R, T, Kr], [B, R, T, K - Kr]
-        return torch.cat([turned * cos + rotate_half(turned) * sin, kept], dim=-1)
+        return torch.cat([(turned * cos + rotate_half(turned) * sin).to(t.dtype), kept], dim=-1)
 
     def queries(self, layer, x, position_ids, grad_into=None):
         q = self._heads(layer, x, "q", grad_into)  # [B, H, T, K]
