@@ -248,8 +248,8 @@ class _HuggingFaceHeads(_Heads):
                 out = head_norm(out)
             cos, sin = self.model.model.rotary_emb(out, torch.arange(x.shape[1])[None])
             r = cos.shape[-1]  # partial rotary (Phi-3's partial_rotary_factor): the rest stays
-            turned = out[..., :r] * cos + _rotate_half(out[..., :r]) * sin
-            out = torch.cat([turned, out[..., r:]], dim=-1)
+            turned = out[..., :r] * cos + _rotate_half(out[..., :r]) * sin  # float32 for OLMo
+            out = torch.cat([turned.to(out.dtype), out[..., r:]], dim=-1)
         return out
 
     def scale(self, l):

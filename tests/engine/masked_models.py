@@ -193,6 +193,23 @@ def check_all_masks_one_equal_hf(model: CircuitModel) -> None:
     assert torch.equal(direct, expected)
 
 
+# The masked forward sums the same terms in another order, each rounded to the dtype: in bf16
+# (8 bits) about 10 steps of the largest logit, in fp32 far less.
+DTYPE_TOLERANCE = {torch.bfloat16: 0.04, torch.float32: 1e-4}
+
+
+def check_all_masks_one_in_dtype(model: CircuitModel) -> None:
+    """Every mask 1 in the model's dtype and on its device: the model's own logits in that dtype,
+    within DTYPE_TOLERANCE of the largest."""
+    ids, corrupted, mask = (t.to(model.device) for t in batch())
+    valid = mask.bool()  # [B, T]
+    reference = model.reference_logits(ids, attention_mask=mask).float()[valid]  # [n, V]
+    out = model.logits(ids, attention_mask=mask, corrupted_ids=corrupted)  # [B, T, V]
+    assert out.dtype == model.dtype
+    scale = reference.abs().max()
+    assert (out.float()[valid] - reference).abs().max() <= DTYPE_TOLERANCE[model.dtype] * scale
+
+
 def check_all_masks_zero_equal_corrupted(model: CircuitModel) -> None:
     """Every edge mask 0, or every node mask 0: the model's logits on the corrupted ids."""
     ids, corrupted, mask = batch(1)

@@ -10,6 +10,7 @@ Add a family to ``FAMILIES`` (with its tiny config in ``tests/tiny_models.py``) 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from edgeprune.engine.memory import ModelShape
 from tests.engine.masked_models import (
     batch,
     check_all_masks_one_equal_hf,
+    check_all_masks_one_in_dtype,
     check_all_masks_zero_equal_corrupted,
     check_mask_gradients,
     check_random_masks_match_reference,
@@ -101,6 +103,10 @@ def test_all_masks_one_equals_hf(family):
 
 def test_all_masks_zero_equals_hf_on_corrupted_ids(family):
     check_all_masks_zero_equal_corrupted(family[2])
+
+
+def test_all_masks_one_match_the_model_in_bf16(family):
+    check_all_masks_one_in_dtype(CircuitModel(copy.deepcopy(family[2].module).bfloat16()))
 
 
 @pytest.mark.parametrize("ablation", ["corrupted", "zero", "mean"])
