@@ -9,7 +9,7 @@ References:
 ``hf:<dir-or-id>``
     A Hugging Face checkpoint folder, or a model id already in the local Hugging Face cache
     (nothing is downloaded): GPT-2 family, LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM,
-    Qwen3ForCausalLM, Phi3ForCausalLM, OlmoForCausalLM, GemmaForCausalLM,
+    Qwen3ForCausalLM, Phi3ForCausalLM, OlmoForCausalLM, Olmo2ForCausalLM, GemmaForCausalLM,
     GPTNeoXForCausalLM (Pythia).
     Safetensors weights only, never remote code.
 ``tracr:<dir>``
@@ -41,6 +41,7 @@ from transformers import (
     GPTNeoXForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
+    Olmo2ForCausalLM,
     OlmoForCausalLM,
     Phi3ForCausalLM,
     PreTrainedModel,
@@ -74,13 +75,14 @@ HF_CLASSES: dict[str, type[PreTrainedModel]] = {
     "qwen3": Qwen3ForCausalLM,
     "phi3": Phi3ForCausalLM,
     "olmo": OlmoForCausalLM,
+    "olmo2": Olmo2ForCausalLM,
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
 }
 SUPPORTED = (
     "GPT-2 family (gpt2), LlamaForCausalLM (llama), Qwen2ForCausalLM (qwen2), "
     "MistralForCausalLM (mistral), Qwen3ForCausalLM (qwen3), Phi3ForCausalLM (phi3), "
-    "OlmoForCausalLM (olmo), GemmaForCausalLM (gemma), "
+    "OlmoForCausalLM (olmo), Olmo2ForCausalLM (olmo2), GemmaForCausalLM (gemma), "
     "GPTNeoXForCausalLM (gpt_neox)"
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")

@@ -122,6 +122,12 @@ class ModelShape:
     gated_mlp: bool = True  # LLaMA-style gate/up/down; False: GPT-2 style fc/proj
     attn_bias: bool = False
     qk_norm: bool = False  # an RMSNorm [K] on every query and key head (Qwen3)
+    # q_norm / k_norm over all heads together ([H*K], [KV*K]; OLMo-2): every query and key
+    # reader's input is projected by every head, and kept with the norm's float32 copy
+    joint_qk_norm: bool = False
+    # the attention output normalised before the residual (OLMo-2): the heads' outputs
+    # [H, B, T, D] that the norm scales are kept
+    post_attention_norm: bool = False
     norm_weights: bool = True  # False: norms without parameters (OLMo's LayerNorm)
     parallel_attn_mlp: bool = False  # MLP l reads the layer's input, not its heads (GPT-NeoX)
     name: str = ""
@@ -168,6 +174,8 @@ class ModelShape:
             attn += K * (H + 2 * KV) + D
         if self.qk_norm:
             attn += 2 * K
+        if self.joint_qk_norm:
+            attn += (H + KV) * K
         mlp = 3 * D * F if self.gated_mlp else 2 * D * F + F + D
         norm = D if self.gated_mlp else 2 * D  # RMSNorm (LLaMA family) or LayerNorm with bias
         norm *= self.norm_weights
@@ -348,6 +356,7 @@ SHAPE_READERS: dict[str, Callable[[ConfigGetter, str], ModelShape]] = {
     "qwen3": functools.partial(_llama_shape, qk_norm=True),
     "phi3": _llama_shape,  # fused q/k/v and gate/up projections: the same parameters
     "olmo": functools.partial(_llama_shape, norm_weights=False),
+    "olmo2": functools.partial(_llama_shape, joint_qk_norm=True, post_attention_norm=True),
     "gemma": functools.partial(_llama_shape, tied=True),
     "gpt_neox": _gpt_neox_shape,
     "tracr": _tracr_shape,
@@ -405,6 +414,7 @@ def estimate_job_memory(
     hidden = tokens * F * s  # one [B, T, F]
     hidden_copies = _GATED_HIDDEN_COPIES if shape.gated_mlp else _PLAIN_HIDDEN_COPIES
     layer = _NORM_INPUT_COPIES * readers + _HEAD_COPIES * heads + hidden_copies * hidden
+    layer += _norm_extras(shape, tokens, s)
     if activation_checkpointing:
         # torch.utils.checkpoint keeps every layer's region inputs (the readers' inputs in the
         # model's dtype) until the backward pass; the rest exists while one layer is recomputed
@@ -468,6 +478,7 @@ def estimate_evaluation_memory(
     # masked.block_layers), and the few spare rows a block keeps
     block = max(1, round(math.sqrt(shape.n_layers))) * (H + 2 * KV + 1) + 7
     heads = tokens * K * (2 * H + 2 * KV) * s  # q, out [B, H, T, K]; k, v [B, KV, T, K]
+    heads += _norm_extras(shape, tokens, s)
     hidden = tokens * F * s * (_GATED_HIDDEN_COPIES if shape.gated_mlp else _PLAIN_HIDDEN_COPIES)
     corrupted_cache, clean_logits = _cached(shape, n_examples, T, answer_positions, s, cache_bytes)
     return MemoryEstimate(
@@ -491,6 +502,20 @@ def estimate_evaluation_memory(
             "evaluation": True,
         },
     )
+
+
+def _norm_extras(shape: ModelShape, tokens: int, s: int) -> int:
+    """What one layer keeps for OLMo-2's norms beyond a LLaMA layer (not calibrated by a
+    measurement): every head's projection of each query and key reader's input, [H, B, T, H*K]
+    and [KV, B, T, KV*K], in the model's dtype and as the norm's float32 copy; the heads' outputs
+    [H, B, T, D] that the post-attention norm scales."""
+    H, KV, K = shape.n_heads, shape.n_kv_heads, shape.head_dim
+    extra = 0
+    if shape.joint_qk_norm:
+        extra += (H * H + KV * KV) * K * tokens * (s + 4)
+    if shape.post_attention_norm:
+        extra += H * tokens * shape.d_model * s
+    return extra
 
 
 def _check_sizes(*, batch_size: int, seq_len: int, world_size: int, answer_positions: int,

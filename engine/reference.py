@@ -387,9 +387,42 @@ class _NeoXHeads(_Heads):
         return self.model.lm_head(self.model.gpt_neox.final_layer_norm(x))
 
 
+class _Olmo2Heads(_HuggingFaceHeads):
+    """OLMo-2: no norm on a layer's inputs; q_norm and k_norm normalise the queries (keys) of all
+    heads together, so a head's query is its slice of the normed projection by every head of
+    its reader's input; a norm of the attention output (each head gets its share of the
+    normalised sum) and one of the MLP output."""
+
+    def _proj(self, l, which, h, x):
+        attn, K = self.layer(l).self_attn, self.K
+        lin = [attn.q_proj, attn.k_proj, attn.v_proj][which]
+        out = x @ lin.weight.T  # every head's projection of this reader's input [B, T, R*K]
+        if lin.bias is not None:
+            out = out + lin.bias
+        if which < 2:
+            out = [attn.q_norm, attn.k_norm][which](out)
+        out = out[..., h * K : (h + 1) * K]  # [B, T, K]
+        if which < 2:
+            cos, sin = self.model.model.rotary_emb(out, torch.arange(x.shape[1])[None])
+            out = (out * cos + _rotate_half(out) * sin).to(out.dtype)
+        return out
+
+    def post_attention(self, l, heads):
+        norm = self.layer(l).post_attention_layernorm
+        total = sum(heads.values())  # the layer's attention output [B, T, D]
+        scale = norm.weight * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return {name: y * scale for name, y in heads.items()}
+
+    def mlp(self, l, x):
+        block = self.layer(l)
+        return block.post_feedforward_layernorm(block.mlp(x))
+
+
 def _heads_of(model: nn.Module) -> _Heads:
     if type(model).__name__ == "TracrModel":
         return _TracrHeads(model)
     if model.config.model_type == "gpt_neox":
         return _NeoXHeads(model)
+    if model.config.model_type == "olmo2":
+        return _Olmo2Heads(model)
     return _HuggingFaceHeads(model)

@@ -25,6 +25,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     OlmoConfig,
     OlmoForCausalLM,
     Phi3Config,
@@ -145,6 +147,7 @@ _LLAMA_FAMILY = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "phi3": (Phi3Config, Phi3ForCausalLM),
     "olmo": (OlmoConfig, OlmoForCausalLM),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM),
     "gemma": (GemmaConfig, GemmaForCausalLM),
 }
 # What each family's tiny config sets beyond the shared shape, so that every feature its adapter
@@ -155,6 +158,7 @@ _FAMILY_FEATURES: dict[str, dict] = {
     "qwen3": {"head_dim": 16},
     "phi3": {"partial_rotary_factor": 0.5, "sliding_window": 4, "tie_word_embeddings": False},
     "olmo": {"clip_qkv": 1.0, "num_key_value_heads": 4},
+    "olmo2": {"tie_word_embeddings": False},
     "gemma": {"head_dim": 16, "num_key_value_heads": 1, "hidden_act": "gelu_pytorch_tanh"},
 }
 

@@ -14,6 +14,7 @@ from edgeprune.engine.adapters.gpt2 import GPT2Adapter
 from edgeprune.engine.adapters.gpt_neox import GPTNeoXAdapter
 from edgeprune.engine.adapters.llama import LlamaAdapter
 from edgeprune.engine.adapters.olmo import OlmoAdapter
+from edgeprune.engine.adapters.olmo2 import Olmo2Adapter
 from edgeprune.engine.adapters.phi3 import Phi3Adapter
 from edgeprune.engine.adapters.qwen3 import Qwen3Adapter
 from edgeprune.engine.adapters.tracr import TracrAdapter
@@ -28,6 +29,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "qwen3": Qwen3Adapter,
     "phi3": Phi3Adapter,
     "olmo": OlmoAdapter,
+    "olmo2": Olmo2Adapter,
     "gemma": GemmaAdapter,
     "tracr": TracrAdapter,
 }

@@ -154,3 +154,13 @@ def plain_layer_norm_project(
     epsilon is ``eps``: x [R, B, T, D], weight [R, K, D], bias [R, K] or None -> [B, R, T, K]."""
     ones = weight.new_ones(x.shape[-1])  # [D]
     return _NormProject.apply(x, ones, None, eps, weight, bias, True, grad_into)
+
+def rms_norm_shares(y: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each writer's share of an RMSNorm of their sum: y [H, ..., D], scale [D] ->
+    ``y[h] * scale / rms(sum_h y[h])`` [H, ..., D]. One factor for all, so the shares sum to the
+    norm of the sum; its statistics in at least float32 and each share rounded once to y's
+    dtype, as the norm computes and rounds its output."""
+    stats = _stats_dtype(y)
+    total = y.sum(0, dtype=stats)  # [..., D]
+    rstd = torch.rsqrt(total.square().mean(-1, keepdim=True) + eps)  # [..., 1]
+    return (y * (rstd * scale.to(stats))).to(y.dtype)  # [H, ..., D]

@@ -33,7 +33,7 @@ from tests.engine.masked_models import (
 )
 from tests.tiny_models import tiny_llama
 
-FAMILIES = ["qwen3", "phi3", "olmo", "gemma"]
+FAMILIES = ["qwen3", "phi3", "olmo", "olmo2", "gemma"]
 
 
 def _qwen3(model: CircuitModel) -> None:
@@ -63,6 +63,19 @@ def _olmo(model: CircuitModel) -> None:
     assert not list(layer.input_layernorm.parameters())  # a LayerNorm without parameters
 
 
+def _olmo2(model: CircuitModel) -> None:
+    module = model.module
+    c = module.config
+    attn = module.model.layers[0].self_attn
+    # q_norm and k_norm over every head's projection together, not per head
+    assert attn.q_norm.weight.shape == (c.num_attention_heads * model.adapter.head_dim,)
+    assert attn.k_norm.weight.shape == (model.n_kv_heads * model.adapter.head_dim,)
+    assert model.n_kv_heads < model.n_heads
+    assert model.adapter.post_attention_norm
+    assert not hasattr(module.model.layers[0], "input_layernorm")  # norms after, not before
+    assert module.lm_head.weight.data_ptr() != module.model.embed_tokens.weight.data_ptr()
+
+
 def _gemma(model: CircuitModel) -> None:
     module = model.module
     ids, _, _ = batch()
@@ -79,6 +92,7 @@ FEATURES: dict[str, Callable[[CircuitModel], None]] = {
     "qwen3": _qwen3,
     "phi3": _phi3,
     "olmo": _olmo,
+    "olmo2": _olmo2,
     "gemma": _gemma,
 }
 
@@ -136,7 +150,8 @@ def test_memory_model_counts_the_parameters(family):
 # published parameter counts of the models in bench/bench_families.py, from their model cards
 PUBLISHED_PARAMS = {
     "Qwen3-0.6B": 0.6e9, "Qwen3-32B": 32.8e9, "Phi-3-mini-4k": 3.8e9, "Phi-4": 14.7e9,
-    "OLMo-1B": 1.18e9, "OLMo-7B": 6.89e9, "Gemma-2B": 2.51e9, "Gemma-7B": 8.54e9,
+    "OLMo-1B": 1.18e9, "OLMo-7B": 6.89e9, "OLMo-2-1B": 1.48e9, "OLMo-2-32B": 32.2e9,
+    "Gemma-2B": 2.51e9, "Gemma-7B": 8.54e9,
 }
 
 
