@@ -13,8 +13,8 @@ every mask 1 each reader sees the clean residual stream and this is the model it
 mask 0 each reader sees the ablated one (for corrupted ablation, the model on the corrupted input).
 
 :func:`reference_forward` computes exactly that, with loops over readers and writers and each
-head's weights read one at a time from the module (Hugging Face GPT-2, LLaMA, Qwen2, Mistral, or a
-Tracr model), independent of the adapters. It is slow and meant for reading and for tests:
+head's weights read one at a time from the module (every Hugging Face family the adapters
+support, or a Tracr model), independent of the adapters. It is slow and meant for reading and for tests:
 ``edgeprune.engine.masked.masked_forward`` computes the same logits, fast.
 
 Writers and readers are named as in :mod:`edgeprune.engine.graph` ("tok", "pos", "a{l}.h{h}",
@@ -181,7 +181,9 @@ class _Heads:
 
 
 class _HuggingFaceHeads(_Heads):
-    """GPT-2 (Conv1D, LayerNorm, learned positions) and LLaMA-style models (RMSNorm, rotary)."""
+    """GPT-2 (Conv1D, LayerNorm, learned positions) and LLaMA-style models (RMSNorm, rotary),
+    with what Qwen3 (per-head q/k norms), Phi-3 (fused q/k/v, partial rotary), OLMo (clamped
+    q/k/v) and Gemma (scaled embeddings) add."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

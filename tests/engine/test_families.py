@@ -19,7 +19,7 @@ import torch
 from transformers import AutoConfig
 
 from bench import bench_families
-from edgeprune.engine.loading import load_model
+from edgeprune.engine.loading import check_model, load_model
 from edgeprune.engine.masked import CircuitModel
 from edgeprune.engine.memory import ModelShape
 from tests.engine.masked_models import (
@@ -105,8 +105,9 @@ def family(request, tmp_path_factory) -> tuple[str, Path, CircuitModel]:
 
 
 def test_loads_and_exercises_its_features(family):
-    kind, _, model = family
+    kind, folder, model = family
     assert model.arch == kind
+    check_model(f"hf:{folder}")  # what provision-models checks of an allow-listed model
     assert model.tokenizer.padding_side == "right"
     FEATURES[kind](model)
 
