@@ -10,7 +10,7 @@ References:
     A Hugging Face checkpoint folder, or a model id already in the local Hugging Face cache
     (nothing is downloaded): GPT-2 family, LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM,
     Qwen3ForCausalLM, Phi3ForCausalLM, OlmoForCausalLM, Olmo2ForCausalLM, GemmaForCausalLM,
-    GPTNeoXForCausalLM (Pythia).
+    Gemma2ForCausalLM, GPTNeoXForCausalLM (Pythia).
     Safetensors weights only, never remote code.
 ``tracr:<dir>``
     A compiled RASP program in the ``tracr-npz/1`` format (see ``edgeprune.engine.tracr_model``).
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from transformers import (
     AutoTokenizer,
+    Gemma2ForCausalLM,
     GemmaForCausalLM,
     GPT2LMHeadModel,
     GPTNeoXForCausalLM,
@@ -77,13 +78,14 @@ HF_CLASSES: dict[str, type[PreTrainedModel]] = {
     "olmo": OlmoForCausalLM,
     "olmo2": Olmo2ForCausalLM,
     "gemma": GemmaForCausalLM,
+    "gemma2": Gemma2ForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
 }
 SUPPORTED = (
     "GPT-2 family (gpt2), LlamaForCausalLM (llama), Qwen2ForCausalLM (qwen2), "
     "MistralForCausalLM (mistral), Qwen3ForCausalLM (qwen3), Phi3ForCausalLM (phi3), "
     "OlmoForCausalLM (olmo), Olmo2ForCausalLM (olmo2), GemmaForCausalLM (gemma), "
-    "GPTNeoXForCausalLM (gpt_neox)"
+    "Gemma2ForCausalLM (gemma2), GPTNeoXForCausalLM (gpt_neox)"
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

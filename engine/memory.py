@@ -13,7 +13,9 @@ of the backward pass), term by term:
 * ``deltas``       the writer-delta buffer d [W, B, T, D] and ``delta_grads`` its gradient;
 * ``activations``  what autograd saves per layer: every reader's input to its norm
                    [H + 2KV + 1, B, T, D], q/k/v and the attention output [B, H|KV, T, K], and the
-                   MLP's hidden activations [B, T, F]; with activation checkpointing the
+                   MLP's hidden activations [B, T, F] (Gemma-2 also its soft-capped scores
+                   [B, H, T, T] and the heads' outputs [H, B, T, D] its post-attention norm
+                   scales); with activation checkpointing the
                    checkpointed regions (a layer's attention and its MLP) keep only their
                    inputs, the reader inputs [H + 2KV + 1, B, T, D] in the model's dtype, for
                    every layer, and the recomputed rest for one layer at a time;
@@ -82,6 +84,7 @@ CALIBRATION_TOLERANCE = 0.25
 # (SDPA's fused kernels save no [T, T] scores), and the MLP's nonlinearity.
 _NORM_INPUT_COPIES = 1.0  # every reader's input [H + 2KV + 1, B, T, D], before its norm
 _HEAD_COPIES = 1.0  # q, k, v and attention output [B, H|KV, T, K]
+_SCORE_COPIES = 3.0  # soft-capped attention: tanh of the scores, probabilities (fp32 and dtype)
 _GATED_HIDDEN_COPIES = 3.0  # gate, act(gate), up [B, T, F]
 _PLAIN_HIDDEN_COPIES = 4.0  # the tanh-GELU's input, tanh, halves [B, T, F]
 _BACKWARD_COPIES = 2.0  # one layer's input and hidden gradients alive during its backward
@@ -129,6 +132,8 @@ class ModelShape:
     # [H, B, T, D] that the norm scales are kept
     post_attention_norm: bool = False
     norm_weights: bool = True  # False: norms without parameters (OLMo's LayerNorm)
+    post_norms: bool = False  # norms after attention and after the MLP too (Gemma-2)
+    attn_softcap: bool = False  # soft-capped attention logits: scores [B, H, T, T] are formed
     parallel_attn_mlp: bool = False  # MLP l reads the layer's input, not its heads (GPT-NeoX)
     name: str = ""
 
@@ -180,7 +185,8 @@ class ModelShape:
         norm = D if self.gated_mlp else 2 * D  # RMSNorm (LLaMA family) or LayerNorm with bias
         norm *= self.norm_weights
         embed = self.vocab_size * D * (1 if self.tied_embeddings else 2) + self.n_positions * D
-        return embed + self.n_layers * (attn + mlp + 2 * norm) + norm
+        norms = 4 if self.post_norms else 2  # per layer
+        return embed + self.n_layers * (attn + mlp + norms * norm) + norm
 
     # ---- constructors --------------------------------------------------------------------------
 
@@ -309,6 +315,11 @@ def _llama_shape(
     )
 
 
+def _gemma2_shape(get: ConfigGetter, name: str) -> ModelShape:
+    softcap = get("attn_logit_softcapping", 50.0) is not None  # Gemma2Config's default: 50
+    return _llama_shape(get, name, tied=True, post_norms=True, attn_softcap=softcap)
+
+
 def _gpt_neox_shape(get: ConfigGetter, name: str) -> ModelShape:
     heads = get("num_attention_heads")
     return ModelShape(
@@ -358,6 +369,7 @@ SHAPE_READERS: dict[str, Callable[[ConfigGetter, str], ModelShape]] = {
     "olmo": functools.partial(_llama_shape, norm_weights=False),
     "olmo2": functools.partial(_llama_shape, joint_qk_norm=True, post_attention_norm=True),
     "gemma": functools.partial(_llama_shape, tied=True),
+    "gemma2": _gemma2_shape,
     "gpt_neox": _gpt_neox_shape,
     "tracr": _tracr_shape,
 }
@@ -415,6 +427,7 @@ def estimate_job_memory(
     hidden_copies = _GATED_HIDDEN_COPIES if shape.gated_mlp else _PLAIN_HIDDEN_COPIES
     layer = _NORM_INPUT_COPIES * readers + _HEAD_COPIES * heads + hidden_copies * hidden
     layer += _norm_extras(shape, tokens, s)
+    layer += _attention_extras(shape, B, T, s)
     if activation_checkpointing:
         # torch.utils.checkpoint keeps every layer's region inputs (the readers' inputs in the
         # model's dtype) until the backward pass; the rest exists while one layer is recomputed
@@ -478,6 +491,7 @@ def estimate_evaluation_memory(
     # masked.block_layers), and the few spare rows a block keeps
     block = max(1, round(math.sqrt(shape.n_layers))) * (H + 2 * KV + 1) + 7
     heads = tokens * K * (2 * H + 2 * KV) * s  # q, out [B, H, T, K]; k, v [B, KV, T, K]
+    heads += _attention_extras(shape, B, T, s)
     heads += _norm_extras(shape, tokens, s)
     hidden = tokens * F * s * (_GATED_HIDDEN_COPIES if shape.gated_mlp else _PLAIN_HIDDEN_COPIES)
     corrupted_cache, clean_logits = _cached(shape, n_examples, T, answer_positions, s, cache_bytes)
@@ -502,6 +516,18 @@ def estimate_evaluation_memory(
             "evaluation": True,
         },
     )
+
+
+def _attention_extras(shape: ModelShape, B: int, T: int, s: int) -> int:
+    """What one layer's attention keeps beyond q, k, v and its output, where the model has
+    more than plain attention: soft-capped scores [B, H, T, T] (formed outside the fused
+    kernel) and the heads' outputs [H, B, T, D] that a post-attention norm scales."""
+    extra = 0.0
+    if shape.attn_softcap:
+        extra += _SCORE_COPIES * B * shape.n_heads * T * T * s
+    if shape.post_norms:
+        extra += shape.n_heads * B * T * shape.d_model * s
+    return int(extra)
 
 
 def _norm_extras(shape: ModelShape, tokens: int, s: int) -> int:

@@ -333,6 +333,38 @@ class _TracrHeads(_Heads):
         return self.model.unembed(x)
 
 
+class _Gemma2Heads(_HuggingFaceHeads):
+    """Gemma-2: LLaMA's pieces with Gemma's norms, a query_pre_attn_scalar scale, soft-capped
+    attention and final logits, sliding windows on the config's "sliding_attention" layers, a
+    norm of the attention output (each head gets its share of the normalised sum) and norms
+    before and after the MLP."""
+
+    def scale(self, l):
+        return self.model.config.query_pre_attn_scalar**-0.5
+
+    def window(self, l):
+        c = self.model.config
+        return c.sliding_window if c.layer_types[l] == "sliding_attention" else None
+
+    def softcap(self, l):
+        return self.model.config.attn_logit_softcapping
+
+    def post_attention(self, l, heads):
+        norm = self.layer(l).post_attention_layernorm
+        total = sum(heads.values())  # the layer's attention output [B, T, D]
+        scale = (1 + norm.weight) * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + norm.eps)
+        return {name: y * scale for name, y in heads.items()}
+
+    def mlp(self, l, x):
+        block = self.layer(l)
+        return block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(x)))
+
+    def unembed(self, x):
+        logits = super().unembed(x)
+        cap = self.model.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 class _NeoXHeads(_Heads):
     """GPT-NeoX / Pythia: LayerNorm, one fused query_key_value whose rows are head h's q, k and v
     in turn, rotary on the first ``rotary_ndims`` dimensions of every head, and (with
@@ -427,4 +459,6 @@ def _heads_of(model: nn.Module) -> _Heads:
         return _NeoXHeads(model)
     if model.config.model_type == "olmo2":
         return _Olmo2Heads(model)
+    if model.config.model_type == "gemma2":
+        return _Gemma2Heads(model)
     return _HuggingFaceHeads(model)

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     GemmaConfig,
     GemmaForCausalLM,
     GPT2Config,
@@ -149,6 +151,7 @@ _LLAMA_FAMILY = {
     "olmo": (OlmoConfig, OlmoForCausalLM),
     "olmo2": (Olmo2Config, Olmo2ForCausalLM),
     "gemma": (GemmaConfig, GemmaForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
 }
 # What each family's tiny config sets beyond the shared shape, so that every feature its adapter
 # handles changes the logits: a head width apart from D / H (Qwen3, Gemma), partial rotary, a
@@ -160,6 +163,12 @@ _FAMILY_FEATURES: dict[str, dict] = {
     "olmo": {"clip_qkv": 1.0, "num_key_value_heads": 4},
     "olmo2": {"tie_word_embeddings": False},
     "gemma": {"head_dim": 16, "num_key_value_heads": 1, "hidden_act": "gelu_pytorch_tanh"},
+    # Gemma-2: 3 layers, so sliding (window 3, below the tests' lengths) and full attention
+    # alternate; soft-caps small enough to bite; a query_pre_attn_scalar apart from head_dim
+    "gemma2": {
+        "num_hidden_layers": 3, "head_dim": 12, "sliding_window": 3, "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 5.0, "query_pre_attn_scalar": 10,
+    },
 }
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from edgeprune.engine.adapters.base import Adapter
 from edgeprune.engine.adapters.gemma import GemmaAdapter
+from edgeprune.engine.adapters.gemma2 import Gemma2Adapter
 from edgeprune.engine.adapters.gpt2 import GPT2Adapter
 from edgeprune.engine.adapters.gpt_neox import GPTNeoXAdapter
 from edgeprune.engine.adapters.llama import LlamaAdapter
@@ -31,6 +32,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "olmo": OlmoAdapter,
     "olmo2": Olmo2Adapter,
     "gemma": GemmaAdapter,
+    "gemma2": Gemma2Adapter,
     "tracr": TracrAdapter,
 }
 

@@ -30,7 +30,7 @@ STANDARD_RMS_NORMS = frozenset(
 )
 # Norm classes known to compute (1 + weight) * x * rsqrt(mean(x^2) + eps): Gemma stores the scale's
 # offset from 1 (and multiplies in float32 before rounding, which the fused product does too)
-OFFSET_RMS_NORMS = frozenset({"GemmaRMSNorm"})
+OFFSET_RMS_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm"})
 RMS_NORMS = STANDARD_RMS_NORMS | OFFSET_RMS_NORMS
 
 

@@ -67,6 +67,7 @@ def _float64_plain_layer_norm(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # norm class -> its forward in the input's precision (HF's compute in float32 even for float64)
 _FLOAT64_NORMS = {
     "GemmaRMSNorm": _float64_offset_rms_norm,
+    "Gemma2RMSNorm": _float64_offset_rms_norm,
     "OlmoLayerNorm": _float64_plain_layer_norm,
 }
 
@@ -198,16 +199,17 @@ def check_all_masks_one_equal_hf(model: CircuitModel) -> None:
 DTYPE_TOLERANCE = {torch.bfloat16: 0.04, torch.float32: 1e-4}
 
 
-def check_all_masks_one_in_dtype(model: CircuitModel) -> None:
+def check_all_masks_one_in_dtype(model: CircuitModel, tolerance: float | None = None) -> None:
     """Every mask 1 in the model's dtype and on its device: the model's own logits in that dtype,
-    within DTYPE_TOLERANCE of the largest."""
+    within ``tolerance`` (default DTYPE_TOLERANCE) of the largest."""
     ids, corrupted, mask = (t.to(model.device) for t in batch())
     valid = mask.bool()  # [B, T]
     reference = model.reference_logits(ids, attention_mask=mask).float()[valid]  # [n, V]
     out = model.logits(ids, attention_mask=mask, corrupted_ids=corrupted)  # [B, T, V]
     assert out.dtype == model.dtype
     scale = reference.abs().max()
-    assert (out.float()[valid] - reference).abs().max() <= DTYPE_TOLERANCE[model.dtype] * scale
+    tolerance = DTYPE_TOLERANCE[model.dtype] if tolerance is None else tolerance
+    assert (out.float()[valid] - reference).abs().max() <= tolerance * scale
 
 
 def check_all_masks_zero_equal_corrupted(model: CircuitModel) -> None:

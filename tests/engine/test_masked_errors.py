@@ -110,7 +110,7 @@ def test_unsupported_architecture_names_the_supported_ones():
         CircuitModel(opt)
     message = str(err.value)
     assert "'opt'" in message
-    for name in ("gpt2", "gpt_neox", "llama", "qwen2", "mistral", "tracr"):
+    for name in ("gpt2", "gpt_neox", "gemma2", "llama", "qwen2", "mistral", "tracr"):
         assert name in message
     with pytest.raises(UnsupportedArchitecture):
         CircuitModel(nn.Linear(2, 2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,28 @@ def test_writer_and_edge_counts_match_the_graph(
     assert graph.parallel_attn_mlp == parallel
     sequential = Graph.build(layers, heads, kv, pos)
     assert sequential.n_edges - graph.n_edges == (layers * heads if parallel else 0)
+
+
+def test_gemma2_and_gpt_neox_config_readers() -> None:
+    """Gemma-2's soft-capped attention keeps its scores [B, H, T, T] and its post-attention norm
+    the heads' outputs [H, B, T, D], per layer; Pythia's graph has parallel attention and MLP."""
+    gemma2 = {"model_type": "gemma2", "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "hidden_size": 32, "intermediate_size": 64,
+              "vocab_size": 100, "head_dim": 16}
+    shape = ModelShape.from_config(gemma2)
+    assert shape.post_norms and shape.attn_softcap and shape.tied_embeddings
+    uncapped = ModelShape.from_config({**gemma2, "attn_logit_softcapping": None})
+    assert not uncapped.attn_softcap and uncapped.n_params == shape.n_params
+    B, T, s = 2, 8, 4
+    plain = replace(shape, post_norms=False, attn_softcap=False)
+    extra = (estimate_job_memory(shape, batch_size=B, seq_len=T).activations
+             - estimate_job_memory(plain, batch_size=B, seq_len=T).activations)
+    assert extra == 2 * (3 * B * 4 * T * T * s + 4 * B * T * 32 * s)  # 2 layers
+    neox = ModelShape.from_config({"model_type": "gpt_neox", "num_hidden_layers": 2,
+                                   "num_attention_heads": 4, "hidden_size": 32,
+                                   "intermediate_size": 64, "vocab_size": 100})
+    assert neox.parallel_attn_mlp and not neox.tied_embeddings and not neox.gated_mlp
+    assert neox.n_edges == Graph.build(2, 4, 4, False, parallel_attn_mlp=True).n_edges
 
 
 def test_documented_graph_sizes() -> None:
