@@ -64,6 +64,7 @@ def per_layer_plot(circuit: Circuit, fmt: str = "svg", *, title: str = "") -> by
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 16 else 0,
                   fontsize=8)
+    ax.set_ylim(0, max(max(bottom, default=0), 1) * 1.08)  # the tallest bar below the frame
     ax.set_ylabel("kept edges into the layer")
     ax.set_title(title or f"{circuit.model} · {circuit.method} · "
                  f"{len(circuit.edges)}/{circuit.total_edge_count} edges per layer", fontsize=10)
@@ -122,8 +123,11 @@ def training_plot(steps: Sequence[Mapping[str, Any]], fmt: str = "svg", *,
     loss_ax, sparsity_ax, lambda_ax = figure.subplots(3, 1, sharex=True)
     loss_name = next((r["loss_name"] for r in rows if r.get("loss_name")), "task")
     loss_ax.plot(xs, series("task_loss"), color="#1f5fa8", label=f"task loss ({loss_name})")
-    loss_ax.plot(xs, series("loss"), color="#999999", linewidth=0.8, label="total loss")
-    loss_ax.set_ylabel("loss")
+    loss_ax.set_ylabel(f"task loss ({loss_name})", color="#1f5fa8")
+    # the Lagrangian can dwarf the task loss: the total gets its own scale on the right
+    total_ax = loss_ax.twinx()
+    total_ax.plot(xs, series("loss"), color="#999999", linewidth=0.8, label="total loss")
+    total_ax.set_ylabel("total loss", color="#777777")
     sparsity_ax.plot(xs, series("expected_edge_sparsity"), color="#2ca02c",
                      label="expected edge sparsity")
     sparsity_ax.plot(xs, series("target_edge_sparsity"), color="#d62728", linestyle="--",
