@@ -1,8 +1,9 @@
-"""Write the example pictures of docs/pictures.md into docs/images/ (``python -m tools.make_pictures``).
+"""Write the example pictures of docs/service.md's Pictures section into docs/images/
+(``python -m tools.make_pictures``).
 
-Runs on CPU in about a minute, offline: a randomly initialised GPT-2-shaped model (12 layers x 12
-heads, learned positions: GPT-2 small's graph of 32,936 edges, but 48-wide) with the tests' tiny
-tokenizer, on built-in IOI. The pictures are of real runs of that model:
+Runs on CPU, offline, in a few minutes: a randomly initialised GPT-2-shaped model (the tests'
+``tiny_gpt2`` at 12 layers x 12 heads: GPT-2 small's graph of 32,936 edges, but 48 wide), on
+built-in IOI. The pictures are of real runs of that model:
 
 - ``circuit-drawing.png``: EAP-IG's 1,500-edge circuit, built-in layout;
 - ``circuit-nodes.png``: the same circuit's node view;
@@ -23,9 +24,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import torch
 from PIL import Image
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from edgeprune.engine import attribution
 from edgeprune.engine.drawing import DrawOptions, draw
@@ -34,21 +33,10 @@ from edgeprune.engine.loading import load_model
 from edgeprune.engine.prune import PruneConfig, prune
 from edgeprune.engine.sweep import sweep
 from edgeprune.engine.tasks import build_task
-from tests.tiny_models import _randomize, _save, _special_ids, build_tokenizer
+from tests.tiny_models import tiny_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_BYTES = 300 * 1024  # docs images stay small
-
-
-def gpt2_shaped(directory: Path) -> Path:
-    tokenizer = build_tokenizer(directory)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=48, n_layer=12,
-                        n_head=12, n_inner=96, attn_implementation="eager",
-                        **_special_ids(tokenizer))
-    model = GPT2LMHeadModel(config)
-    _randomize(model, 0, 0.2)
-    return _save(model, tokenizer, directory)
 
 
 def shrink_png(svg: str, path: Path, zoom: float) -> None:
@@ -71,7 +59,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model = load_model(f"hf:{gpt2_shaped(Path(tmp))}")
+        # GPT-2 small's graph (12 x 12 heads, learned positions) at 48 wide
+        model = load_model(f"hf:{tiny_gpt2(Path(tmp), n_layer=12, n_head=12, d_model=48)}")
     train = build_task("ioi", model.tokenizer, n=32, split="train")
     test = build_task("ioi", model.tokenizer, n=32, split="test")
 
