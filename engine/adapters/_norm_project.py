@@ -155,6 +155,7 @@ def plain_layer_norm_project(
     ones = weight.new_ones(x.shape[-1])  # [D]
     return _NormProject.apply(x, ones, None, eps, weight, bias, True, grad_into)
 
+
 def rms_norm_shares(y: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """Each writer's share of an RMSNorm of their sum: y [H, ..., D], scale [D] ->
     ``y[h] * scale / rms(sum_h y[h])`` [H, ..., D]. One factor for all, so the shares sum to the
