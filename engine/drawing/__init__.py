@@ -8,6 +8,7 @@ matplotlib plots. :func:`draw` picks among them.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from edgeprune.engine.circuit import Circuit
@@ -18,7 +19,7 @@ from edgeprune.engine.drawing.picture import EDGE_STYLES
 from edgeprune.engine.drawing.raster import have_rsvg, picture_to_png, svg_to_png
 from edgeprune.engine.drawing.scene import Scene, build_scene, graph_of, ranked_edges
 from edgeprune.engine.drawing.svg import to_svg
-from edgeprune.engine.errors import InvalidArgument
+from edgeprune.engine.errors import InvalidArgument, NotSupported
 from edgeprune.engine.graph import Graph
 
 LAYOUTS = ("auto", "graphviz", "builtin")
@@ -85,14 +86,17 @@ def draw(circuit: Circuit, fmt: str, *, graph: Graph | None = None,
         try:
             data = run_graphviz(scene_to_dot(scene), fmt)
             return data.decode() if fmt == "svg" else data
-        except InvalidArgument:
+        except NotSupported:  # "auto" falls back to the built-in layout
             if options.layout == "graphviz":
                 raise
     picture = builtin_layout(scene)
     svg = to_svg(picture)
     if fmt == "svg":
         return svg
-    return svg_to_png(svg) if have_rsvg() else picture_to_png(picture)
+    if have_rsvg():
+        with contextlib.suppress(NotSupported):  # else matplotlib paints the same picture
+            return svg_to_png(svg)
+    return picture_to_png(picture)
 
 __all__ = [
     "EDGE_STYLES",

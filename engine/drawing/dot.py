@@ -18,7 +18,7 @@ from edgeprune.engine.drawing.picture import (
     edge_width,
 )
 from edgeprune.engine.drawing.scene import Scene, row_label
-from edgeprune.engine.errors import InvalidArgument
+from edgeprune.engine.errors import NotSupported
 
 GRAPHVIZ_TIMEOUT_S = 60.0
 _SHAPES = {"embed": "ellipse", "head": "box", "mlp": "box", "logits": "octagon"}
@@ -81,18 +81,16 @@ def have_graphviz() -> bool:
 
 
 def run_graphviz(dot: str, fmt: str) -> bytes:
-    """``dot -T{fmt}`` on the DOT source; InvalidArgument (field ``layout``) where graphviz is
-    missing or fails."""
+    """``dot -T{fmt}`` on the DOT source; NotSupported where graphviz is missing or fails."""
     exe = shutil.which("dot")
     if exe is None:
-        raise InvalidArgument("graphviz (dot) is not installed here", field="layout")
+        raise NotSupported("graphviz (dot) is not installed here; use the built-in layout")
     try:
         done = subprocess.run([exe, f"-T{fmt}"], input=dot.encode(), capture_output=True,
                               timeout=GRAPHVIZ_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as err:
-        raise InvalidArgument(f"graphviz took over {GRAPHVIZ_TIMEOUT_S:.0f} s; use the "
-                              "built-in layout or fewer edges (top_k)", field="layout") from err
+        raise NotSupported(f"graphviz took over {GRAPHVIZ_TIMEOUT_S:.0f} s; use the built-in "
+                           "layout or fewer edges (top_k)") from err
     if done.returncode != 0:
-        raise InvalidArgument(f"graphviz failed: {done.stderr.decode(errors='replace')[:200]}",
-                              field="layout")
+        raise NotSupported(f"graphviz failed: {done.stderr.decode(errors='replace')[:200]}")
     return done.stdout

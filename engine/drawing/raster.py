@@ -12,7 +12,7 @@ import subprocess
 from typing import Any
 
 from edgeprune.engine.drawing.picture import Picture
-from edgeprune.engine.errors import InvalidArgument
+from edgeprune.engine.errors import InvalidArgument, NotSupported
 
 IMAGE_FORMATS = ("svg", "png")
 DPI = 100
@@ -46,12 +46,15 @@ def svg_to_png(svg: str, *, timeout_s: float = 60.0) -> bytes:
     """librsvg's rendering of an SVG (several times faster than painting with matplotlib)."""
     exe = shutil.which("rsvg-convert")
     if exe is None:
-        raise InvalidArgument("rsvg-convert is not installed here", field="format")
-    done = subprocess.run([exe, "--format=png", "--background-color=white"], input=svg.encode(),
-                          capture_output=True, timeout=timeout_s, check=False)
+        raise NotSupported("rsvg-convert is not installed here")
+    try:
+        done = subprocess.run([exe, "--format=png", "--background-color=white"],
+                              input=svg.encode(), capture_output=True, timeout=timeout_s,
+                              check=False)
+    except subprocess.TimeoutExpired as err:
+        raise NotSupported(f"rsvg-convert took over {timeout_s:.0f} s") from err
     if done.returncode != 0:
-        raise InvalidArgument(f"rsvg-convert failed: {done.stderr.decode(errors='replace')[:200]}",
-                              field="format")
+        raise NotSupported(f"rsvg-convert failed: {done.stderr.decode(errors='replace')[:200]}")
     return done.stdout
 
 

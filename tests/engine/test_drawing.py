@@ -29,7 +29,7 @@ from edgeprune.engine.drawing.plots import (
 )
 from edgeprune.engine.drawing.raster import picture_to_png
 from edgeprune.engine.drawing.scene import build_scene
-from edgeprune.engine.errors import InvalidArgument
+from edgeprune.engine.errors import InvalidArgument, NotSupported
 from edgeprune.engine.graph import Graph
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -236,3 +236,15 @@ def test_faithfulness_and_training_plots() -> None:
         training_plot([], "png")
     with pytest.raises(InvalidArgument):
         faithfulness_plot([0.1], [math.nan], "png")
+
+
+def test_without_graphviz_and_librsvg(gqa: tuple[Graph, Circuit], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither binary on PATH: "auto" draws with the built-in layout and paints PNGs with
+    matplotlib; asking for graphviz says it is not there."""
+    graph, circuit = gqa
+    monkeypatch.setenv("PATH", "/nonexistent")
+    svg = draw(circuit, "svg", graph=graph)
+    assert 'class="group"' in svg  # the built-in layout's KV group boxes
+    check_picture(draw(circuit, "png", graph=graph, options=DrawOptions(top_k=30)), min_colours=8)
+    with pytest.raises(NotSupported, match="graphviz"):
+        draw(circuit, "svg", graph=graph, options=DrawOptions(layout="graphviz"))
