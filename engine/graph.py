@@ -108,6 +108,11 @@ class Graph:
         return len(self.writers)
 
     @property
+    def n_nodes(self) -> int:
+        """The nodes a circuit can keep: every writer, and ``logits``."""
+        return len(self.writers) + 1
+
+    @property
     def n_readers(self) -> int:
         return len(self.readers)
 

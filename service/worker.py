@@ -290,7 +290,7 @@ class Worker:
             news.append(translate.new_circuit(
                 circuit, spec=spec, owner=job.owner,  # a circuit belongs to its job's owner
                 job_id=job.id, task=outcome.task, target=target,
-                total_node_count=outcome.model.graph.n_writers + 1,  # writers and "logits"
+                total_node_count=outcome.model.graph.n_nodes,
                 mask_blob=mask))
         # Storage adds the ids of the circuits it stores; an evaluation names the one it read.
         result: dict[str, Any] = {"metrics": outcome.metrics}

@@ -75,7 +75,7 @@ def import_circuit(circuits: CircuitRepo, config: Config,
     return circuits.create(NewCircuit(
         owner=who.name, model=request.model, method=circuit.method, edges=circuit.edges,
         total_edge_count=circuit.total_edge_count, nodes=circuit.nodes,
-        total_node_count=graph.n_writers, edge_scores=circuit.edge_scores, task=request.task,
+        total_node_count=graph.n_nodes, edge_scores=circuit.edge_scores, task=request.task,
         target=circuit.target, provenance=provenance, request_id=request.request_id or None))
 
 
