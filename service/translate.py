@@ -120,7 +120,7 @@ def size_to_proto(target: Mapping[str, Any]) -> common_pb2.CircuitSize:
 
 
 def size_kwargs(size: Mapping[str, Any], total_edge_count: int) -> dict[str, Any]:
-    """A stored size -> engine keywords (n_edges / sparsity / edge_target)."""
+    """A stored size -> engine keywords (edge_count / edge_sparsity / edge_target)."""
     if "edge_count" in size:
         return {"edge_count": min(int(size["edge_count"]), total_edge_count)}
     if "edge_fraction" in size:

@@ -212,7 +212,7 @@ def circuit_record(
         total_edge_count=row.total_edge_count,
         node_count=row.node_count,
         total_node_count=row.total_node_count,
-        sparsity=row.sparsity,
+        edge_sparsity=row.edge_sparsity,
         target=dict(row.target),
         settings=dict(row.settings),
         provenance=dict(row.provenance),
@@ -326,7 +326,7 @@ def _column_conditions(f: CircuitFilter) -> list[Any]:
     conditions = [column == value for column, value in equal.items() if value is not None]
     bounds = [
         (Circuit.edge_count, f.min_edge_count, f.max_edge_count),
-        (Circuit.sparsity, f.min_sparsity, f.max_sparsity),
+        (Circuit.edge_sparsity, f.min_edge_sparsity, f.max_edge_sparsity),
     ]
     for column, low, high in bounds:
         if low is not None:
@@ -349,7 +349,7 @@ def _check_filter(f: CircuitFilter) -> None:
         elif field.name in ("min_edge_count", "max_edge_count"):
             problem = (None if MIN_INTEGER <= value <= MAX_INTEGER
                        else f"must be in [{MIN_INTEGER}, {MAX_INTEGER}], got {value}")
-        else:  # min_sparsity / max_sparsity
+        else:  # min_edge_sparsity / max_edge_sparsity
             problem = None if math.isfinite(value) else f"must be finite, got {value}"
         if problem is not None:
             raise InvalidArgument(problem, field=field.name)
@@ -367,7 +367,7 @@ def _circuit_row(new: NewCircuit, now: Any) -> dict[str, Any]:
         "total_edge_count": new.total_edge_count,
         "node_count": len(new.nodes),
         "total_node_count": new.total_node_count,
-        "sparsity": 1.0 - len(new.edges) / new.total_edge_count,
+        "edge_sparsity": 1.0 - len(new.edges) / new.total_edge_count,
         "target": dict(new.target),
         "settings": dict(new.settings),
         "provenance": dict(new.provenance),

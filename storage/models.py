@@ -232,7 +232,7 @@ class Circuit(Base):
     total_edge_count: Mapped[int]
     node_count: Mapped[int]
     total_node_count: Mapped[int]
-    sparsity: Mapped[float] = mapped_column(Float)
+    edge_sparsity: Mapped[float] = mapped_column(Float)
     target: Mapped[dict[str, Any]]
     settings: Mapped[dict[str, Any]]
     provenance: Mapped[dict[str, Any]]

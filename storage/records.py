@@ -186,7 +186,7 @@ class NewCircuit:
 
     edges: edge names "{writer}->{reader}" kept in the circuit; edge_scores optionally maps
     (some of) them to a score. nodes: writer nodes kept. total_edge_count: edges in the full
-    graph (sparsity = 1 - len(edges) / total_edge_count). mask_blob: SHA-256 of a safetensors
+    graph (edge_sparsity = 1 - len(edges) / total_edge_count). mask_blob: SHA-256 of a safetensors
     blob stored with `BlobStore.put` (or None). `request_id` makes a create idempotent per
     `owner`: the same (owner, request_id) with the same model and provenance returns the first
     circuit.
@@ -227,7 +227,7 @@ class CircuitRecord:
     total_edge_count: int
     node_count: int
     total_node_count: int
-    sparsity: float
+    edge_sparsity: float
     target: JsonDict
     settings: JsonDict
     provenance: JsonDict
@@ -244,7 +244,7 @@ class CircuitFilter:
     """Filters for `CircuitRepo.list`; every field given must match (AND).
 
     contains_edges / contains_nodes: the circuit keeps all of these edges / nodes.
-    min_edge_count / max_edge_count bound the number of kept edges, min_sparsity / max_sparsity the
+    min_edge_count / max_edge_count bound the number of kept edges, min_edge_sparsity / max_edge_sparsity the
     edge sparsity (inclusive).
     """
 
@@ -256,7 +256,7 @@ class CircuitFilter:
     job_id: str | None = None
     min_edge_count: int | None = None
     max_edge_count: int | None = None
-    min_sparsity: float | None = None
-    max_sparsity: float | None = None
+    min_edge_sparsity: float | None = None
+    max_edge_sparsity: float | None = None
     contains_edges: Sequence[str] = ()
     contains_nodes: Sequence[str] = ()

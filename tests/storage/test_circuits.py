@@ -34,7 +34,7 @@ def test_create_and_get_full(db: Database) -> None:
     assert got == created
     assert got.edges == EDGES[:3] and got.nodes == ["a0.h0", "tok"]
     assert got.edge_scores == {"tok->m0": 0.25}  # scores of kept edges only
-    assert (got.edge_count, got.sparsity, got.metrics) == (3, pytest.approx(0.7), {"kl": 0.1})
+    assert (got.edge_count, got.edge_sparsity, got.metrics) == (3, pytest.approx(0.7), {"kl": 0.1})
     brief = repo.get(created.id, full=False)
     assert brief.edges is None and brief.edge_count == 3
 
@@ -77,7 +77,7 @@ def test_filters(db: Database) -> None:
     assert ids(contains_edges=["never->stored"]) == []
     assert ids(task="ioi", min_edge_count=3) == [b.id]
     assert ids(max_edge_count=2) == [d.id, a.id]
-    assert ids(min_sparsity=0.6, max_sparsity=0.75) == [b.id]
+    assert ids(min_edge_sparsity=0.6, max_edge_sparsity=0.75) == [b.id]
     assert ids(model="gpt2", task="gp", method="edge_pruning") == [c.id]
 
 

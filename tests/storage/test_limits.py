@@ -43,7 +43,7 @@ def test_circuit_filters_beyond_the_columns(db: Database) -> None:
         (CircuitFilter(job_id="\ud800"), "job_id"),
         (CircuitFilter(model="m", contains_edges=[EDGES[0], "a\x00"]), "contains_edges"),
         (CircuitFilter(contains_nodes=["\udfff"]), "contains_nodes"),
-        (CircuitFilter(min_sparsity=float("nan")), "min_sparsity"),
+        (CircuitFilter(min_edge_sparsity=float("nan")), "min_edge_sparsity"),
     ]:
         with pytest.raises(InvalidArgument) as info:
             repo.list(bad)
