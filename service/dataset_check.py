@@ -8,7 +8,8 @@ the message a worker would give for the first. The API loads only the tokenizer 
 reference (`edgeprune.engine.loading.load_tokenizer`: no weights; it imports torch and
 transformers once, on the first such job). A model whose tokenizer the API cannot read (a
 ``smollm2-135m`` not yet cached by a worker, files only the workers see) is left to the workers.
-Datasets never change, so each (dataset, model, answer layout) is checked once.
+The same pass measures the longest tokenised example, which the memory check reads. Datasets
+never change, so each (dataset, model, answer layout) is checked once.
 """
 
 from __future__ import annotations
@@ -81,44 +82,51 @@ class DatasetChecks:
 
     def __init__(self, datasets: DatasetRepo) -> None:
         self.datasets = datasets
-        # (dataset, model, all positions) -> (the first bad examples' messages, how many are bad)
-        self._found: dict[tuple[str, str, bool], tuple[list[str], int]] = {}
+        # (dataset, model, all positions) -> (the first bad examples' messages, how many are bad,
+        # the longest good example's tokens)
+        self._found: dict[tuple[str, str, bool], tuple[list[str], int, int]] = {}
         self._lock = threading.Lock()
 
-    def check(self, dataset_id: str, ref: str, field: str, *, all_positions: bool) -> None:
+    def check(self, dataset_id: str, ref: str, field: str, *, all_positions: bool) -> int | None:
         """INVALID_ARGUMENT on ``field`` listing the bad examples (the first MAX_REPORTED and
-        a count of the rest) when the model's tokenizer rejects some."""
+        a count of the rest) when the model's tokenizer rejects some; else the longest example's
+        token count, or None when the API cannot read the model's tokenizer."""
         key = (dataset_id, ref, all_positions)
         with self._lock:
             found = self._found.get(key)
         if found is None:
             tokenizer = model_tokenizer(ref)
             if tokenizer is None:
-                return
+                return None
             found = self._bad_examples(dataset_id, tokenizer, all_positions=all_positions)
             with self._lock:
                 if len(self._found) >= MAX_CACHED:
                     self._found.pop(next(iter(self._found)))
                 self._found[key] = found
-        if found[1]:
-            raise _error(field, *found)
+        listed, bad, longest = found
+        if bad:
+            raise _error(field, listed, bad)
+        return longest
 
     def _bad_examples(self, dataset_id: str, tokenizer: Any, *,
-                      all_positions: bool) -> tuple[list[str], int]:
-        from edgeprune.engine.tasks.base import example_errors, vocab_size_of
+                      all_positions: bool) -> tuple[list[str], int, int]:
+        from edgeprune.engine.tasks.base import checked_lengths, vocab_size_of
 
         vocab = vocab_size_of(tokenizer)
         listed: list[str] = []
-        total = start = 0
+        total = start = longest = 0
         for rows in self.datasets.iter_examples(dataset_id, batch_size=BATCH):
             batch = [Example(**row) for row in rows]
-            for err in example_errors(batch, tokenizer, start=start, all_positions=all_positions,
-                                      vocab_size=vocab):
+            for result in checked_lengths(batch, tokenizer, start=start,
+                                          all_positions=all_positions, vocab_size=vocab):
+                if isinstance(result, int):
+                    longest = max(longest, result)
+                    continue
                 total += 1
                 if len(listed) < MAX_REPORTED:
-                    listed.append(brief(str(err)))
+                    listed.append(brief(str(result)))
             start += len(batch)
-        return listed, total
+        return listed, total, longest
 
 
 def _error(field: str, listed: list[str], total: int) -> InvalidArgument:

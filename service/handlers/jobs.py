@@ -7,7 +7,7 @@ from google.protobuf import json_format
 from edgeprune.service import tracing
 from edgeprune.service.config import Config
 from edgeprune.service.converters import KIND_DISCOVERY, KIND_EVALUATION, STATES_BY_PROTO
-from edgeprune.service.dataset_check import DatasetChecks, model_tokenizer
+from edgeprune.service.dataset_check import DatasetChecks
 from edgeprune.service.errors import (
     FailedPrecondition,
     NotFound,
@@ -69,10 +69,10 @@ class JobHandler:
         v.raise_if_any()
         self._check_priority(request.priority, who)
         self._check_references(spec.data, "spec.data", who)
-        self._check_dataset(spec.data, "spec.data", self.config.models[spec.model],
-                            all_positions=spec.positions == common_pb2.POSITION_MODE_ALL)
         ref = self.config.models[spec.model]
-        check_job_memory(spec, ref, self.config, lambda d: self._dataset_shape(d, ref))
+        longest = self._check_dataset(spec.data, "spec.data", ref,
+                                      all_positions=spec.positions == common_pb2.POSITION_MODE_ALL)
+        check_job_memory(spec, ref, self.config, lambda d: self._dataset_shape(d, ref, longest))
         return self._create(spec, KIND_DISCOVERY, request.priority, request.labels,
                             request.request_id, who)
 
@@ -97,10 +97,9 @@ class JobHandler:
             raise FailedPrecondition(f"the circuit's model {circuit.model!r} is no longer on the "
                                      "allow-list", reason="MODEL_NOT_ALLOWED")
         self._check_references(spec.data, "evaluation.data", who)
-        self._check_dataset(spec.data, "evaluation.data", self.config.models[circuit.model],
-                            all_positions=False)
         ref = self.config.models[circuit.model]
-        check_job_memory(spec, ref, self.config, lambda d: self._dataset_shape(d, ref))
+        longest = self._check_dataset(spec.data, "evaluation.data", ref, all_positions=False)
+        check_job_memory(spec, ref, self.config, lambda d: self._dataset_shape(d, ref, longest))
         return self._create(spec, KIND_EVALUATION, request.priority, request.labels,
                             request.request_id, who)
 
@@ -125,23 +124,29 @@ class JobHandler:
                                reason="DATASET_NOT_FOUND")
 
     def _check_dataset(self, data: job_pb2.DataSpec, field: str, ref: str, *,
-                       all_positions: bool) -> None:
-        """An uploaded dataset against the model's tokenizer, as the worker will build it."""
-        if data.WhichOneof("source") == "dataset":
-            self.dataset_checks.check(data.dataset.removeprefix("datasets/"), ref,
-                                      f"{field}.dataset", all_positions=all_positions)
+                       all_positions: bool) -> int | None:
+        """An uploaded dataset against the model's tokenizer, as the worker will build it: its
+        longest example's token count, or None when the API cannot tokenize for the model (or
+        the data is not an uploaded dataset)."""
+        if data.WhichOneof("source") != "dataset":
+            return None
+        return self.dataset_checks.check(data.dataset.removeprefix("datasets/"), ref,
+                                         f"{field}.dataset", all_positions=all_positions)
 
-    def _dataset_shape(self, dataset_id: str, ref: str) -> tuple[int, int]:
-        """(fewest tokens of its longest example, example count) of a stored dataset for a model
-        (exact where the API can read the model's tokenizer)."""
+    def _dataset_shape(self, dataset_id: str, ref: str, longest: int | None) -> tuple[int, int]:
+        """(tokens of its longest example, example count) of a stored dataset for a model: exact
+        from the dataset check where the API can tokenize for the model, else a bound no
+        tokenizer goes below."""
+        count = self.datasets.get(dataset_id).example_count
+        if longest is not None:
+            return longest, count
         key = (dataset_id, ref)
         if key not in self._dataset_shapes:
             texts = (row["clean"] for batch in self.datasets.iter_examples(dataset_id)
                      for row in batch)
-            count = self.datasets.get(dataset_id).example_count
             if len(self._dataset_shapes) >= MAX_CACHED_SHAPES:
                 self._dataset_shapes.pop(next(iter(self._dataset_shapes)))
-            self._dataset_shapes[key] = (min_tokens(texts, model_tokenizer(ref)), count)
+            self._dataset_shapes[key] = (min_tokens(texts), count)
         return self._dataset_shapes[key]
 
     def _create(self, spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, kind: str, priority: int,
