@@ -88,16 +88,24 @@ def _check_server_extra(prog: str) -> bool:
     return False
 
 
+def _start(prog: str, args: argparse.Namespace, *, api: bool = False) -> Config | None:
+    """The server extra checked, the config loaded and logging set up; None, with the reason
+    on stderr, when the command cannot start."""
+    if not _check_server_extra(prog):
+        return None
+    config = _config(prog, args, api=api)
+    if config is not None:
+        _setup_logging(config.log_level, config.log_format)
+    return config
+
+
 def serve_main(argv: list[str] | None = None) -> int:
     """`edgeprune serve`: the API, its metrics endpoint and worker processes."""
     prog = "edgeprune serve"
     args = _parser(prog, "Run the edgeprune gRPC API and its workers.").parse_args(argv)
-    if not _check_server_extra(prog):
-        return 2
-    config = _config(prog, args, api=True)
+    config = _start(prog, args, api=True)
     if config is None:
         return 2
-    _setup_logging(config.log_level, config.log_format)
     own_metrics_dir = not os.environ.get(MULTIPROC_ENV)  # else the operator's: leave it
     metrics_dir = prepare_metrics_dir(fresh=True)
     from edgeprune.service.server import serve
@@ -161,12 +169,9 @@ def migrate_main(argv: list[str] | None = None) -> int:
     """`python -m edgeprune.service migrate`: upgrade the database schema, print its revision."""
     prog = "edgeprune migrate"
     args = _parser(prog, "Apply the database migrations of edgeprune and exit.").parse_args(argv)
-    if not _check_server_extra(prog):
-        return 2
-    config = _config(prog, args)
+    config = _start(prog, args)
     if config is None:
         return 2
-    _setup_logging(config.log_level, config.log_format)
     from sqlalchemy.exc import SQLAlchemyError
 
     from edgeprune.storage import Database, StorageError
@@ -193,12 +198,9 @@ def provision_main(argv: list[str] | None = None) -> int:
     args = _parser(prog, "Check the allow-listed models on the model volume (the cache folder, "
                          "$EDGEPRUNE_CACHE_DIR) and convert the default model there once; "
                          "nothing is downloaded.").parse_args(argv)
-    if not _check_server_extra(prog):
-        return 2
-    config = _config(prog, args)
+    config = _start(prog, args)
     if config is None:
         return 2
-    _setup_logging(config.log_level, config.log_format)
     from edgeprune.service.provision import provision
 
     try:

@@ -8,9 +8,10 @@ either side), so every service — ours, health and reflection — is covered th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -72,6 +73,44 @@ def _code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
     return "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "UNKNOWN"
 
 
+# Called when a call ends, with its context and the exception it raised (None if it returned).
+Done = Callable[[grpc.aio.ServicerContext, BaseException | None], None]
+
+
+def _observed(handler: grpc.RpcMethodHandler,
+              around: Callable[[], contextlib.AbstractContextManager[Done]]) -> grpc.RpcMethodHandler:
+    """``handler`` with each call run inside ``around()``, whose ``Done`` it calls at the end."""
+    inner = getattr(handler, _behavior_name(handler))
+    if handler.response_streaming and inspect.isasyncgenfunction(inner):
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with around() as done:
+                error = None
+                try:
+                    async for item in inner(request, context):
+                        yield item
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    done(context, error)
+
+        return _replace(handler, streaming)
+
+    # Unary responses, and streams written with context.write() (e.g. health Watch).
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        with around() as done:
+            error = None
+            try:
+                return await inner(request, context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                done(context, error)
+
+    return _replace(handler, unary)
+
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """grpc_server_started_total / handled_total / handling_seconds per call."""
 
@@ -85,41 +124,20 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler
         service, method = _split(details.method)
         labels = (_kind(handler), service, method)
-        inner = getattr(handler, _behavior_name(handler))
 
-        def finish(start: float, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
-            code = _code(context, exc)
-            metrics.GRPC_HANDLED.labels(*labels, code).inc()
-            metrics.GRPC_SECONDS.labels(*labels, code).observe(time.perf_counter() - start)
-
-        if handler.response_streaming and inspect.isasyncgenfunction(inner):
-            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                metrics.GRPC_STARTED.labels(*labels).inc()
-                start, error = time.perf_counter(), None
-                try:
-                    async for item in inner(request, context):
-                        yield item
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    finish(start, context, error)
-
-            return _replace(handler, streaming)
-
-        # Unary responses, and streams written with context.write() (e.g. health Watch).
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        @contextlib.contextmanager
+        def measured() -> Iterator[Done]:
             metrics.GRPC_STARTED.labels(*labels).inc()
-            start, error = time.perf_counter(), None
-            try:
-                return await inner(request, context)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                finish(start, context, error)
+            start = time.perf_counter()
 
-        return _replace(handler, unary)
+            def done(context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+                code = _code(context, exc)
+                metrics.GRPC_HANDLED.labels(*labels, code).inc()
+                metrics.GRPC_SECONDS.labels(*labels, code).observe(time.perf_counter() - start)
+
+            yield done
+
+        return _observed(handler, measured)
 
 
 class TracingInterceptor(grpc.aio.ServerInterceptor):
@@ -145,42 +163,15 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             attributes["enduser.id"] = principal.name
         parent = {k: v for k, v in metadata if k in ("traceparent", "tracestate")
                   and isinstance(v, str)}
-        inner = getattr(handler, _behavior_name(handler))
 
-        def open_span() -> Any:
-            return tracing.span(details.method.lstrip("/"), parent=parent, server=True,
-                                **attributes)
+        @contextlib.contextmanager
+        def traced() -> Iterator[Done]:
+            with tracing.span(details.method.lstrip("/"), parent=parent, server=True,
+                              **attributes) as span:
+                yield lambda context, exc: tracing.set_attributes(
+                    span, **{"rpc.grpc.status_code": _code(context, exc)})
 
-        def close(span: Any, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
-            tracing.set_attributes(span, **{"rpc.grpc.status_code": _code(context, exc)})
-
-        if handler.response_streaming and inspect.isasyncgenfunction(inner):
-            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with open_span() as span:
-                    error = None
-                    try:
-                        async for item in inner(request, context):
-                            yield item
-                    except BaseException as exc:
-                        error = exc
-                        raise
-                    finally:
-                        close(span, context, error)
-
-            return _replace(handler, streaming)
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with open_span() as span:
-                error = None
-                try:
-                    return await inner(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    close(span, context, error)
-
-        return _replace(handler, unary)
+        return _observed(handler, traced)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
