@@ -13,10 +13,7 @@ from tests.service.harness import Server, edge_pruning_spec
 
 
 @pytest.fixture(scope="module")
-def finished(backend: str, request: pytest.FixtureRequest) -> tuple[Server, job_pb2.Job]:
-    if backend != "sqlite":  # the pictures read stored events and circuits, alike on both
-        pytest.skip("one backend is enough for the pictures")
-    live_server: Server = request.getfixturevalue("live_server")
+def finished(live_server: Server) -> tuple[Server, job_pb2.Job]:
     spec = edge_pruning_spec(steps=6, sizes=(0.9, 0.7))
     job = live_server.jobs.SubmitJob(job_pb2.SubmitJobRequest(spec=spec), timeout=30)
     done = live_server.wait_done(job.name)
