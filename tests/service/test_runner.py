@@ -20,7 +20,7 @@ def _record(total_edge_count: int) -> CircuitRecord:
     return CircuitRecord(
         id="c1", owner="", model=MODEL, method="eap", task="custom", dataset_id=None, job_id=None,
         edge_count=1, total_edge_count=total_edge_count, node_count=1, total_node_count=1,
-        sparsity=0.0, target={}, settings={"ablation": "corrupted"}, provenance={}, metrics={},
+        edge_sparsity=0.0, target={}, settings={"ablation": "corrupted"}, provenance={}, metrics={},
         mask_blob=None, created_at=datetime.datetime.now(datetime.UTC),
         edges=["tok->logits"], edge_scores={}, nodes=["tok"])
 
