@@ -129,12 +129,16 @@ class _Heads:
         raise NotImplementedError
 
     def q(self, l: int, h: int, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self._proj(l, 0, h, x)
 
     def k(self, l: int, g: int, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self._proj(l, 1, g, x)
 
     def v(self, l: int, g: int, x: torch.Tensor) -> torch.Tensor:
+        return self._proj(l, 2, g, x)
+
+    def _proj(self, l: int, which: int, h: int, x: torch.Tensor) -> torch.Tensor:
+        """One head's q (which=0), k (1) or v (2) from its own reader input x [B, T, D]."""
         raise NotImplementedError
 
     def scale(self, l: int) -> float:
@@ -210,15 +214,6 @@ class _HuggingFaceHeads(_Heads):
 
     def layer(self, l: int) -> nn.Module:
         return self.model.transformer.h[l] if self.gpt2 else self.model.model.layers[l]
-
-    def q(self, l, h, x):
-        return self._proj(l, 0, h, x)
-
-    def k(self, l, g, x):
-        return self._proj(l, 1, g, x)
-
-    def v(self, l, g, x):
-        return self._proj(l, 2, g, x)
 
     def _proj(self, l: int, which: int, h: int, x: torch.Tensor) -> torch.Tensor:
         """One head's q (which=0), k (1) or v (2) from its own reader input x [B, T, D]."""
@@ -382,15 +377,6 @@ class _NeoXHeads(_Heads):
 
     def embeddings(self, ids):
         return {"tok": self.model.gpt_neox.embed_in(ids)}
-
-    def q(self, l, h, x):
-        return self._proj(l, 0, h, x)
-
-    def k(self, l, g, x):
-        return self._proj(l, 1, g, x)
-
-    def v(self, l, g, x):
-        return self._proj(l, 2, g, x)
 
     def _proj(self, l: int, which: int, h: int, x: torch.Tensor) -> torch.Tensor:
         """One head's q (which=0), k (1) or v (2): rows (3h + which) * K .. + K of the fused
