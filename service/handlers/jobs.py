@@ -27,6 +27,7 @@ from edgeprune.service.validation import (
 )
 from edgeprune.storage import (
     CircuitRepo,
+    DatasetRecord,
     DatasetRepo,
     JobRecord,
     JobRepo,
@@ -39,7 +40,7 @@ from edgeprune.storage import Conflict as StorageConflict
 from edgeprune.storage import NotFound as StorageNotFound
 from edgeprune.v1 import circuit_pb2, common_pb2, job_pb2
 
-MAX_CACHED_SHAPES = 1024  # (dataset, model) token bounds kept for the memory check
+MAX_CACHED_SHAPES = 1024  # datasets' token bounds kept for the memory check
 
 
 class JobHandler:
@@ -50,7 +51,7 @@ class JobHandler:
         self.datasets = datasets
         self.circuits = circuits
         self.config = config
-        self._dataset_shapes: dict[tuple[str, str], tuple[int, int]] = {}  # datasets never change
+        self._dataset_bounds: dict[str, int] = {}  # datasets never change
         self.dataset_checks = DatasetChecks(datasets)
 
     # ---------------------------------------------------------------------------- submit
@@ -68,11 +69,11 @@ class JobHandler:
                      request_id=request.request_id, config=self.config)
         v.raise_if_any()
         self._check_priority(request.priority, who)
-        self._check_references(spec.data, "spec.data", who)
+        dataset = self._check_references(spec.data, "spec.data", who)
         ref = self.config.models[spec.model]
         longest = self._check_dataset(spec.data, "spec.data", ref,
                                       all_positions=spec.positions == common_pb2.POSITION_MODE_ALL)
-        check_job_memory(spec, ref, self.config, lambda d: self._dataset_shape(d, ref, longest))
+        check_job_memory(spec, ref, self.config, lambda d: self._dataset_shape(dataset, longest))
         return self._create(spec, KIND_DISCOVERY, request.priority, request.labels,
                             request.request_id, who)
 
@@ -96,10 +97,10 @@ class JobHandler:
         if circuit.model not in self.config.models:
             raise FailedPrecondition(f"the circuit's model {circuit.model!r} is no longer on the "
                                      "allow-list", reason="MODEL_NOT_ALLOWED")
-        self._check_references(spec.data, "evaluation.data", who)
+        dataset = self._check_references(spec.data, "evaluation.data", who)
         ref = self.config.models[circuit.model]
         longest = self._check_dataset(spec.data, "evaluation.data", ref, all_positions=False)
-        check_job_memory(spec, ref, self.config, lambda d: self._dataset_shape(d, ref, longest))
+        check_job_memory(spec, ref, self.config, lambda d: self._dataset_shape(dataset, longest))
         return self._create(spec, KIND_EVALUATION, request.priority, request.labels,
                             request.request_id, who)
 
@@ -112,16 +113,20 @@ class JobHandler:
                                    f"got {priority}", reason="PRIORITY_NOT_ALLOWED",
                                    violations=[("priority", f"at most {limit}")])
 
-    def _check_references(self, data: job_pb2.DataSpec, field: str, who: Principal) -> None:
-        if data.WhichOneof("source") == "dataset":
-            dataset_id = parse_name(data.dataset, "datasets", field=f"{field}.dataset")
-            try:
-                visible = who.may_see(self.datasets.get(dataset_id).owner)
-            except StorageNotFound:
-                visible = False
-            if not visible:
-                raise NotFound(f"{field}.dataset: {data.dataset} does not exist",
-                               reason="DATASET_NOT_FOUND")
+    def _check_references(self, data: job_pb2.DataSpec, field: str,
+                          who: Principal) -> DatasetRecord | None:
+        """The uploaded dataset the data names, which ``who`` must be allowed to see."""
+        if data.WhichOneof("source") != "dataset":
+            return None
+        dataset_id = parse_name(data.dataset, "datasets", field=f"{field}.dataset")
+        try:
+            dataset = self.datasets.get(dataset_id)
+        except StorageNotFound:
+            dataset = None
+        if dataset is None or not who.may_see(dataset.owner):
+            raise NotFound(f"{field}.dataset: {data.dataset} does not exist",
+                           reason="DATASET_NOT_FOUND")
+        return dataset
 
     def _check_dataset(self, data: job_pb2.DataSpec, field: str, ref: str, *,
                        all_positions: bool) -> int | None:
@@ -133,21 +138,19 @@ class JobHandler:
         return self.dataset_checks.check(data.dataset.removeprefix("datasets/"), ref,
                                          f"{field}.dataset", all_positions=all_positions)
 
-    def _dataset_shape(self, dataset_id: str, ref: str, longest: int | None) -> tuple[int, int]:
-        """(tokens of its longest example, example count) of a stored dataset for a model: exact
+    def _dataset_shape(self, dataset: DatasetRecord, longest: int | None) -> tuple[int, int]:
+        """(tokens of its longest example, example count) of the job's uploaded dataset: exact
         from the dataset check where the API can tokenize for the model, else a bound no
-        tokenizer goes below."""
-        count = self.datasets.get(dataset_id).example_count
-        if longest is not None:
-            return longest, count
-        key = (dataset_id, ref)
-        if key not in self._dataset_shapes:
-            texts = (row["clean"] for batch in self.datasets.iter_examples(dataset_id)
-                     for row in batch)
-            if len(self._dataset_shapes) >= MAX_CACHED_SHAPES:
-                self._dataset_shapes.pop(next(iter(self._dataset_shapes)))
-            self._dataset_shapes[key] = (min_tokens(texts), count)
-        return self._dataset_shapes[key]
+        tokenizer goes below (the same for every model, so kept per dataset)."""
+        if longest is None:
+            if dataset.id not in self._dataset_bounds:
+                texts = (row["clean"] for batch in self.datasets.iter_examples(dataset.id)
+                         for row in batch)
+                if len(self._dataset_bounds) >= MAX_CACHED_SHAPES:
+                    self._dataset_bounds.pop(next(iter(self._dataset_bounds)))
+                self._dataset_bounds[dataset.id] = min_tokens(texts)
+            longest = self._dataset_bounds[dataset.id]
+        return longest, dataset.example_count
 
     def _create(self, spec: job_pb2.JobSpec | job_pb2.EvaluationSpec, kind: str, priority: int,
                 labels: dict[str, str], request_id: str, who: Principal) -> JobRecord:
