@@ -3,7 +3,7 @@
 An upload is checked without a model (JSON, fields, types: see uploads.py). What needs the
 model's tokenizer (a text answer that must be one token after its prompt, clean and corrupted of
 equal token length, token counts, ids inside the vocabulary) is checked here, with the engine's
-own validator (`edgeprune.engine.tasks.base.example_errors`), so every bad example is listed with
+own validator (`edgeprune.engine.tasks.base.checked_lengths`), so every bad example is listed with
 the message a worker would give for the first. The API loads only the tokenizer of an allow-listed
 reference (`edgeprune.engine.loading.load_tokenizer`: no weights; it imports torch and
 transformers once, on the first such job). A model whose tokenizer the API cannot read (a

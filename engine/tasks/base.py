@@ -364,24 +364,6 @@ def from_examples(
 
 
 
-def example_errors(
-    examples: Sequence[Example],
-    tokenizer: Any,
-    *,
-    start: int = 0,
-    all_positions: bool = False,
-    skip_first: bool = False,
-    vocab_size: int | None = None,
-) -> Iterator[InvalidArgument]:
-    """The error of every example :func:`from_examples` would reject, with the same message
-    (its first is the one from_examples raises), the examples numbered from ``start``: a caller
-    reports every bad example of a large dataset by checking it a batch at a time."""
-    for result in checked_lengths(examples, tokenizer, start=start, all_positions=all_positions,
-                                  skip_first=skip_first, vocab_size=vocab_size):
-        if isinstance(result, InvalidArgument):
-            yield result
-
-
 def checked_lengths(
     examples: Sequence[Example],
     tokenizer: Any,
@@ -392,7 +374,9 @@ def checked_lengths(
     vocab_size: int | None = None,
 ) -> Iterator[int | InvalidArgument]:
     """Per example, in order: the token length of its row as :func:`from_examples` builds it (a
-    multi-token answer's teacher-forced tokens included), or the error it would raise."""
+    multi-token answer's teacher-forced tokens included), or the error it would raise, with the
+    same message (the first is the one from_examples raises). Examples are numbered from
+    ``start``: a caller checks every example of a large dataset a batch at a time."""
     check = _Validator(tokenizer, vocab_size or vocab_size_of(tokenizer))
     check.prime(examples)
     for i, ex in enumerate(examples, start=start):
@@ -400,6 +384,7 @@ def checked_lengths(
             yield len(_row(ex, f"examples[{i}]", check, all_positions, skip_first).clean)
         except InvalidArgument as err:
             yield err
+
 
 @dataclass
 class _Row:
